@@ -1,0 +1,61 @@
+//! Parse and validation failures of OCI values. Every one is the caller's (or upstream's) bad
+//! input: none is worth retrying.
+
+/// Why an OCI value was rejected.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum Error {
+    /// A digest string is not `algorithm:encoded` or its encoding is wrong for the algorithm.
+    #[error("invalid digest {value:?}: {reason}")]
+    InvalidDigest {
+        /// The offending text (truncated to 200 characters).
+        value: String,
+        /// What rule it breaks.
+        reason: &'static str,
+    },
+    /// A repository name breaks the distribution-spec grammar.
+    #[error("invalid repository name {value:?}: {reason}")]
+    InvalidName {
+        /// The offending text (truncated).
+        value: String,
+        /// What rule it breaks.
+        reason: &'static str,
+    },
+    /// A tag breaks the distribution-spec grammar.
+    #[error("invalid tag {value:?}")]
+    InvalidTag {
+        /// The offending text (truncated).
+        value: String,
+    },
+    /// An image reference such as `host/repo:tag@sha256:…` cannot be parsed.
+    #[error("invalid image reference {value:?}: {reason}")]
+    InvalidImageRef {
+        /// The offending text (truncated).
+        value: String,
+        /// What rule it breaks.
+        reason: String,
+    },
+    /// A manifest, index or config document is not what its media type promises.
+    #[error("invalid {what}: {reason}")]
+    InvalidDocument {
+        /// Which document ("manifest", "index", "config").
+        what: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// Result alias of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Truncates untrusted text before it goes into an error message or a log line.
+pub(crate) fn clip(s: &str) -> String {
+    const MAX: usize = 200;
+    if s.len() <= MAX {
+        return s.to_string();
+    }
+    let mut end = MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}

@@ -1,0 +1,7 @@
+//! Test support: starts the real parts tests talk to (CNCF distribution, skopeo, containerd,
+//! Redis, IPFS) on loopback with free ports and temp dirs, builds images from local bytes, and
+//! injects faults. Every process is killed on `Drop` and every wait is bounded.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod proc;
+pub mod registry;
