@@ -1,1 +1,23 @@
-//! (being built)
+//! Composed workspace images and their blobs.
+//!
+//! Owns image resolution and caching ([`images`], [`fetch`]), static layers, the blob source
+//! chain ([`chain`]), single-flight upstream fills with resume ([`fill`]), and the local
+//! content-addressed store ([`store`]). It knows no HTTP: the server maps [`Error::kind`] to
+//! responses.
+
+pub mod chain;
+pub mod error;
+pub mod fetch;
+pub mod fill;
+pub mod images;
+pub mod read;
+pub mod static_layers;
+pub mod store;
+
+pub use chain::{BlobChain, BlobStream};
+pub use error::{Error, ErrorKind, Result};
+pub use fetch::{FetchConfig, ImageFetcher};
+pub use fill::{FillConfig, Fills, UpstreamBlob};
+pub use images::{BlobEntry, BlobOrigin, ComposedImage, Images, ImagesConfig};
+pub use static_layers::{StaticLayer, StaticLayerSpec};
+pub use store::LocalStore;

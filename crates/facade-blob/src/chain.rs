@@ -1,0 +1,75 @@
+//! The blob chain: where the bytes of one blob of a composed image are read from, in order.
+//!
+//! 1. the local content store (verified at write time);
+//! 2. the cluster cache (Redis index over IPFS) — not built yet, see README;
+//! 3. the blob's own origin from the composition index: an upstream layer (through a
+//!    single-flight fill that back-fills the store from the same bytes), bytes held in memory
+//!    (synthesized config, direct content layers), or a static file kept in the store.
+//!
+//! Remote content layers are not opened here: clients are redirected to their URL.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use facade_oci::Digest;
+use futures::stream::BoxStream;
+
+use crate::error::{Error, Result};
+use crate::fill::Fills;
+use crate::images::{BlobEntry, BlobOrigin};
+use crate::read::{bytes_range_stream, file_range_stream};
+use crate::store::LocalStore;
+
+/// A body stream of blob bytes.
+pub type BlobStream = BoxStream<'static, std::io::Result<Bytes>>;
+
+/// Reads blobs from their sources.
+pub struct BlobChain {
+    store: Option<LocalStore>,
+    fills: Arc<Fills>,
+}
+
+impl BlobChain {
+    /// A chain over `store` (if any) and upstream fills.
+    pub fn new(store: Option<LocalStore>, fills: Arc<Fills>) -> Self {
+        BlobChain { store, fills }
+    }
+
+    /// The local store, if configured.
+    pub fn store(&self) -> Option<&LocalStore> {
+        self.store.as_ref()
+    }
+
+    /// The URL to redirect a client to, for remote content layers not held locally.
+    pub fn redirect_for(&self, digest: &Digest, entry: &BlobEntry) -> Option<String> {
+        match &entry.origin {
+            BlobOrigin::Remote { url } if !self.store.as_ref().is_some_and(|s| s.contains(digest)) => Some(url.clone()),
+            _ => None,
+        }
+    }
+
+    /// The bytes `[start, end_exclusive)` of blob `digest`.
+    pub async fn open(&self, digest: &Digest, entry: &BlobEntry, start: u64, end_exclusive: u64) -> Result<BlobStream> {
+        if let Some(store) = &self.store {
+            if let Some(file) = store.open_blob(digest, entry.size) {
+                tracing::trace!(%digest, "serving from the local store");
+                return Ok(file_range_stream(Arc::new(file), start, end_exclusive, entry.size, None, None));
+            }
+        }
+        match &entry.origin {
+            BlobOrigin::Bytes(b) => Ok(bytes_range_stream(b.clone(), start, end_exclusive)),
+            BlobOrigin::Upstream(from) => {
+                let (fill, started) = self.fills.join(digest, entry.size, from)?;
+                tracing::debug!(%digest, started, start, "serving from an upstream fill");
+                let file = fill.file();
+                let progress = fill.progress();
+                Ok(file_range_stream(file, start, end_exclusive, entry.size, Some(progress), Some(Box::new(fill))))
+            }
+            BlobOrigin::Stored => Err(Error::io(
+                format!("static layer {digest} is missing from the local store"),
+                std::io::ErrorKind::NotFound.into(),
+            )),
+            BlobOrigin::Remote { .. } => Err(Error::BlobNotInImage { digest: digest.clone() }),
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! Failures of image resolution and blob serving, with the classification the HTTP edge and the
+//! chain decide on (never by matching strings).
+
+use std::time::Duration;
+
+use facade_oci::Digest;
+
+/// What kind of failure, as the edge and the chain see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The workspace, its manifest or the provider does not exist.
+    ManifestUnknown,
+    /// The blob is not part of this workspace's image, or no source has it.
+    BlobUnknown,
+    /// Bad input from the caller (or a spec/config that cannot make an image).
+    Invalid,
+    /// Upstream refused our credentials.
+    Denied,
+    /// Upstream asks us to slow down.
+    RateLimited,
+    /// A dependency is down or too slow; retrying later may work.
+    Unavailable,
+    /// A bug or an unexpected local failure.
+    Internal,
+}
+
+/// Why an image or blob could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// From the spec provider.
+    #[error(transparent)]
+    Spec(#[from] facade_spec::Error),
+    /// From an upstream registry, while doing `context`.
+    #[error("{context}: {source}")]
+    Upstream {
+        /// What was being fetched (image ref or digest).
+        context: String,
+        /// The upstream failure.
+        #[source]
+        source: facade_upstream::Error,
+    },
+    /// Composition rejected the inputs.
+    #[error("composing {context}: {source}")]
+    Compose {
+        /// Which workspace.
+        context: String,
+        /// Why.
+        #[source]
+        source: facade_compose::Error,
+    },
+    /// A manifest digest this workspace never had.
+    #[error("manifest {digest} is not a manifest of this workspace")]
+    ManifestNotInImage {
+        /// The digest asked for.
+        digest: Digest,
+    },
+    /// A blob digest this workspace's image does not contain.
+    #[error("blob {digest} is not part of this workspace's image")]
+    BlobNotInImage {
+        /// The digest asked for.
+        digest: Digest,
+    },
+    /// An image reference resolved to something that cannot be a layer source.
+    #[error("image {image}: {reason}")]
+    BadImage {
+        /// The image reference.
+        image: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Content did not hash to its digest; nothing was cached.
+    #[error("content of {expected} hashed to {actual} ({size} bytes); discarded")]
+    DigestMismatch {
+        /// The digest promised.
+        expected: Digest,
+        /// The digest of what arrived.
+        actual: Digest,
+        /// Bytes received.
+        size: u64,
+    },
+    /// A local file operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done, with the path.
+        context: String,
+        /// The failure.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A failure shared by every caller that waited on the same single-flight work.
+    #[error(transparent)]
+    Shared(std::sync::Arc<Error>),
+    /// A static layer could not be prepared.
+    #[error("static layer {layer}: {reason}")]
+    StaticLayer {
+        /// Which layer (ref or path).
+        layer: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Error {
+    /// The classification.
+    pub fn kind(&self) -> ErrorKind {
+        use facade_upstream::ErrorKind as U;
+        match self {
+            Error::Spec(e) => match e {
+                facade_spec::Error::UnknownProvider { .. } | facade_spec::Error::NotFound { .. } => {
+                    ErrorKind::ManifestUnknown
+                }
+                facade_spec::Error::Unavailable { .. } => ErrorKind::Unavailable,
+                facade_spec::Error::InvalidSpec { .. } | facade_spec::Error::Config(_) => ErrorKind::Internal,
+            },
+            Error::Upstream { source, .. } => match source.kind() {
+                U::NotFound => ErrorKind::ManifestUnknown,
+                U::Unauthorized | U::Denied => ErrorKind::Denied,
+                U::RateLimited => ErrorKind::RateLimited,
+                U::Unavailable => ErrorKind::Unavailable,
+                U::Protocol | U::Invalid => ErrorKind::Unavailable,
+            },
+            Error::Compose { .. } | Error::BadImage { .. } => ErrorKind::Invalid,
+            Error::ManifestNotInImage { .. } => ErrorKind::ManifestUnknown,
+            Error::BlobNotInImage { .. } => ErrorKind::BlobUnknown,
+            Error::DigestMismatch { .. } => ErrorKind::Unavailable,
+            Error::Io { .. } | Error::StaticLayer { .. } => ErrorKind::Internal,
+            Error::Shared(e) => e.kind(),
+        }
+    }
+
+    /// Whether trying the same source again may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Upstream { source, .. } => source.is_retryable(),
+            Error::Spec(e) => e.is_retryable(),
+            Error::DigestMismatch { .. } => true,
+            Error::Shared(e) => e.is_retryable(),
+            _ => false,
+        }
+    }
+
+    /// Retry-After from upstream, when it gave one.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Error::Upstream { source, .. } => source.retry_after(),
+            Error::Shared(e) => e.retry_after(),
+            _ => None,
+        }
+    }
+
+    /// Structured detail for error bodies: never credentials or raw internals.
+    pub fn detail(&self) -> serde_json::Value {
+        match self {
+            Error::Upstream { context, source } => {
+                let d = source.detail();
+                let mut m = serde_json::Map::new();
+                if let Some(host) = d.upstream {
+                    m.insert("upstream".into(), host.into());
+                }
+                if let Some(status) = d.status {
+                    m.insert("status".into(), status.into());
+                }
+                m.insert("image".into(), serde_json::Value::String(context.clone()));
+                serde_json::Value::Object(m)
+            }
+            Error::BlobNotInImage { digest } | Error::ManifestNotInImage { digest } => {
+                serde_json::json!({ "digest": digest.as_str() })
+            }
+            Error::Shared(e) => e.detail(),
+            _ => serde_json::Value::Null,
+        }
+    }
+
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io { context: context.into(), source }
+    }
+
+    pub(crate) fn upstream(context: impl std::fmt::Display, source: facade_upstream::Error) -> Self {
+        Error::Upstream { context: context.to_string(), source }
+    }
+}
+
+/// Result alias of this crate.
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,348 @@
+//! Workspace images: spec → fetched inputs → composed manifest and config, with the digest →
+//! source index built once at composition, so blob requests never re-resolve the base image or
+//! rebuild the config (the reference did both on every blob request).
+//!
+//! A composed image is kept per (provider, id) for a short TTL, so the HEAD-by-tag and
+//! GET-by-digest of one pull, and the pulls of many pods of one workspace, compose once. Every
+//! composed version handed out stays servable by its digest for a while (bounded), so a pull that
+//! started before a spec or tag changed still completes with the bytes it was promised.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use facade_compose::{Addition, BaseInput, LayerInput, LayerOrigin};
+use facade_oci::media_types::{self as mt, Compression};
+use facade_oci::{Digest, ImageRef, Reference};
+use facade_spec::{ContentLayer, Providers};
+
+use crate::error::{Error, Result};
+use crate::fetch::{FetchedImage, ImageFetcher};
+use crate::fill::UpstreamBlob;
+use crate::static_layers::StaticLayer;
+
+/// Where one blob of a composed image comes from.
+#[derive(Clone, Debug)]
+pub enum BlobOrigin {
+    /// A layer of an upstream image.
+    Upstream(UpstreamBlob),
+    /// Bytes the facade holds (the synthesized config, direct content layers, static files
+    /// without a store).
+    Bytes(Bytes),
+    /// A static file layer kept in the local store.
+    Stored,
+    /// A remote content layer: clients are redirected to its URL.
+    Remote {
+        /// The URL.
+        url: String,
+    },
+}
+
+/// A blob of a composed image.
+#[derive(Clone, Debug)]
+pub struct BlobEntry {
+    /// Size in bytes.
+    pub size: u64,
+    /// Media type as in the manifest.
+    pub media_type: String,
+    /// Where the bytes are.
+    pub origin: BlobOrigin,
+}
+
+/// One composed workspace image.
+#[derive(Debug)]
+pub struct ComposedImage {
+    /// Manifest bytes (served as is).
+    pub manifest: Bytes,
+    /// sha256 of `manifest`.
+    pub manifest_digest: Digest,
+    /// Manifest media type.
+    pub media_type: String,
+    /// Every blob of the image: config and layers.
+    pub blobs: HashMap<Digest, BlobEntry>,
+}
+
+/// Knobs of the image service.
+#[derive(Clone, Debug)]
+pub struct ImagesConfig {
+    /// How long a composed image is reused before the spec and tags are looked at again.
+    pub compose_ttl: Duration,
+    /// Most (provider, id) pairs kept.
+    pub max_workspaces: u64,
+    /// Earlier versions of one workspace's image kept servable by digest.
+    pub versions_per_workspace: usize,
+}
+
+impl Default for ImagesConfig {
+    fn default() -> Self {
+        ImagesConfig { compose_ttl: Duration::from_secs(30), max_workspaces: 10_000, versions_per_workspace: 4 }
+    }
+}
+
+type WsKey = (String, String);
+
+/// Composes and remembers workspace images.
+pub struct Images {
+    providers: RwLock<Providers>,
+    fetcher: ImageFetcher,
+    static_layers: RwLock<Arc<Vec<StaticLayer>>>,
+    current: moka::future::Cache<WsKey, Arc<ComposedImage>>,
+    versions: moka::sync::Cache<WsKey, Arc<Mutex<VecDeque<Arc<ComposedImage>>>>>,
+    config: ImagesConfig,
+}
+
+impl Images {
+    /// An image service.
+    pub fn new(config: ImagesConfig, providers: Providers, fetcher: ImageFetcher, static_layers: Vec<StaticLayer>) -> Self {
+        let current = moka::future::Cache::builder()
+            .max_capacity(config.max_workspaces)
+            .time_to_live(config.compose_ttl)
+            .build();
+        let versions = moka::sync::Cache::builder()
+            .max_capacity(config.max_workspaces)
+            .time_to_idle(Duration::from_secs(3600))
+            .build();
+        Images {
+            providers: RwLock::new(providers),
+            fetcher,
+            static_layers: RwLock::new(Arc::new(static_layers)),
+            current,
+            versions,
+            config,
+        }
+    }
+
+    /// Swaps the static layers (config reload). Images composed before stay servable by digest.
+    pub fn set_static_layers(&self, layers: Vec<StaticLayer>) {
+        if let Ok(mut s) = self.static_layers.write() {
+            *s = Arc::new(layers);
+        }
+        self.current.invalidate_all();
+    }
+
+    /// Swaps the providers (config reload).
+    pub fn set_providers(&self, providers: Providers) {
+        if let Ok(mut p) = self.providers.write() {
+            *p = providers;
+        }
+        self.current.invalidate_all();
+    }
+
+    /// The image fetcher (shares the upstream client).
+    pub fn fetcher(&self) -> &ImageFetcher {
+        &self.fetcher
+    }
+
+    /// The current image of a workspace, composing it if needed (one composition per workspace
+    /// at a time, however many requests ask).
+    pub async fn image(&self, provider: &str, id: &str) -> Result<Arc<ComposedImage>> {
+        let key = (provider.to_string(), id.to_string());
+        self.current
+            .try_get_with(key.clone(), async {
+                let img = Arc::new(self.compose(provider, id).await?);
+                self.remember(&key, &img);
+                Ok::<_, Error>(img)
+            })
+            .await
+            .map_err(Error::Shared)
+    }
+
+    fn remember(&self, key: &WsKey, img: &Arc<ComposedImage>) {
+        let list = self.versions.get_with(key.clone(), || Arc::new(Mutex::new(VecDeque::new())));
+        if let Ok(mut l) = list.lock() {
+            if l.iter().any(|v| v.manifest_digest == img.manifest_digest) {
+                return;
+            }
+            l.push_front(img.clone());
+            l.truncate(self.config.versions_per_workspace.max(1));
+        }
+    }
+
+    fn find_version(&self, provider: &str, id: &str, pred: impl Fn(&ComposedImage) -> bool) -> Option<Arc<ComposedImage>> {
+        let list = self.versions.get(&(provider.to_string(), id.to_string()))?;
+        let l = list.lock().ok()?;
+        l.iter().find(|v| pred(v)).cloned()
+    }
+
+    /// The manifest for `reference`: any tag means the current image; a digest must be one this
+    /// workspace's image had, and is served with exactly those bytes.
+    pub async fn manifest(&self, provider: &str, id: &str, reference: &Reference) -> Result<Arc<ComposedImage>> {
+        match reference {
+            Reference::Tag(_) => self.image(provider, id).await,
+            Reference::Digest(d) => {
+                if let Some(v) = self.find_version(provider, id, |v| v.manifest_digest == *d) {
+                    return Ok(v);
+                }
+                let img = self.image(provider, id).await?;
+                if img.manifest_digest == *d {
+                    Ok(img)
+                } else {
+                    Err(Error::ManifestNotInImage { digest: d.clone() })
+                }
+            }
+        }
+    }
+
+    /// A blob of this workspace's image (current, or a version handed out before). A digest
+    /// the workspace's image does not contain is unknown, whatever other images hold it.
+    pub async fn blob(&self, provider: &str, id: &str, digest: &Digest) -> Result<BlobEntry> {
+        match self.image(provider, id).await {
+            Ok(img) => {
+                if let Some(e) = img.blobs.get(digest) {
+                    return Ok(e.clone());
+                }
+                self.find_version(provider, id, |v| v.blobs.contains_key(digest))
+                    .and_then(|v| v.blobs.get(digest).cloned())
+                    .ok_or_else(|| Error::BlobNotInImage { digest: digest.clone() })
+            }
+            Err(e) => {
+                // A provider or upstream blip must not break a pull already under way: the
+                // versions handed out are still good.
+                if e.is_retryable() {
+                    if let Some(v) = self.find_version(provider, id, |v| v.blobs.contains_key(digest)) {
+                        tracing::warn!(provider, id, error = %e, "serving a blob of an earlier composition while the image cannot be composed");
+                        return v.blobs.get(digest).cloned().ok_or_else(|| Error::BlobNotInImage { digest: digest.clone() });
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn compose(&self, provider_name: &str, id: &str) -> Result<ComposedImage> {
+        let provider = {
+            let providers = self.providers.read().map_err(|_| Error::io("providers lock", std::io::ErrorKind::Other.into()))?;
+            providers.get(provider_name)?.clone()
+        };
+        let spec = provider.get_spec(id).await?;
+        let statics = self.static_layers.read().map(|s| s.clone()).unwrap_or_default();
+
+        // Everything that is an image, in layer-source order.
+        enum Part {
+            Image(ImageRef, String),
+            File(crate::static_layers::PreparedFile),
+            Direct(Bytes),
+            Remote(facade_spec::RemoteContentLayer),
+        }
+        let mut parts = Vec::new();
+        for s in statics.iter() {
+            match s {
+                StaticLayer::Image(r) => parts.push(Part::Image(r.clone(), format!("static layer {r}"))),
+                StaticLayer::File(f) => parts.push(Part::File(f.clone())),
+            }
+        }
+        if let Some(r) = &spec.ide_ref {
+            parts.push(Part::Image(r.clone(), "ide".into()));
+        }
+        if let Some(r) = &spec.supervisor_ref {
+            parts.push(Part::Image(r.clone(), "supervisor".into()));
+        }
+        for r in &spec.ide_layer_refs {
+            parts.push(Part::Image(r.clone(), "ide layer".into()));
+        }
+        for l in &spec.content_layers {
+            match l {
+                ContentLayer::Direct { content } => parts.push(Part::Direct(content.clone())),
+                ContentLayer::Remote(r) => parts.push(Part::Remote(r.clone())),
+            }
+        }
+
+        let image_refs: Vec<&ImageRef> = parts.iter().filter_map(|p| if let Part::Image(r, _) = p { Some(r) } else { None }).collect();
+        let (base, fetched) = futures::future::join(
+            self.fetcher.fetch(&spec.base_ref),
+            futures::future::join_all(image_refs.iter().map(|r| self.fetcher.fetch(r))),
+        )
+        .await;
+        let base = base?;
+        let mut fetched = fetched.into_iter().collect::<Result<Vec<Arc<FetchedImage>>>>()?.into_iter();
+
+        // Labels and inputs, kept alive for the borrowing `Addition`s.
+        enum Held {
+            Image { label: String, image: Arc<FetchedImage> },
+            Layer { label: String, input: LayerInput, origin: BlobOrigin },
+        }
+        let mut held = Vec::with_capacity(parts.len());
+        for p in parts {
+            held.push(match p {
+                Part::Image(r, label) => {
+                    let image = fetched.next().ok_or_else(|| Error::BadImage { image: r.to_string(), reason: "not fetched".into() })?;
+                    Held::Image { label, image }
+                }
+                Part::File(f) => Held::Layer {
+                    label: format!("static layer {}", f.path.display()),
+                    origin: match &f.memory {
+                        Some(b) => BlobOrigin::Bytes(b.clone()),
+                        None => BlobOrigin::Stored,
+                    },
+                    input: LayerInput { digest: f.digest, diff_id: f.diff_id, size: f.size, compression: f.compression },
+                },
+                Part::Direct(content) => {
+                    let digest = Digest::sha256_of(&content);
+                    Held::Layer {
+                        label: "content layer".into(),
+                        input: LayerInput { digest: digest.clone(), diff_id: digest, size: content.len() as u64, compression: Compression::None },
+                        origin: BlobOrigin::Bytes(content),
+                    }
+                }
+                Part::Remote(r) => Held::Layer {
+                    label: "content layer".into(),
+                    input: LayerInput { digest: r.digest, diff_id: r.diff_id, size: r.size, compression: r.compression },
+                    origin: BlobOrigin::Remote { url: r.url },
+                },
+            });
+        }
+        let additions: Vec<Addition<'_>> = held
+            .iter()
+            .map(|h| match h {
+                Held::Image { label, image } => Addition::Image {
+                    label,
+                    manifest: &image.manifest,
+                    manifest_media_type: &image.manifest_media_type,
+                    config: &image.config,
+                },
+                Held::Layer { label, input, .. } => Addition::Layer { label, layer: input.clone() },
+            })
+            .collect();
+        let base_ref = spec.base_ref.to_string();
+        let composed = facade_compose::compose(
+            &BaseInput {
+                base_ref: &base_ref,
+                manifest: &base.manifest,
+                manifest_media_type: &base.manifest_media_type,
+                config: &base.config,
+            },
+            &additions,
+        )
+        .map_err(|source| Error::Compose { context: format!("{provider_name}/{id}"), source })?;
+
+        let mut blobs = HashMap::with_capacity(composed.layers.len() + 1);
+        let config_type = mt::family_of(composed.manifest_media_type).map(mt::config_type).unwrap_or(mt::OCI_CONFIG);
+        blobs.insert(
+            composed.config_digest.clone(),
+            BlobEntry { size: composed.config.len() as u64, media_type: config_type.to_string(), origin: BlobOrigin::Bytes(Bytes::from(composed.config)) },
+        );
+        for layer in composed.layers {
+            let origin = match layer.origin {
+                LayerOrigin::Base => BlobOrigin::Upstream(UpstreamBlob { registry: base.registry.clone(), repo: base.repo.clone() }),
+                LayerOrigin::Addition(i) => match held.get(i) {
+                    Some(Held::Image { image, .. }) => {
+                        BlobOrigin::Upstream(UpstreamBlob { registry: image.registry.clone(), repo: image.repo.clone() })
+                    }
+                    Some(Held::Layer { origin, .. }) => origin.clone(),
+                    None => {
+                        return Err(Error::BadImage { image: base_ref.clone(), reason: format!("composition named unknown addition {i}") });
+                    }
+                },
+            };
+            blobs.entry(layer.digest).or_insert(BlobEntry { size: layer.size, media_type: layer.media_type, origin });
+        }
+        tracing::debug!(provider = provider_name, id, digest = %composed.manifest_digest, layers = blobs.len() - 1, "composed workspace image");
+        Ok(ComposedImage {
+            manifest: Bytes::from(composed.manifest),
+            manifest_digest: composed.manifest_digest,
+            media_type: composed.manifest_media_type.to_string(),
+            blobs,
+        })
+    }
+}

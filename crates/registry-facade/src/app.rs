@@ -1,0 +1,146 @@
+//! Wiring: configuration → components → bound listeners → serving until shutdown.
+//!
+//! Listeners are bound in [`App::build`] (port 0 allowed), so callers and tests know the
+//! addresses before serving starts.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use facade_blob::{BlobChain, FetchConfig, FillConfig, Fills, ImageFetcher, Images, ImagesConfig, LocalStore};
+use facade_server::{Readiness, ServerConfig, ServerMetrics};
+use facade_spec::{FixedSpecProvider, Providers};
+use facade_upstream::DockerAuth;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::Engine;
+use crate::config::Config;
+
+/// A facade with its listeners bound.
+pub struct App {
+    registry_listener: TcpListener,
+    admin_listeners: Vec<TcpListener>,
+    app: Arc<facade_server::App<Engine>>,
+    metrics: prometheus::Registry,
+    readiness: Readiness,
+    grace: std::time::Duration,
+}
+
+impl App {
+    /// Builds every component and binds the listeners.
+    pub async fn build(config: Config) -> anyhow::Result<App> {
+        let auth = match &config.docker_auth {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).with_context(|| format!("dockerAuth: cannot read {}", p.display()))?;
+                DockerAuth::parse(&text).with_context(|| format!("dockerAuth: {}", p.display()))?
+            }
+            None => DockerAuth::empty(),
+        };
+        let (connect, metadata, read) = config.upstream_timeouts;
+        let upstream = facade_upstream::Client::new(
+            facade_upstream::Config {
+                plain_http_hosts: config.plain_http_hosts.clone(),
+                connect_timeout: connect,
+                metadata_timeout: metadata,
+                read_timeout: read,
+                ..facade_upstream::Config::default()
+            },
+            auth,
+        )
+        .context("upstream client")?;
+
+        let store = match &config.store {
+            Some(dir) => Some(LocalStore::open(dir).with_context(|| format!("registry.store: {}", dir.display()))?),
+            None => None,
+        };
+        let static_layers = {
+            let specs = config.static_layers.clone();
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || facade_blob::static_layers::prepare(&specs, store.as_ref()))
+                .await
+                .context("static layers")?
+                .context("registry.staticLayer")?
+        };
+        let mut providers = Providers::new();
+        if let Some(f) = &config.fixed_spec_file {
+            let fixed = FixedSpecProvider::load(f).context("registry.fixedSpecFN")?;
+            tracing::info!(file = %f.display(), workspaces = fixed.len(), "loaded fixed specs");
+            providers.insert("fixed", Arc::new(fixed));
+        }
+
+        let fetcher = ImageFetcher::new(
+            upstream.clone(),
+            FetchConfig { platform: config.platform.clone(), tag_ttl: config.tag_ttl, ..FetchConfig::default() },
+        );
+        let images = Images::new(
+            ImagesConfig { compose_ttl: config.compose_ttl, ..ImagesConfig::default() },
+            providers,
+            fetcher,
+            static_layers,
+        );
+        let fills = Fills::new(FillConfig::default(), store.clone(), upstream).context("blob fills")?;
+        let chain = Arc::new(BlobChain::new(store, fills));
+        let engine = Arc::new(Engine { images, chain });
+
+        let metrics = prometheus::Registry::new();
+        let server_metrics = ServerMetrics::register(&metrics).context("metrics")?;
+        let app = Arc::new(facade_server::App::new(
+            ServerConfig { prefix: config.prefix.clone(), ..ServerConfig::default() },
+            engine,
+            server_metrics,
+        ));
+
+        let registry_listener =
+            TcpListener::bind(config.listen).await.with_context(|| format!("registry.port: cannot listen on {}", config.listen))?;
+        let mut admin_listeners = Vec::new();
+        let mut admin_addrs: Vec<SocketAddr> = Vec::new();
+        for (key, addr) in [("prometheusAddr", config.prometheus_addr), ("readinessProbeAddr", config.readiness_addr)] {
+            if let Some(addr) = addr {
+                if admin_addrs.contains(&addr) {
+                    continue;
+                }
+                let l = TcpListener::bind(addr).await.with_context(|| format!("{key}: cannot listen on {addr}"))?;
+                admin_addrs.push(addr);
+                admin_listeners.push(l);
+            }
+        }
+        Ok(App { registry_listener, admin_listeners, app, metrics, readiness: Readiness::new(), grace: config.shutdown_grace })
+    }
+
+    /// The registry's bound address.
+    pub fn registry_addr(&self) -> SocketAddr {
+        self.registry_listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// The admin listeners' bound addresses (metrics first when both are set and differ).
+    pub fn admin_addrs(&self) -> Vec<SocketAddr> {
+        self.admin_listeners.iter().filter_map(|l| l.local_addr().ok()).collect()
+    }
+
+    /// Serves until `shutdown`, then drains in-flight requests for up to the grace period.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let addr = self.registry_addr();
+        let serving = CancellationToken::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        for l in self.admin_listeners {
+            let (reg, ready, stop) = (self.metrics.clone(), self.readiness.clone(), serving.clone());
+            tasks.spawn(async move { facade_server::serve_admin(l, reg, ready, stop).await });
+        }
+        let server = tokio::spawn(facade_server::serve(self.registry_listener, self.app, serving.clone()));
+        self.readiness.set_ready(true);
+        tracing::info!(%addr, "registry-facade serving");
+        shutdown.cancelled().await;
+        tracing::info!(grace_seconds = self.grace.as_secs(), "shutting down: draining in-flight pulls");
+        self.readiness.set_ready(false);
+        serving.cancel();
+        match tokio::time::timeout(self.grace, server).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "registry server ended with an error"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "registry server task failed"),
+            Err(_) => tracing::warn!("grace period over; dropping the remaining connections"),
+        }
+        tasks.abort_all();
+        Ok(())
+    }
+}

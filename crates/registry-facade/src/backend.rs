@@ -1,0 +1,82 @@
+//! Connects the HTTP edge (facade-server's `Backend`) to composed images and the blob chain
+//! (facade-blob), and maps blob-side error kinds to the edge's — the one place that decides
+//! which route sees which OCI code.
+
+use std::sync::Arc;
+
+use facade_blob::{BlobChain, BlobEntry, ErrorKind as K, Images};
+use facade_oci::Digest;
+use facade_server::{
+    BackendError, BlobBody, BlobContent, BlobOpener, BlobRequest, ByteRange, ErrorKind, ManifestBody, ManifestRequest,
+    OpenFuture,
+};
+
+/// Images plus the blob chain.
+pub struct Engine {
+    /// Composed images.
+    pub images: Images,
+    /// Blob sources.
+    pub chain: Arc<BlobChain>,
+}
+
+#[derive(Clone, Copy)]
+enum Route {
+    Manifest,
+    Blob,
+}
+
+fn map_error(e: facade_blob::Error, route: Route) -> BackendError {
+    let kind = match (e.kind(), route) {
+        // Unknown provider or workspace: the readiness probe relies on MANIFEST_UNKNOWN on the
+        // manifest route; on the blob route the blob is what is unknown.
+        (K::ManifestUnknown, Route::Manifest) => ErrorKind::ManifestUnknown,
+        (K::ManifestUnknown, Route::Blob) | (K::BlobUnknown, _) => ErrorKind::BlobUnknown,
+        (K::Invalid, _) => ErrorKind::ManifestInvalid,
+        (K::Denied, _) => ErrorKind::Denied,
+        (K::RateLimited, _) => ErrorKind::RateLimited,
+        (K::Unavailable, _) => ErrorKind::Unavailable,
+        (K::Internal, _) => ErrorKind::Internal,
+    };
+    let mut out = BackendError::new(kind, e.to_string()).with_detail(e.detail());
+    if let Some(ra) = e.retry_after() {
+        out = out.with_retry_after(ra);
+    }
+    out
+}
+
+impl facade_server::Backend for Engine {
+    async fn manifest(&self, req: ManifestRequest) -> Result<ManifestBody, BackendError> {
+        let img = self
+            .images
+            .manifest(&req.provider, &req.id, &req.reference)
+            .await
+            .map_err(|e| map_error(e, Route::Manifest))?;
+        Ok(ManifestBody { bytes: img.manifest.clone(), media_type: img.media_type.clone(), digest: img.manifest_digest.clone() })
+    }
+
+    async fn blob(&self, req: BlobRequest) -> Result<BlobBody, BackendError> {
+        let entry = self.images.blob(&req.provider, &req.id, &req.digest).await.map_err(|e| map_error(e, Route::Blob))?;
+        let content = match self.chain.redirect_for(&req.digest, &entry) {
+            Some(url) => BlobContent::Redirect(url),
+            None => BlobContent::Stream(Box::new(Opener { chain: self.chain.clone(), digest: req.digest, entry: entry.clone() })),
+        };
+        Ok(BlobBody { size: entry.size, media_type: entry.media_type, content })
+    }
+}
+
+struct Opener {
+    chain: Arc<BlobChain>,
+    digest: Digest,
+    entry: BlobEntry,
+}
+
+impl BlobOpener for Opener {
+    fn open(self: Box<Self>, range: ByteRange) -> OpenFuture {
+        Box::pin(async move {
+            self.chain
+                .open(&self.digest, &self.entry, range.start, range.end_inclusive + 1)
+                .await
+                .map_err(|e| map_error(e, Route::Blob))
+        })
+    }
+}

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs what `make run`, `make test` and `make bench` need on a fresh Debian machine, and only
+# what is missing: the real parts the tests talk to, and a check that cargo is usable.
+set -euo pipefail
+
+need=()
+for pair in docker-registry:/usr/bin/docker-registry skopeo:/usr/bin/skopeo containerd:/usr/bin/containerd \
+            redis-server:/usr/bin/redis-server umoci:/usr/bin/umoci wrk:/usr/bin/wrk curl:/usr/bin/curl; do
+  pkg=${pair%%:*}; bin=${pair#*:}
+  [ -x "$bin" ] || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  echo "install-deps: installing ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q >/dev/null
+  # Package scripts may try to start services; there is no init system to do so in CI, which is
+  # fine: tests start their own instances on free loopback ports.
+  apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  if [ -x "$HOME/.cargo/bin/cargo" ]; then
+    echo "install-deps: cargo is in $HOME/.cargo/bin; add it to PATH" >&2
+  else
+    echo "install-deps: cargo not found; install a Rust toolchain (rustup, Rust >= 1.85)" >&2
+  fi
+  exit 1
+fi

@@ -1,0 +1,133 @@
+//! Shared harness of the end-to-end tests: the real facade (in-process, the same code the binary
+//! runs) on a free loopback port, configured like production from JSON text.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+/// A running facade; stopped on drop.
+pub struct Facade {
+    /// Registry address.
+    pub addr: SocketAddr,
+    /// Admin addresses (metrics, readiness).
+    pub admin: Vec<SocketAddr>,
+    shutdown: CancellationToken,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Facade {
+    /// Starts a facade from config JSON; relative paths resolve against `dir`.
+    pub fn start(config: &serde_json::Value, dir: &Path) -> anyhow::Result<Facade> {
+        let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("info").try_init();
+        let cfg = registry_facade::config::parse(&config.to_string(), dir, &registry_facade::config::ProcessEnv)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let shutdown = CancellationToken::new();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stop = shutdown.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            rt.block_on(async move {
+                match registry_facade::App::build(cfg).await {
+                    Ok(app) => {
+                        let _ = tx.send(Ok((app.registry_addr(), app.admin_addrs())));
+                        app.run(stop).await.unwrap();
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                    }
+                }
+            });
+        });
+        let (addr, admin) = rx.recv_timeout(Duration::from_secs(60))??;
+        Ok(Facade { addr, admin, shutdown, thread: Some(thread) })
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn host(&self) -> String {
+        self.addr.to_string()
+    }
+}
+
+impl Drop for Facade {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A minimal blocking HTTP/1.1 client for assertions on status, headers and body.
+pub mod http {
+    use std::collections::BTreeMap;
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::Duration;
+
+    /// A response.
+    #[derive(Debug)]
+    pub struct Response {
+        /// Status code.
+        pub status: u16,
+        /// Headers, lowercase names.
+        pub headers: BTreeMap<String, String>,
+        /// Body.
+        pub body: Vec<u8>,
+    }
+
+    impl Response {
+        /// A header's value.
+        pub fn header(&self, name: &str) -> Option<&str> {
+            self.headers.get(&name.to_ascii_lowercase()).map(String::as_str)
+        }
+        /// The first OCI error code of the body.
+        pub fn error_code(&self) -> Option<String> {
+            let v: serde_json::Value = serde_json::from_slice(&self.body).ok()?;
+            v["errors"][0]["code"].as_str().map(str::to_string)
+        }
+    }
+
+    /// Sends one request (Connection: close) and reads the whole response.
+    pub fn request(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        s.write_all(req.as_bytes()).unwrap();
+        s.write_all(body).unwrap();
+        let mut raw = Vec::new();
+        let _ = s.read_to_end(&mut raw);
+        let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("no header end");
+        let head = String::from_utf8_lossy(&raw[..split]).to_string();
+        let mut lines = head.split("\r\n");
+        let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+        let headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect::<BTreeMap<_, _>>();
+        let mut body = raw[split + 4..].to_vec();
+        if headers.get("transfer-encoding").is_some_and(|t| t.contains("chunked")) {
+            body = dechunk(&body);
+        }
+        Response { status, headers, body }
+    }
+
+    fn dechunk(mut b: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        loop {
+            let Some(eol) = b.windows(2).position(|w| w == b"\r\n") else { return out };
+            let n = usize::from_str_radix(String::from_utf8_lossy(&b[..eol]).trim(), 16).unwrap_or(0);
+            if n == 0 {
+                return out;
+            }
+            out.extend_from_slice(&b[eol + 2..eol + 2 + n]);
+            b = &b[eol + 2 + n + 2..];
+        }
+    }
+}
