@@ -131,3 +131,93 @@ pub mod http {
         }
     }
 }
+
+/// Streaming reads for large blobs: hash as bytes arrive instead of holding them.
+pub mod stream {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpStream;
+    use std::time::Duration;
+
+    use sha2::{Digest as _, Sha256};
+
+    /// What a streamed GET got.
+    #[derive(Debug)]
+    pub struct Streamed {
+        /// Status code.
+        pub status: u16,
+        /// `Content-Length`, if sent.
+        pub content_length: Option<u64>,
+        /// `Content-Range`, if sent.
+        pub content_range: Option<String>,
+        /// Body bytes received.
+        pub received: u64,
+        /// sha256 of the body received (`sha256:…`).
+        pub digest: String,
+        /// Whether the body ended before `Content-Length` (an aborted response).
+        pub truncated: bool,
+    }
+
+    /// GETs `path`, hashing the body; stops after `max_bytes` when given (a client that goes away).
+    pub fn get(addr: &str, path: &str, headers: &[(&str, &str)], max_bytes: Option<u64>) -> std::io::Result<Streamed> {
+        let mut s = TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(120)))?;
+        let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        s.write_all(req.as_bytes())?;
+        let mut r = BufReader::with_capacity(1 << 20, s);
+        let mut line = String::new();
+        r.read_line(&mut line)?;
+        let status = line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let (mut content_length, mut content_range) = (None, None);
+        loop {
+            line.clear();
+            r.read_line(&mut line)?;
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = l.split_once(':') {
+                match k.trim().to_ascii_lowercase().as_str() {
+                    "content-length" => content_length = v.trim().parse().ok(),
+                    "content-range" => content_range = Some(v.trim().to_string()),
+                    _ => {}
+                }
+            }
+        }
+        let mut h = Sha256::new();
+        let mut received = 0u64;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            if max_bytes.is_some_and(|m| received >= m) {
+                break;
+            }
+            let n = match r.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Err(e) => return Err(e),
+            };
+            h.update(&buf[..n]);
+            received += n as u64;
+        }
+        let truncated = content_length.is_some_and(|l| received < l);
+        Ok(Streamed { status, content_length, content_range, received, digest: format!("sha256:{}", hex::encode(h.finalize())), truncated })
+    }
+}
+
+/// Deterministic incompressible bytes (xorshift), fast enough for hundreds of MiB.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}

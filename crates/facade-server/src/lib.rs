@@ -1,1 +1,34 @@
-//! (being built)
+//! The HTTP edge of registry-facade: the pull side of the OCI distribution API.
+//!
+//! Owns the hyper server (HTTP/1.1 and h2c), path parsing, the `/v2/`, manifest and blob
+//! handlers (HEAD semantics, Range/206/416, redirects), the **single** error → OCI response edge
+//! (`error.rs`), request metrics and the admin listener (`/metrics`, `/ready`, `/live`).
+//!
+//! It deliberately does not compose images, talk to spec providers or fetch blobs: every
+//! request that needs content goes through the [`Backend`] trait, which another crate implements
+//! and the binary wires in. The backend decides *what* exists; this crate decides *how* it is
+//! put on the wire and which status a failure becomes.
+
+mod admin;
+mod app;
+mod backend;
+mod body;
+mod error;
+mod handlers;
+pub mod headers;
+mod metrics;
+mod range;
+mod router;
+mod serve;
+
+pub use admin::{Readiness, serve_admin};
+pub use app::{App, ServerConfig};
+pub use backend::{
+    Backend, BackendError, BlobBody, BlobContent, BlobOpener, BlobRequest, BlobStream, ByteRange, ErrorKind,
+    ManifestBody, ManifestRequest, OpenFuture,
+};
+pub use body::Body;
+pub use error::{Error, Result};
+pub use metrics::ServerMetrics;
+pub use range::{RangeOutcome, parse_range};
+pub use serve::serve;

@@ -104,6 +104,39 @@ impl ImageSpec {
         validate(id, &spec.base_ref, &spec.ide_ref, &spec.supervisor_ref, &spec.ide_layer_ref, layers)
     }
 
+    /// The wire form of the spec, as a spec server sends it. References come out normalized
+    /// (`alpine` → `docker.io/library/alpine:latest`) and remote layers carry the OCI media
+    /// type of their compression, so `from_proto(to_proto(s)) == s` though the text may differ
+    /// from what the spec's author wrote.
+    pub fn to_proto(&self) -> proto::ImageSpec {
+        let opt = |r: &Option<ImageRef>| r.as_ref().map(ToString::to_string).unwrap_or_default();
+        proto::ImageSpec {
+            base_ref: self.base_ref.to_string(),
+            ide_ref: opt(&self.ide_ref),
+            supervisor_ref: opt(&self.supervisor_ref),
+            ide_layer_ref: self.ide_layer_refs.iter().map(ToString::to_string).collect(),
+            content_layer: self
+                .content_layers
+                .iter()
+                .map(|l| proto::ContentLayer {
+                    spec: Some(match l {
+                        ContentLayer::Direct { content } => {
+                            proto::content_layer::Spec::Direct(proto::DirectContentLayer { content: content.to_vec() })
+                        }
+                        ContentLayer::Remote(r) => proto::content_layer::Spec::Remote(proto::RemoteContentLayer {
+                            url: r.url.clone(),
+                            digest: r.digest.to_string(),
+                            diff_id: r.diff_id.to_string(),
+                            media_type: mt::layer_type(mt::Family::Oci, r.compression).unwrap_or_default().to_string(),
+                            // Sizes past i64::MAX cannot exist on disk; saturate rather than wrap.
+                            size: i64::try_from(r.size).unwrap_or(i64::MAX),
+                        }),
+                    }),
+                })
+                .collect(),
+        }
+    }
+
     /// Parses one spec in protobuf-JSON form (camelCase keys; snake_case accepted, as protobuf
     /// JSON parsers do).
     pub fn from_json_value(id: &str, value: serde_json::Value) -> Result<ImageSpec> {
@@ -331,5 +364,23 @@ mod tests {
         .unwrap();
         assert_eq!(a, b);
         assert_eq!(a.fingerprint(), b.fingerprint());
+    }
+
+    #[test]
+    fn to_proto_round_trips() {
+        let s = ImageSpec::from_json_value(
+            "ws",
+            json!({"baseRef": "alpine:3", "ideRef": "r.test/ide:1", "ideLayerRef": ["r.test/a:1", "r.test/b@sha256:1111111111111111111111111111111111111111111111111111111111111111"],
+                   "contentLayer": [
+                     {"direct": {"content": "aGVsbG8="}},
+                     {"remote": {"url": "https://x.test/l.tar.zst", "digest": D1, "diffId": D2,
+                                 "mediaType": "application/vnd.oci.image.layer.v1.tar+zstd", "size": 7}},
+                     {"remote": {"url": "https://x.test/l.tar", "digest": D1, "size": 9}}]}),
+        )
+        .unwrap();
+        let p = s.to_proto();
+        assert_eq!(p.base_ref, "docker.io/library/alpine:3");
+        assert_eq!(p.supervisor_ref, "");
+        assert_eq!(ImageSpec::from_proto("ws", p).unwrap(), s);
     }
 }

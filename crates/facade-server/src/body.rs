@@ -1,0 +1,248 @@
+//! The response body: empty, a buffer, or a blob stream of a known length.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http_body::{Frame, SizeHint};
+
+use crate::backend::BlobStream;
+use crate::error::Error;
+use crate::metrics::{AbortReason, BodyMeter};
+
+/// Body of every response this crate produces.
+///
+/// A stream body knows its exact length up front (it goes out as `Content-Length`). If the
+/// backend stream fails, ends early or overruns, the body yields an error frame: hyper then
+/// resets the HTTP/2 stream or closes the HTTP/1 connection, so the client sees a short body
+/// and never a "complete" response with wrong bytes.
+#[derive(Debug, Default)]
+pub struct Body {
+    inner: Inner,
+    meter: Option<BodyMeter>,
+}
+
+#[derive(Default)]
+enum Inner {
+    #[default]
+    Empty,
+    Full(Option<Bytes>),
+    Stream(Box<StreamState>),
+}
+
+struct StreamState {
+    stream: BlobStream,
+    remaining: u64,
+    sent: u64,
+    /// Offset of the first byte within the blob, for logs.
+    start: u64,
+    /// The blob digest, for logs only.
+    digest: String,
+    finished: bool,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Inner::Empty => f.write_str("Empty"),
+            Inner::Full(b) => write!(f, "Full({} bytes)", b.as_ref().map_or(0, Bytes::len)),
+            Inner::Stream(s) => write!(f, "Stream({} remaining)", s.remaining),
+        }
+    }
+}
+
+impl Body {
+    /// No bytes.
+    pub fn empty() -> Self {
+        Body::default()
+    }
+
+    /// A buffered body.
+    pub fn full(bytes: impl Into<Bytes>) -> Self {
+        let bytes = bytes.into();
+        Body { inner: Inner::Full((!bytes.is_empty()).then_some(bytes)), meter: None }
+    }
+
+    /// A blob stream that must yield exactly `len` bytes (`start` and `digest` are for logs).
+    pub(crate) fn stream(stream: BlobStream, len: u64, start: u64, digest: String) -> Self {
+        Body {
+            inner: Inner::Stream(Box::new(StreamState {
+                stream,
+                remaining: len,
+                sent: 0,
+                start,
+                digest,
+                finished: len == 0,
+            })),
+            meter: None,
+        }
+    }
+
+    pub(crate) fn with_meter(mut self, meter: BodyMeter) -> Self {
+        self.meter = Some(meter);
+        self
+    }
+
+    /// Swaps the content for nothing, keeping the meter (HEAD: same headers, no body).
+    pub(crate) fn into_empty(mut self) -> Self {
+        // Unopened content is not an abort: reset it before this value drops.
+        self.inner = Inner::Empty;
+        Body { inner: Inner::Empty, meter: self.meter.take() }
+    }
+
+    fn abort(&mut self, reason: AbortReason, source: Option<std::io::Error>) -> Error {
+        let (offset, digest) = match &mut self.inner {
+            Inner::Stream(s) => {
+                s.finished = true;
+                (s.start + s.sent, s.digest.clone())
+            }
+            _ => (0, String::new()),
+        };
+        if let Some(meter) = &self.meter {
+            meter.aborted(reason);
+        }
+        tracing::warn!(
+            reason = reason.as_str(),
+            digest = %digest,
+            offset,
+            error = source.as_ref().map(|e| e.to_string()),
+            "response body aborted after headers were sent"
+        );
+        Error::ResponseAborted { reason: reason.as_str(), offset, source }
+    }
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<std::result::Result<Frame<Bytes>, Error>>> {
+        let this = self.get_mut();
+        let state = match &mut this.inner {
+            Inner::Empty => return Poll::Ready(None),
+            Inner::Full(bytes) => {
+                let Some(bytes) = bytes.take() else {
+                    return Poll::Ready(None);
+                };
+                if let Some(meter) = &this.meter {
+                    meter.sent(bytes.len());
+                }
+                return Poll::Ready(Some(Ok(Frame::data(bytes))));
+            }
+            Inner::Stream(state) => state,
+        };
+        loop {
+            if state.finished {
+                return Poll::Ready(None);
+            }
+            match state.stream.poll_next_unpin(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(chunk))) if chunk.is_empty() => continue,
+                Poll::Ready(Some(Ok(chunk))) => {
+                    let n = chunk.len() as u64;
+                    if n > state.remaining {
+                        return Poll::Ready(Some(Err(this.abort(AbortReason::SourceOverlong, None))));
+                    }
+                    state.remaining -= n;
+                    state.sent += n;
+                    if state.remaining == 0 {
+                        state.finished = true;
+                        // Release the source (connection, file) as soon as its part is done.
+                        state.stream = futures::stream::empty().boxed();
+                    }
+                    if let Some(meter) = &this.meter {
+                        meter.sent(chunk.len());
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(chunk))));
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    return Poll::Ready(Some(Err(this.abort(AbortReason::SourceError, Some(e)))));
+                }
+                Poll::Ready(None) => {
+                    return Poll::Ready(Some(Err(this.abort(AbortReason::SourceShort, None))));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Empty => true,
+            Inner::Full(bytes) => bytes.is_none(),
+            Inner::Stream(s) => s.finished,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Empty => SizeHint::with_exact(0),
+            Inner::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            Inner::Stream(s) if s.finished => SizeHint::with_exact(0),
+            Inner::Stream(s) => SizeHint::with_exact(s.remaining),
+        }
+    }
+}
+
+impl Drop for Body {
+    fn drop(&mut self) {
+        if let Inner::Stream(s) = &self.inner
+            && !s.finished
+        {
+            if let Some(meter) = &self.meter {
+                meter.aborted(AbortReason::ClientGone);
+            }
+            tracing::debug!(
+                digest = %s.digest,
+                offset = s.start + s.sent,
+                remaining = s.remaining,
+                "response body dropped before it was finished"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    fn chunks(items: Vec<std::io::Result<&'static [u8]>>) -> BlobStream {
+        futures::stream::iter(items.into_iter().map(|r| r.map(Bytes::from_static))).boxed()
+    }
+
+    #[tokio::test]
+    async fn exact_stream_completes() {
+        let body = Body::stream(chunks(vec![Ok(b"ab"), Ok(b""), Ok(b"cd")]), 4, 0, "d".into());
+        assert_eq!(http_body::Body::size_hint(&body).exact(), Some(4));
+        let bytes = body.collect().await.unwrap().to_bytes();
+        assert_eq!(&bytes[..], b"abcd");
+    }
+
+    #[tokio::test]
+    async fn short_overlong_and_failing_streams_abort() {
+        let short = Body::stream(chunks(vec![Ok(b"ab")]), 4, 0, "d".into());
+        assert!(matches!(short.collect().await, Err(Error::ResponseAborted { reason: "source_short", offset: 2, .. })));
+        let long = Body::stream(chunks(vec![Ok(b"abcdef")]), 4, 10, "d".into());
+        assert!(matches!(
+            long.collect().await,
+            Err(Error::ResponseAborted { reason: "source_overlong", offset: 10, .. })
+        ));
+        let failing = Body::stream(chunks(vec![Ok(b"abc"), Err(std::io::Error::other("reset"))]), 4, 100, "d".into());
+        assert!(matches!(
+            failing.collect().await,
+            Err(Error::ResponseAborted { reason: "source_error", offset: 103, .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn full_and_empty_bodies() {
+        assert!(http_body::Body::is_end_stream(&Body::full(Bytes::new())));
+        assert!(http_body::Body::is_end_stream(&Body::empty()));
+        let bytes = Body::full("{}").collect().await.unwrap().to_bytes();
+        assert_eq!(&bytes[..], b"{}");
+    }
+}

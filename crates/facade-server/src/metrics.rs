@@ -1,0 +1,218 @@
+//! Request metrics. Labels are bounded: route, method, status class, abort reason — never a
+//! digest, workspace id, repository or URL (those go to logs).
+
+use http::{Method, StatusCode};
+use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+
+use crate::error::{Error, Result};
+use crate::router::RouteLabel;
+
+/// Why a response body ended before its `Content-Length`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum AbortReason {
+    /// The backend stream yielded an error.
+    SourceError,
+    /// The backend stream ended early.
+    SourceShort,
+    /// The backend stream yielded more than the range.
+    SourceOverlong,
+    /// The client went away (or the connection was torn down) mid-body.
+    ClientGone,
+}
+
+impl AbortReason {
+    const ALL: [AbortReason; 4] =
+        [AbortReason::SourceError, AbortReason::SourceShort, AbortReason::SourceOverlong, AbortReason::ClientGone];
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            AbortReason::SourceError => "source_error",
+            AbortReason::SourceShort => "source_short",
+            AbortReason::SourceOverlong => "source_overlong",
+            AbortReason::ClientGone => "client_gone",
+        }
+    }
+}
+
+/// Time-to-headers buckets, in seconds; containerd gives up after 30 s without headers.
+const DURATION_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0];
+
+/// The server's metrics, registered into a registry passed in by the binary.
+#[derive(Clone, Debug)]
+pub struct ServerMetrics {
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    inflight: IntGaugeVec,
+    aborted: IntCounterVec,
+    response_bytes: IntCounterVec,
+}
+
+impl ServerMetrics {
+    /// Creates the metrics and registers them in `registry`. Every route and abort reason is
+    /// pre-created at zero so dashboards and alerts see the series before the first event.
+    pub fn register(registry: &Registry) -> Result<Self> {
+        let requests = IntCounterVec::new(
+            Opts::new("registry_facade_http_requests_total", "HTTP requests answered"),
+            &["route", "method", "status_class"],
+        )
+        .map_err(|e| metric_error("registry_facade_http_requests_total", e))?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "registry_facade_http_request_duration_seconds",
+                "Time from request to response headers",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &["route"],
+        )
+        .map_err(|e| metric_error("registry_facade_http_request_duration_seconds", e))?;
+        let inflight = IntGaugeVec::new(
+            Opts::new("registry_facade_inflight_requests", "Requests being answered, until their body is finished"),
+            &["route"],
+        )
+        .map_err(|e| metric_error("registry_facade_inflight_requests", e))?;
+        let aborted = IntCounterVec::new(
+            Opts::new(
+                "registry_facade_response_aborted_total",
+                "Responses whose body was cut after the headers were sent",
+            ),
+            &["reason"],
+        )
+        .map_err(|e| metric_error("registry_facade_response_aborted_total", e))?;
+        let response_bytes = IntCounterVec::new(
+            Opts::new("registry_facade_http_response_bytes_total", "Response body bytes sent"),
+            &["route"],
+        )
+        .map_err(|e| metric_error("registry_facade_http_response_bytes_total", e))?;
+
+        for (name, collector) in [
+            ("registry_facade_http_requests_total", Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>),
+            ("registry_facade_http_request_duration_seconds", Box::new(duration.clone())),
+            ("registry_facade_inflight_requests", Box::new(inflight.clone())),
+            ("registry_facade_response_aborted_total", Box::new(aborted.clone())),
+            ("registry_facade_http_response_bytes_total", Box::new(response_bytes.clone())),
+        ] {
+            registry.register(collector).map_err(|e| metric_error(name, e))?;
+        }
+        for route in RouteLabel::ALL {
+            let r = route.as_str();
+            duration.with_label_values(&[r]);
+            inflight.with_label_values(&[r]);
+            response_bytes.with_label_values(&[r]);
+            for method in ["GET", "HEAD"] {
+                requests.with_label_values(&[r, method, "2xx"]);
+            }
+        }
+        for reason in AbortReason::ALL {
+            aborted.with_label_values(&[reason.as_str()]);
+        }
+        Ok(ServerMetrics { requests, duration, inflight, aborted, response_bytes })
+    }
+
+    pub(crate) fn observe_response(&self, route: RouteLabel, method: &Method, status: StatusCode, seconds: f64) {
+        let r = route.as_str();
+        self.requests.with_label_values(&[r, method_label(method), status_class(status)]).inc();
+        self.duration.with_label_values(&[r]).observe(seconds);
+    }
+
+    /// Counts the request as in flight until the guard (moved into the response body) drops.
+    pub(crate) fn inflight(&self, route: RouteLabel) -> InflightGuard {
+        let gauge = self.inflight.with_label_values(&[route.as_str()]);
+        gauge.inc();
+        InflightGuard(gauge)
+    }
+
+    pub(crate) fn body_meter(&self, route: RouteLabel, inflight: InflightGuard) -> BodyMeter {
+        BodyMeter {
+            bytes: self.response_bytes.with_label_values(&[route.as_str()]),
+            aborted: self.aborted.clone(),
+            _inflight: inflight,
+        }
+    }
+}
+
+fn metric_error(name: &'static str, source: prometheus::Error) -> Error {
+    Error::Metrics { name, source }
+}
+
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::PUT => "PUT",
+        Method::POST => "POST",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+fn status_class(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// Decrements the in-flight gauge on drop, whether the response finished, failed or the
+/// request future was cancelled.
+#[derive(Debug)]
+pub(crate) struct InflightGuard(IntGauge);
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Per-response counters carried by the body.
+#[derive(Debug)]
+pub(crate) struct BodyMeter {
+    bytes: IntCounter,
+    aborted: IntCounterVec,
+    _inflight: InflightGuard,
+}
+
+impl BodyMeter {
+    pub(crate) fn sent(&self, n: usize) {
+        self.bytes.inc_by(n as u64);
+    }
+
+    pub(crate) fn aborted(&self, reason: AbortReason) {
+        self.aborted.with_label_values(&[reason.as_str()]).inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registers_every_series_up_front() {
+        let registry = Registry::new();
+        let _m = ServerMetrics::register(&registry).unwrap();
+        let text = prometheus::TextEncoder::new().encode_to_string(&registry.gather()).unwrap();
+        for name in [
+            "registry_facade_http_requests_total",
+            "registry_facade_http_request_duration_seconds",
+            "registry_facade_inflight_requests",
+            "registry_facade_response_aborted_total",
+            "registry_facade_http_response_bytes_total",
+        ] {
+            assert!(text.contains(name), "{name} missing");
+        }
+        assert!(ServerMetrics::register(&registry).is_err(), "double registration must fail");
+    }
+
+    #[test]
+    fn status_classes_are_bounded() {
+        assert_eq!(status_class(StatusCode::OK), "2xx");
+        assert_eq!(status_class(StatusCode::TEMPORARY_REDIRECT), "3xx");
+        assert_eq!(status_class(StatusCode::RANGE_NOT_SATISFIABLE), "4xx");
+        assert_eq!(status_class(StatusCode::SERVICE_UNAVAILABLE), "5xx");
+        assert_eq!(method_label(&Method::from_bytes(b"BREW").unwrap()), "other");
+    }
+}

@@ -1,0 +1,85 @@
+//! `App::handle` called directly, without sockets.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use common::MemBackend;
+use facade_oci::media_types::OCI_MANIFEST;
+use facade_server::{App, Body, ServerConfig, ServerMetrics};
+use http::{Method, Request, Response};
+use http_body_util::BodyExt;
+
+fn app(config: ServerConfig) -> App<MemBackend> {
+    let registry = prometheus::Registry::new();
+    let metrics = ServerMetrics::register(&registry).unwrap();
+    App::new(config, Arc::new(MemBackend::standard()), metrics)
+}
+
+async fn call(app: &App<MemBackend>, method: Method, uri: &str) -> (Response<()>, Bytes) {
+    let req = Request::builder().method(method).uri(uri).body(()).unwrap();
+    let resp: Response<Body> = app.handle(req).await;
+    let (parts, body) = resp.into_parts();
+    (Response::from_parts(parts, ()), body.collect().await.unwrap().to_bytes())
+}
+
+fn code(body: &Bytes) -> String {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+    v["errors"][0]["code"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn answers_without_a_socket() {
+    let app = app(ServerConfig::default());
+    let (resp, body) = call(&app, Method::GET, "/v2/remote/ws1/manifests/latest").await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], OCI_MANIFEST);
+    assert_eq!(&body[..], common::OCI_BODY);
+    let (resp, body) = call(&app, Method::HEAD, "/v2/remote/ws1/manifests/latest").await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-length"], common::OCI_BODY.len().to_string());
+    assert!(body.is_empty());
+}
+
+#[tokio::test]
+async fn odd_names_never_panic() {
+    let app = app(ServerConfig::default());
+    let huge = format!("/v2/remote/{}/manifests/latest", "a".repeat(10 * 1024));
+    let weird = [
+        huge.as_str(),
+        "/v2/remote/%ff%fe/manifests/latest",
+        "/v2/remote/a%2f..%2fb/manifests/latest",
+        "/v2/remote/%2E/manifests/latest",
+        "/v2/remote/a~b/manifests/latest",
+        "/v2/remote/a!b/manifests/latest",
+        "/v2/remote/a__/manifests/latest",
+        "/v2/remote/-a/manifests/latest",
+        "/v2/remote//a/manifests/latest",
+        "/v2//manifests/latest",
+    ];
+    for uri in weird {
+        let (resp, body) = call(&app, Method::GET, uri).await;
+        assert_eq!(resp.status(), 400, "{uri}");
+        assert_eq!(code(&body), "NAME_INVALID", "{uri}");
+        assert_eq!(resp.headers()["docker-distribution-api-version"], "registry/2.0");
+    }
+    // A huge digest is rejected as a digest, not echoed back whole.
+    let huge_digest = format!("/v2/remote/ws1/blobs/sha256:{}", "a".repeat(10 * 1024));
+    let (resp, body) = call(&app, Method::GET, &huge_digest).await;
+    assert_eq!(resp.status(), 400);
+    assert_eq!(code(&body), "DIGEST_INVALID");
+    assert!(body.len() < 2048, "error body echoes at most a clipped value");
+}
+
+#[tokio::test]
+async fn prefix_is_normalized() {
+    for prefix in ["registry", "/registry", "/registry/"] {
+        let app = app(ServerConfig { prefix: prefix.into(), ..ServerConfig::default() });
+        let (resp, _) = call(&app, Method::GET, "/registry/v2/").await;
+        assert_eq!(resp.status(), 200, "{prefix}");
+        let (resp, _) = call(&app, Method::GET, "/v2/").await;
+        assert_eq!(resp.status(), 404, "{prefix}");
+    }
+}
