@@ -155,10 +155,10 @@ fn ranges_on_cold_and_warm_blobs() {
     let whole = request(&h, "GET", &p, &[], b"");
     assert_eq!(whole.body.len() as u64, size);
     for (range, start, end) in [
-        (format!("bytes=100-199"), 100, 199),
+        ("bytes=100-199".to_string(), 100, 199),
         (format!("bytes={}-", size - 10), size - 10, size - 1),
-        (format!("bytes=-5"), size - 5, size - 1),
-        (format!("bytes=0-"), 0, size - 1),
+        ("bytes=-5".to_string(), size - 5, size - 1),
+        ("bytes=0-".to_string(), 0, size - 1),
         (format!("bytes=5-{}", size + 100), 5, size - 1),
     ] {
         let r = request(&h, "GET", &p, &[("Range", &range)], b"");

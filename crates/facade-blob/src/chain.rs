@@ -50,12 +50,11 @@ impl BlobChain {
 
     /// The bytes `[start, end_exclusive)` of blob `digest`.
     pub async fn open(&self, digest: &Digest, entry: &BlobEntry, start: u64, end_exclusive: u64) -> Result<BlobStream> {
-        if let Some(store) = &self.store {
-            if let Some(file) = store.open_blob(digest, entry.size) {
+        if let Some(store) = &self.store
+            && let Some(file) = store.open_blob(digest, entry.size) {
                 tracing::trace!(%digest, "serving from the local store");
                 return Ok(file_range_stream(Arc::new(file), start, end_exclusive, entry.size, None, None));
             }
-        }
         match &entry.origin {
             BlobOrigin::Bytes(b) => Ok(bytes_range_stream(b.clone(), start, end_exclusive)),
             BlobOrigin::Upstream(from) => {

@@ -88,11 +88,10 @@ impl ImageFetcher {
     async fn resolve_tag(&self, r: &ImageRef) -> Result<Digest> {
         let key = r.to_string();
         let cached = self.tags.lock().ok().and_then(|m| m.get(&key).cloned());
-        if let Some((d, at)) = &cached {
-            if at.elapsed() < self.config.tag_ttl {
+        if let Some((d, at)) = &cached
+            && at.elapsed() < self.config.tag_ttl {
                 return Ok(d.clone());
             }
-        }
         match self.client.resolve(&r.registry, &r.repository, &r.reference()).await {
             Ok(resolved) => {
                 if let Ok(mut m) = self.tags.lock() {

@@ -107,11 +107,10 @@ impl Fills {
     /// call started it.
     pub fn join(self: &Arc<Self>, digest: &Digest, size: u64, from: &UpstreamBlob) -> Result<(Arc<Fill>, bool)> {
         let mut map = self.inflight.lock().map_err(|_| Error::io("fill table poisoned", std::io::ErrorKind::Other.into()))?;
-        if let Some(existing) = map.get(digest).and_then(Weak::upgrade) {
-            if !matches!(*existing.progress.borrow(), Progress::Failed(_)) {
+        if let Some(existing) = map.get(digest).and_then(Weak::upgrade)
+            && !matches!(*existing.progress.borrow(), Progress::Failed(_)) {
                 return Ok((existing, false));
             }
-        }
         let temp = match &self.store {
             Some(store) => store.temp_blob(digest)?,
             None => TempBlob::create(&self.config.spool_dir, digest)?,
@@ -144,11 +143,10 @@ impl Fills {
                     let _ = tx.send(Progress::Failed(e.to_string().into()));
                 }
             }
-            if let Ok(mut map) = this.inflight.lock() {
-                if map.get(&task_fill.digest).is_some_and(|w| w.as_ptr() == Arc::as_ptr(&task_fill)) {
+            if let Ok(mut map) = this.inflight.lock()
+                && map.get(&task_fill.digest).is_some_and(|w| w.as_ptr() == Arc::as_ptr(&task_fill)) {
                     map.remove(&task_fill.digest);
                 }
-            }
         });
         Ok((fill, true))
     }
@@ -169,11 +167,10 @@ impl Fills {
             let progressed_from = offset;
             match self.upstream.blob_stream(&from.registry, &from.repo, digest, offset).await {
                 Ok(mut stream) => {
-                    if let Some(total) = stream.total_size {
-                        if total != fill.size {
+                    if let Some(total) = stream.total_size
+                        && total != fill.size {
                             return Err(Error::DigestMismatch { expected: digest.clone(), actual: digest.clone(), size: total });
                         }
-                    }
                     while let Some(chunk) = stream.body.next().await {
                         match chunk {
                             Ok(bytes) => {

@@ -199,12 +199,11 @@ impl Images {
             Err(e) => {
                 // A provider or upstream blip must not break a pull already under way: the
                 // versions handed out are still good.
-                if e.is_retryable() {
-                    if let Some(v) = self.find_version(provider, id, |v| v.blobs.contains_key(digest)) {
+                if e.is_retryable()
+                    && let Some(v) = self.find_version(provider, id, |v| v.blobs.contains_key(digest)) {
                         tracing::warn!(provider, id, error = %e, "serving a blob of an earlier composition while the image cannot be composed");
                         return v.blobs.get(digest).cloned().ok_or_else(|| Error::BlobNotInImage { digest: digest.clone() });
                     }
-                }
                 Err(e)
             }
         }

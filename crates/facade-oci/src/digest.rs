@@ -47,14 +47,14 @@ impl Digest {
             "sha512" => Some(128),
             _ => None,
         };
-        if let Some(n) = want {
-            if enc.len() != n || !enc.chars().all(|c| matches!(c, '0'..='9' | 'a'..='f')) {
-                return Err(bad(if alg == "sha256" {
-                    "sha256 needs 64 lowercase hex digits"
-                } else {
-                    "sha512 needs 128 lowercase hex digits"
-                }));
-            }
+        if let Some(n) = want
+            && (enc.len() != n || !enc.chars().all(|c| matches!(c, '0'..='9' | 'a'..='f')))
+        {
+            return Err(bad(if alg == "sha256" {
+                "sha256 needs 64 lowercase hex digits"
+            } else {
+                "sha512 needs 128 lowercase hex digits"
+            }));
         }
         Ok(Digest { text: s.to_string(), split: alg.len() })
     }

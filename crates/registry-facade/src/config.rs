@@ -290,11 +290,10 @@ pub fn parse(text: &str, base_dir: &std::path::Path, _env: &dyn Env) -> Result<C
     if !prefix.is_empty() && (!prefix.starts_with('/') || prefix.contains("//") || prefix.contains(char::is_whitespace)) {
         errs.push(format!("registry.prefix: {:?} must start with '/' and contain no spaces", r.prefix));
     }
-    if let Some(tls) = &r.tls {
-        if !tls.crt.is_empty() || !tls.key.is_empty() {
+    if let Some(tls) = &r.tls
+        && (!tls.crt.is_empty() || !tls.key.is_empty()) {
             errs.push("registry.tls: serving TLS is not built yet in this version (see README); terminate TLS in front of the facade or leave registry.tls empty".into());
         }
-    }
     if r.require_auth {
         errs.push("registry.requireAuth: client authentication is not built yet in this version (see README); refusing to start open".into());
     }
