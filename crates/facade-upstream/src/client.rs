@@ -130,7 +130,13 @@ fn reject_encoded(resp: &Response<Incoming>, host: &str) -> Result<()> {
 impl Client {
     /// Builds the client: one connection pool for all hosts, HTTP/2 where TLS offers it.
     pub fn new(config: Config, auth: DockerAuth) -> Result<Client> {
-        let transport = Transport::new(&config)?;
+        Self::with_metrics(config, auth, None)
+    }
+
+    /// [`Client::new`] that also counts every upstream request in `metrics`.
+    pub fn with_metrics(config: Config, auth: DockerAuth, metrics: Option<crate::metrics::UpstreamMetrics>) -> Result<Client> {
+        let mut transport = Transport::new(&config)?;
+        transport.metrics = metrics;
         Ok(Client { inner: Arc::new(Inner { transport, config, auth: RwLock::new(Arc::new(AuthState::new(auth))) }) })
     }
 

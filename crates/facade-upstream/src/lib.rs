@@ -23,6 +23,7 @@ mod config;
 mod docker_auth;
 mod error;
 pub mod host;
+mod metrics;
 mod transport;
 
 pub use blob::BlobStream;
@@ -30,3 +31,4 @@ pub use client::{Client, DOCKER_CONTENT_DIGEST, FetchedManifest, Resolved};
 pub use config::Config;
 pub use docker_auth::DockerAuth;
 pub use error::{BoxError, Error, ErrorDetail, ErrorKind, Result};
+pub use metrics::UpstreamMetrics;

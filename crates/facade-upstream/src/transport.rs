@@ -35,6 +35,7 @@ type HttpClient = HyperClient<HttpsConnector<HttpConnector>, Empty<Bytes>>;
 pub(crate) struct Transport {
     http: HttpClient,
     user_agent: HeaderValue,
+    pub(crate) metrics: Option<crate::metrics::UpstreamMetrics>,
 }
 
 fn tls_config(config: &Config) -> Result<rustls::ClientConfig> {
@@ -79,7 +80,7 @@ impl Transport {
             .build(https);
         let user_agent = HeaderValue::from_str(&config.user_agent)
             .map_err(|_| Error::Config { reason: "user_agent is not a valid header value".into() })?;
-        Ok(Transport { http, user_agent })
+        Ok(Transport { http, user_agent, metrics: None })
     }
 
     /// One request, no redirects, no auth logic. `host` labels errors.
@@ -104,7 +105,12 @@ impl Transport {
             .body(Empty::new())
             .map_err(|_| Error::Protocol { host: host.to_string(), reason: "cannot build request".into() })?;
         tracing::trace!(host, method = %method, path = url.path(), "upstream request");
-        self.http.request(req).await.map_err(|e| {
+        let started = std::time::Instant::now();
+        let answer = self.http.request(req).await;
+        if let Some(m) = &self.metrics {
+            m.observe(url.path(), answer.as_ref().ok().map(|r| r.status().as_u16()), started.elapsed().as_secs_f64());
+        }
+        answer.map_err(|e| {
             let connect = e.is_connect();
             let source: BoxError = Box::new(e);
             if connect {
