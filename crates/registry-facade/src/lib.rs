@@ -4,6 +4,7 @@
 pub mod app;
 pub mod backend;
 pub mod config;
+pub mod setup;
 
 pub use app::App;
 pub use config::Config;
