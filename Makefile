@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 CARGO ?= cargo
 
-.PHONY: run test deps build lint bench fmt
+.PHONY: run test deps build lint bench fmt fuzz fuzz-smoke
 
 deps:
 	@bash scripts/install-deps.sh
@@ -15,12 +15,38 @@ build: deps
 run: build
 	./target/release/demo --facade ./target/release/registry-facade
 
+# The facade side by side with a distribution pull-through cache, direct upstream and a minimal
+# copy server; prints the table of ratios and writes bench/RESULTS.md (BENCH_ARGS=--quick for a
+# smoke run).
+BENCH_ARGS ?=
+bench: build
+	$(CARGO) build --release --locked -p bench
+	./target/release/bench --facade ./target/release/registry-facade --out bench/RESULTS.md $(BENCH_ARGS)
+
 lint: deps
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
 test: lint
 	$(CARGO) test --workspace --locked --no-fail-fast
+	$(MAKE) fuzz-smoke
+
+# Every fuzz target (fuzz/fuzz_targets) for FUZZ_SECONDS each, from the committed seeds plus the
+# corpus it grew before. cargo-fuzz runs on stable without a sanitizer (-s none); a crash fails
+# the target and leaves the input under fuzz/artifacts/.
+FUZZ_SECONDS ?= 10
+FUZZ_TARGETS := references manifests range spec_json www_authenticate docker_config compose http_request
+fuzz-smoke: deps
+	cd fuzz && $(CARGO) fuzz build -s none -O
+	set -e; cd fuzz && for t in $(FUZZ_TARGETS); do \
+	  mkdir -p corpus/$$t; \
+	  $(CARGO) fuzz run -s none -O $$t corpus/$$t seeds/$$t -- -max_total_time=$(FUZZ_SECONDS) -print_final_stats=0 2>&1 | tail -n 1; \
+	  test $${PIPESTATUS[0]} -eq 0 || { echo "fuzz target $$t failed"; exit 1; }; \
+	done
+
+# Longer runs: `make fuzz FUZZ_SECONDS=600`.
+fuzz: FUZZ_SECONDS = 300
+fuzz: fuzz-smoke
 
 fmt:
 	$(CARGO) fmt --all

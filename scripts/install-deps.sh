@@ -26,3 +26,24 @@ if ! command -v cargo >/dev/null 2>&1; then
   fi
   exit 1
 fi
+
+# The e2e test of a spec server written by someone else generates Python gRPC stubs from proto/
+# with grpcio-tools and serves specs with grpcio.
+if ! python3 -c 'import grpc_tools, grpc' >/dev/null 2>&1; then
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    echo "install-deps: installing python3 and pip"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q >/dev/null
+    apt-get install -y -q --no-install-recommends python3 python3-pip >/dev/null
+  fi
+  echo "install-deps: installing grpcio-tools (python3, --user)"
+  # Debian's own python3 refuses user installs unless told that is intended.
+  python3 -m pip install --user --quiet --disable-pip-version-check grpcio-tools ||
+    python3 -m pip install --user --quiet --disable-pip-version-check --break-system-packages grpcio-tools
+fi
+
+# Fuzz targets (make test runs each briefly) are built with cargo-fuzz.
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "install-deps: installing cargo-fuzz"
+  cargo install cargo-fuzz --locked --quiet
+fi
