@@ -54,7 +54,7 @@ pub async fn serve_admin(
         let state = Arc::clone(&state);
         async move { Ok::<_, Infallible>(admin_response(&req, &state.0, &state.1)) }
     };
-    accept_loop(listener, builder, handler, shutdown, "admin").await
+    accept_loop(listener, builder, None, handler, shutdown, "admin").await
 }
 
 fn admin_response<RB>(req: &Request<RB>, registry: &Registry, readiness: &Readiness) -> Response<Body> {

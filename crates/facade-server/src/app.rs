@@ -1,19 +1,25 @@
-//! [`App`]: one request in, one response out. Routing, the header deadline, the common
-//! headers, HEAD body stripping and request metrics happen here, once for every route.
+//! [`App`]: one request in, one response out. Authentication, routing, the header deadline,
+//! the common headers, HEAD body stripping and request metrics happen here, once for every
+//! route.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use http::header::AUTHORIZATION;
 use http::request::Parts;
 use http::{HeaderValue, Method, Request, Response};
+use tokio_rustls::TlsAcceptor;
 
+use crate::auth::{AuthFailure, AuthFile, Authenticator};
 use crate::backend::Backend;
 use crate::body::Body;
-use crate::error::{self, Rejection, RequestContext};
+use crate::error::{self, Rejection, RequestContext, Result};
 use crate::handlers;
 use crate::headers;
 use crate::metrics::ServerMetrics;
+use crate::reload::PollFiles;
 use crate::router::{self, Route};
+use crate::tls::{Tls, TlsFiles};
 
 /// Knobs of the HTTP edge. `Default` gives production values.
 #[derive(Clone, Debug)]
@@ -32,6 +38,18 @@ pub struct ServerConfig {
     pub http1_header_read_timeout: Option<Duration>,
     /// Concurrent streams per HTTP/2 connection.
     pub h2_max_concurrent_streams: u32,
+    /// Serve HTTPS with this certificate (`registry.tls`); `None` serves plain HTTP.
+    pub tls: Option<TlsFiles>,
+    /// A TLS handshake that takes longer is dropped, so half-open clients cannot hold sockets.
+    pub tls_handshake_timeout: Duration,
+    /// Require Basic credentials from this htpasswd file (`registry.requireAuth`) on every
+    /// route of the registry listener, `/v2/` included; `None` lets everyone pull.
+    pub auth: Option<AuthFile>,
+    /// How long a successful credential check is remembered (bcrypt is slow on purpose).
+    pub auth_cache_ttl: Duration,
+    /// How often the TLS and htpasswd files are checked for changes while [`crate::serve`]
+    /// runs.
+    pub file_poll_interval: Duration,
 }
 
 impl Default for ServerConfig {
@@ -42,28 +60,94 @@ impl Default for ServerConfig {
             default_retry_after: Duration::from_secs(10),
             http1_header_read_timeout: Some(Duration::from_secs(30)),
             h2_max_concurrent_streams: 256,
+            tls: None,
+            tls_handshake_timeout: Duration::from_secs(10),
+            auth: None,
+            auth_cache_ttl: Duration::from_secs(300),
+            file_poll_interval: Duration::from_secs(1),
         }
     }
 }
 
-/// The request handler: stateless apart from the backend and the metrics.
+/// The request handler: stateless apart from the backend, the metrics and the files it follows
+/// (certificate, htpasswd).
 pub struct App<B> {
     config: ServerConfig,
     prefix: String,
     backend: Arc<B>,
     metrics: ServerMetrics,
+    tls: Option<Tls>,
+    auth: Option<Authenticator>,
 }
 
 impl<B: Backend> App<B> {
-    /// An app answering for `backend`.
+    /// An app answering for `backend`, loading the TLS and htpasswd files of `config` now.
+    ///
+    /// # Errors
+    ///
+    /// A configured file that cannot be read or used ([`crate::Error::ReadFile`],
+    /// `Certificate`, `PrivateKey`, `TlsKeyPair`, `Htpasswd`): the message names the file
+    /// (and line), so a binary can refuse to start with it.
+    pub fn try_new(config: ServerConfig, backend: Arc<B>, metrics: ServerMetrics) -> Result<Self> {
+        Self::build(config, backend, metrics, true)
+    }
+
+    /// Like [`App::try_new`], but never fails: a TLS or htpasswd file that cannot be loaded is
+    /// logged and the app fails closed until the file is fixed (TLS handshakes are refused;
+    /// with auth, every request gets 401). Prefer `try_new` wherever files are configured.
     pub fn new(config: ServerConfig, backend: Arc<B>, metrics: ServerMetrics) -> Self {
+        match Self::build(config.clone(), Arc::clone(&backend), metrics.clone(), false) {
+            Ok(app) => app,
+            // Lenient `build` fails only if rustls lacks TLS 1.2/1.3 (not in this build). The
+            // configured-but-absent state fails closed: `serve` refuses to start rather than
+            // serve plain HTTP, and `handle` refuses every request.
+            Err(e) => {
+                tracing::error!(error = %e, "cannot set up TLS or auth; refusing all clients");
+                let prefix = router::normalize_prefix(&config.prefix);
+                App { config, prefix, backend, metrics, tls: None, auth: None }
+            }
+        }
+    }
+
+    fn build(config: ServerConfig, backend: Arc<B>, metrics: ServerMetrics, strict: bool) -> Result<Self> {
         let prefix = router::normalize_prefix(&config.prefix);
-        App { config, prefix, backend, metrics }
+        let tls = match &config.tls {
+            Some(files) => Some(Tls::open(files, metrics.reload_counters("tls"), strict)?),
+            None => None,
+        };
+        let auth = match &config.auth {
+            Some(file) => {
+                Some(Authenticator::open(file, config.auth_cache_ttl, metrics.reload_counters("htpasswd"), strict)?)
+            }
+            None => None,
+        };
+        Ok(App { config, prefix, backend, metrics, tls, auth })
     }
 
     /// The configuration this app was built with.
     pub fn config(&self) -> &ServerConfig {
         &self.config
+    }
+
+    /// Whether [`crate::serve`] speaks TLS.
+    pub fn is_tls(&self) -> bool {
+        self.config.tls.is_some()
+    }
+
+    /// `Err` when TLS is configured but could not be set up at all.
+    pub(crate) fn tls_acceptor(&self) -> std::io::Result<Option<TlsAcceptor>> {
+        match (&self.config.tls, &self.tls) {
+            (None, _) => Ok(None),
+            (Some(_), Some(tls)) => Ok(Some(tls.acceptor())),
+            (Some(_), None) => Err(std::io::Error::other("TLS is configured but could not be set up")),
+        }
+    }
+
+    /// The files to poll for changes while serving.
+    pub(crate) fn watched_files(&self) -> Vec<Arc<dyn PollFiles>> {
+        let tls = self.tls.as_ref().map(Tls::poller);
+        let auth = self.auth.as_ref().map(Authenticator::poller);
+        tls.into_iter().chain(auth).collect()
     }
 
     /// Answers one request. Never fails: every problem becomes an OCI error response. The
@@ -95,7 +179,22 @@ impl<B: Backend> App<B> {
         })
     }
 
-    async fn dispatch(&self, route: Route<'_>, parts: &Parts) -> Result<Response<Body>, Rejection> {
+    /// With `requireAuth`, every route needs credentials, `/v2/` too: Docker clients learn
+    /// that a registry wants credentials only from a 401 on that first probe.
+    async fn authorize(&self, parts: &Parts) -> std::result::Result<(), Rejection> {
+        let verdict = match (&self.config.auth, &self.auth) {
+            (None, _) => return Ok(()),
+            (Some(_), Some(auth)) => auth.check(parts.headers.get(AUTHORIZATION)).await,
+            (Some(_), None) => Err(AuthFailure::Unavailable),
+        };
+        verdict.map_err(|reason| {
+            self.metrics.auth_failed(reason);
+            Rejection::Unauthorized { reason }
+        })
+    }
+
+    async fn dispatch(&self, route: Route<'_>, parts: &Parts) -> std::result::Result<Response<Body>, Rejection> {
+        self.authorize(parts).await?;
         let readable = parts.method == Method::GET || parts.method == Method::HEAD;
         match route {
             Route::NotFound => Err(Rejection::RouteNotFound),

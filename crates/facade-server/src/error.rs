@@ -2,6 +2,7 @@
 //! (status, OCI code, message, detail) here, is logged here once, and leaves as the
 //! distribution-spec envelope. Call sites only say *what* went wrong ([`Rejection`]).
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use facade_oci::{ErrorCode, ErrorEnvelope};
@@ -9,6 +10,7 @@ use http::header::{ALLOW, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RETRY_AFT
 use http::{HeaderValue, Method, Response, StatusCode};
 use serde_json::{Value, json};
 
+use crate::auth::AuthFailure;
 use crate::backend::{BackendError, ErrorKind};
 use crate::body::Body;
 use crate::headers;
@@ -25,6 +27,60 @@ pub enum Error {
         /// What prometheus said.
         #[source]
         source: prometheus::Error,
+    },
+    /// A configured file (certificate, key, htpasswd) cannot be read.
+    #[error("cannot read {path}")]
+    ReadFile {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The certificate file holds no usable PEM certificate.
+    #[error("bad TLS certificate file {path}: {reason}")]
+    Certificate {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The key file holds no usable PEM private key.
+    #[error("bad TLS key file {path}: {reason}")]
+    PrivateKey {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The certificate and key parse but cannot serve together (unsupported key type, a leaf
+    /// that is not X.509, or a key that is not the leaf's).
+    #[error("TLS certificate {cert} cannot be used with key {key}")]
+    TlsKeyPair {
+        /// The certificate file.
+        cert: PathBuf,
+        /// The key file.
+        key: PathBuf,
+        /// What rustls said.
+        #[source]
+        source: rustls::Error,
+    },
+    /// rustls refused the protocol setup (a build without TLS 1.2 or 1.3 support).
+    #[error("cannot set up TLS")]
+    TlsConfig {
+        /// What rustls said.
+        #[source]
+        source: rustls::Error,
+    },
+    /// A line of the htpasswd file cannot be used; the whole file is refused.
+    #[error("bad htpasswd file {path} line {line}: {reason}")]
+    Htpasswd {
+        /// The file.
+        path: PathBuf,
+        /// 1-based; 0 when the file as a whole is bad.
+        line: usize,
+        /// What is wrong; never contains a hash.
+        reason: String,
     },
     /// A response body was cut after its headers were sent (see `Body`).
     #[error("response aborted at byte {offset}: {reason}")]
@@ -46,6 +102,11 @@ pub type Result<T> = std::result::Result<T, Error>;
 #[derive(Debug)]
 pub(crate) enum Rejection {
     Backend(BackendError),
+    /// `requireAuth` is on and the request carries no valid credentials. Always 401, never
+    /// 403: Docker clients only retry with credentials after a 401 with a challenge.
+    Unauthorized {
+        reason: AuthFailure,
+    },
     /// The repository name breaks the grammar or the length limit.
     NameInvalid {
         reason: String,
@@ -152,6 +213,16 @@ fn map(rejection: &Rejection, route: RouteLabel) -> Mapped {
     use Rejection as R;
     match rejection {
         R::Backend(e) => map_backend(e),
+        R::Unauthorized { reason } => {
+            let message = match reason {
+                AuthFailure::Missing => "authentication required",
+                AuthFailure::Malformed => "malformed Authorization header: Basic credentials expected",
+                // One message for both: the answer must not tell which user names exist.
+                AuthFailure::UnknownUser | AuthFailure::WrongPassword => "invalid username or password",
+                AuthFailure::Unavailable => "credentials cannot be checked now",
+            };
+            mapped(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, message)
+        }
         R::NameInvalid { reason } => Mapped {
             detail: json!({ "reason": reason }),
             ..mapped(StatusCode::BAD_REQUEST, ErrorCode::NameInvalid, "invalid repository name")
@@ -234,6 +305,9 @@ pub(crate) fn respond(rejection: Rejection, ctx: &RequestContext, default_retry_
         h.insert(CONTENT_TYPE, HeaderValue::from_static(headers::JSON));
     }
     match &rejection {
+        Rejection::Unauthorized { .. } => {
+            h.insert(WWW_AUTHENTICATE, HeaderValue::from_static(headers::BASIC_CHALLENGE));
+        }
         Rejection::MethodNotAllowed => {
             h.insert(ALLOW, HeaderValue::from_static(headers::ALLOWED_METHODS));
         }
@@ -368,6 +442,13 @@ mod tests {
     fn routing_rejections() {
         let cases = [
             (Rejection::TagInvalid, RouteLabel::Manifest, 404, Some("MANIFEST_UNKNOWN")),
+            (Rejection::Unauthorized { reason: AuthFailure::Missing }, RouteLabel::Base, 401, Some("UNAUTHORIZED")),
+            (
+                Rejection::Unauthorized { reason: AuthFailure::WrongPassword },
+                RouteLabel::Blob,
+                401,
+                Some("UNAUTHORIZED"),
+            ),
             (Rejection::NoWorkspace, RouteLabel::Manifest, 404, Some("MANIFEST_UNKNOWN")),
             (Rejection::NoWorkspace, RouteLabel::Blob, 404, Some("BLOB_UNKNOWN")),
             (Rejection::ManifestPut, RouteLabel::Manifest, 400, Some("UNSUPPORTED")),

@@ -1,8 +1,10 @@
 //! The HTTP edge of registry-facade: the pull side of the OCI distribution API.
 //!
-//! Owns the hyper server (HTTP/1.1 and h2c), path parsing, the `/v2/`, manifest and blob
-//! handlers (HEAD semantics, Range/206/416, redirects), the **single** error → OCI response edge
-//! (`error.rs`), request metrics and the admin listener (`/metrics`, `/ready`, `/live`).
+//! Owns the hyper server (HTTP/1.1 and h2c, or HTTPS with a certificate that is re-read when
+//! its files change), `requireAuth` (Basic credentials against a bcrypt htpasswd file, also
+//! re-read on change), path parsing, the `/v2/`, manifest and blob handlers (HEAD semantics,
+//! Range/206/416, redirects), the **single** error → OCI response edge (`error.rs`), request
+//! metrics and the admin listener (`/metrics`, `/ready`, `/live`; never authenticated).
 //!
 //! It deliberately does not compose images, talk to spec providers or fetch blobs: every
 //! request that needs content goes through the [`Backend`] trait, which another crate implements
@@ -11,6 +13,7 @@
 
 mod admin;
 mod app;
+mod auth;
 mod backend;
 mod body;
 mod error;
@@ -18,11 +21,14 @@ mod handlers;
 pub mod headers;
 mod metrics;
 mod range;
+mod reload;
 mod router;
 mod serve;
+mod tls;
 
 pub use admin::{Readiness, serve_admin};
 pub use app::{App, ServerConfig};
+pub use auth::AuthFile;
 pub use backend::{
     Backend, BackendError, BlobBody, BlobContent, BlobOpener, BlobRequest, BlobStream, ByteRange, ErrorKind,
     ManifestBody, ManifestRequest, OpenFuture,
@@ -32,3 +38,4 @@ pub use error::{Error, Result};
 pub use metrics::ServerMetrics;
 pub use range::{RangeOutcome, parse_range};
 pub use serve::serve;
+pub use tls::TlsFiles;

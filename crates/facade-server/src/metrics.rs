@@ -4,7 +4,9 @@
 use http::{Method, StatusCode};
 use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
+use crate::auth::AuthFailure;
 use crate::error::{Error, Result};
+use crate::reload::ReloadCounters;
 use crate::router::RouteLabel;
 
 /// Why a response body ended before its `Content-Length`.
@@ -45,7 +47,12 @@ pub struct ServerMetrics {
     inflight: IntGaugeVec,
     aborted: IntCounterVec,
     response_bytes: IntCounterVec,
+    auth_failures: IntCounterVec,
+    file_reloads: IntCounterVec,
 }
+
+/// The `file` label values of `registry_facade_file_reloads_total`.
+const RELOADED_FILES: [&str; 2] = ["tls", "htpasswd"];
 
 impl ServerMetrics {
     /// Creates the metrics and registers them in `registry`. Every route and abort reason is
@@ -83,6 +90,19 @@ impl ServerMetrics {
             &["route"],
         )
         .map_err(|e| metric_error("registry_facade_http_response_bytes_total", e))?;
+        let auth_failures = IntCounterVec::new(
+            Opts::new("registry_facade_auth_failures_total", "Requests refused by requireAuth"),
+            &["reason"],
+        )
+        .map_err(|e| metric_error("registry_facade_auth_failures_total", e))?;
+        let file_reloads = IntCounterVec::new(
+            Opts::new(
+                "registry_facade_file_reloads_total",
+                "Re-reads of changed TLS or htpasswd files; on error the previous version stays",
+            ),
+            &["file", "outcome"],
+        )
+        .map_err(|e| metric_error("registry_facade_file_reloads_total", e))?;
 
         for (name, collector) in [
             ("registry_facade_http_requests_total", Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>),
@@ -90,6 +110,8 @@ impl ServerMetrics {
             ("registry_facade_inflight_requests", Box::new(inflight.clone())),
             ("registry_facade_response_aborted_total", Box::new(aborted.clone())),
             ("registry_facade_http_response_bytes_total", Box::new(response_bytes.clone())),
+            ("registry_facade_auth_failures_total", Box::new(auth_failures.clone())),
+            ("registry_facade_file_reloads_total", Box::new(file_reloads.clone())),
         ] {
             registry.register(collector).map_err(|e| metric_error(name, e))?;
         }
@@ -105,7 +127,27 @@ impl ServerMetrics {
         for reason in AbortReason::ALL {
             aborted.with_label_values(&[reason.as_str()]);
         }
-        Ok(ServerMetrics { requests, duration, inflight, aborted, response_bytes })
+        for reason in AuthFailure::ALL {
+            auth_failures.with_label_values(&[reason.as_str()]);
+        }
+        for file in RELOADED_FILES {
+            for outcome in ["ok", "error"] {
+                file_reloads.with_label_values(&[file, outcome]);
+            }
+        }
+        Ok(ServerMetrics { requests, duration, inflight, aborted, response_bytes, auth_failures, file_reloads })
+    }
+
+    pub(crate) fn auth_failed(&self, reason: AuthFailure) {
+        self.auth_failures.with_label_values(&[reason.as_str()]).inc();
+    }
+
+    /// `file` is one of [`RELOADED_FILES`].
+    pub(crate) fn reload_counters(&self, file: &'static str) -> ReloadCounters {
+        ReloadCounters {
+            ok: self.file_reloads.with_label_values(&[file, "ok"]),
+            error: self.file_reloads.with_label_values(&[file, "error"]),
+        }
     }
 
     pub(crate) fn observe_response(&self, route: RouteLabel, method: &Method, status: StatusCode, seconds: f64) {
@@ -201,6 +243,8 @@ mod tests {
             "registry_facade_inflight_requests",
             "registry_facade_response_aborted_total",
             "registry_facade_http_response_bytes_total",
+            "registry_facade_auth_failures_total",
+            "registry_facade_file_reloads_total",
         ] {
             assert!(text.contains(name), "{name} missing");
         }

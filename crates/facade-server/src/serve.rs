@@ -1,4 +1,5 @@
-//! Accept loop with graceful drain, shared by the registry and the admin listener.
+//! Accept loop with graceful drain, shared by the registry and the admin listener; TLS
+//! termination for the registry listener.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -9,25 +10,45 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::app::App;
 use crate::backend::Backend;
 use crate::body::Body;
+use crate::reload;
 
-/// Serves `app` on `listener` over HTTP/1.1 (keep-alive) and h2c (prior knowledge) until
-/// `shutdown` is cancelled. Then it stops accepting, asks every connection to finish its
-/// in-flight requests (idle keep-alive connections close at once) and returns when all have
-/// closed. It waits as long as that takes: the caller bounds the wait (e.g. with a timeout
-/// around this future) and drops it to abort the rest.
+/// Serves `app` on `listener` until `shutdown` is cancelled: HTTP/1.1 (keep-alive) and h2c
+/// (prior knowledge), or — with `tls` configured — HTTPS with ALPN `h2`/`http/1.1`. While it
+/// runs, the configured certificate and htpasswd files are polled and re-read when they change.
+///
+/// On `shutdown` it stops accepting, asks every connection to finish its in-flight requests
+/// (idle keep-alive connections close at once) and returns when all have closed. It waits as
+/// long as that takes: the caller bounds the wait (e.g. with a timeout around this future) and
+/// drops it to abort the rest.
+///
+/// # Errors
+///
+/// Only when TLS is configured but could not be set up at all (an app from [`App::new`] whose
+/// certificate setup failed): it then refuses to serve rather than speak plain HTTP.
 pub async fn serve<B: Backend>(
     listener: TcpListener,
     app: Arc<App<B>>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let tls =
+        app.tls_acceptor()?.map(|acceptor| TlsTermination { acceptor, timeout: app.config().tls_handshake_timeout });
+    let files = app.watched_files();
+    // Dropping `serve` (the caller's drain deadline) stops the polling too.
+    let _poller = (!files.is_empty()).then(|| {
+        let interval = app.config().file_poll_interval;
+        AbortOnDropHandle::new(tokio::spawn(reload::watch(files, interval, shutdown.clone())))
+    });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -39,13 +60,21 @@ pub async fn serve<B: Backend>(
         let app = Arc::clone(&app);
         async move { Ok::<_, Infallible>(app.handle(req).await) }
     };
-    accept_loop(listener, builder, handler, shutdown, "registry").await
+    accept_loop(listener, builder, tls, handler, shutdown, "registry").await
+}
+
+/// TLS termination of a listener.
+#[derive(Clone)]
+pub(crate) struct TlsTermination {
+    acceptor: TlsAcceptor,
+    timeout: Duration,
 }
 
 /// Runs until `shutdown`, then drains. `handler` is cloned per connection.
 pub(crate) async fn accept_loop<H, F>(
     listener: TcpListener,
     builder: auto::Builder<TokioExecutor>,
+    tls: Option<TlsTermination>,
     handler: H,
     shutdown: CancellationToken,
     which: &'static str,
@@ -54,6 +83,7 @@ where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
+    let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     // Connection tasks live in a set so that dropping this future (the caller's drain deadline
     // passed) aborts them instead of leaving them detached.
@@ -81,11 +111,18 @@ where
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(listener = which, %peer, error = %e, "cannot set TCP_NODELAY");
         }
-        let conn = builder.serve_connection(TokioIo::new(stream), service_fn(handler.clone()));
-        let conn = graceful.watch(conn.into_owned());
+        // The handshake runs in the connection's task: a slow client must not hold up accept.
+        // The watcher is taken now, so a shutdown during the handshake still reaches the
+        // connection once it is served.
+        let (builder, handler, watcher, tls) = (Arc::clone(&builder), handler.clone(), graceful.watcher(), tls.clone());
         connections.spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(listener = which, %peer, error = %e, "connection ended with an error");
+            let Some(tls) = tls else {
+                return serve_connection(&builder, stream, handler, watcher, which, peer).await;
+            };
+            match tokio::time::timeout(tls.timeout, tls.acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => serve_connection(&builder, stream, handler, watcher, which, peer).await,
+                Ok(Err(e)) => tracing::debug!(listener = which, %peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(listener = which, %peer, "TLS handshake timed out"),
             }
         });
     }
@@ -94,4 +131,22 @@ where
     graceful.shutdown().await;
     while connections.join_next().await.is_some() {}
     Ok(())
+}
+
+async fn serve_connection<I, H, F>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    handler: H,
+    watcher: Watcher,
+    which: &'static str,
+    peer: std::net::SocketAddr,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
+    F: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+{
+    let conn = builder.serve_connection(TokioIo::new(io), service_fn(handler));
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(listener = which, %peer, error = %e, "connection ended with an error");
+    }
 }

@@ -2,6 +2,8 @@
 //! harness driven by a real hyper client.
 #![allow(dead_code)]
 
+pub mod tls;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -80,9 +82,13 @@ impl MemBackend {
     }
 
     pub fn add_manifest(&mut self, id: &str, tag: &str, bytes: &'static [u8], media_type: &str) {
-        let digest = Digest::sha256_of(bytes).to_string();
+        self.add_manifest_bytes(id, tag, Bytes::from_static(bytes), media_type);
+    }
+
+    pub fn add_manifest_bytes(&mut self, id: &str, tag: &str, bytes: Bytes, media_type: &str) {
+        let digest = Digest::sha256_of(&bytes).to_string();
         for key in [tag.to_string(), digest] {
-            self.manifests.insert((id.to_string(), key), (Bytes::from_static(bytes), media_type.to_string()));
+            self.manifests.insert((id.to_string(), key), (bytes.clone(), media_type.to_string()));
         }
     }
 
@@ -216,6 +222,7 @@ pub struct TestServer {
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub backend: Arc<MemBackend>,
+    pub registry: prometheus::Registry,
     pub readiness: Readiness,
     pub shutdown: CancellationToken,
     pub task: tokio::task::JoinHandle<std::io::Result<()>>,
@@ -224,18 +231,55 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(config: ServerConfig, backend: MemBackend) -> Self {
+        Self::try_start(config, backend).await.unwrap()
+    }
+
+    /// Builds the app with [`App::try_new`]: a bad TLS or htpasswd file is an error.
+    pub async fn try_start(config: ServerConfig, backend: MemBackend) -> Result<Self, facade_server::Error> {
         let registry = prometheus::Registry::new();
         let metrics = ServerMetrics::register(&registry).unwrap();
         let backend = Arc::new(backend);
-        let app = Arc::new(App::new(config, Arc::clone(&backend), metrics));
+        let app = App::try_new(config, Arc::clone(&backend), metrics)?;
+        Ok(Self::serve(app, backend, registry).await)
+    }
+
+    /// Builds the app with the lenient [`App::new`].
+    pub async fn start_lenient(config: ServerConfig, backend: MemBackend) -> Self {
+        let registry = prometheus::Registry::new();
+        let metrics = ServerMetrics::register(&registry).unwrap();
+        let backend = Arc::new(backend);
+        let app = App::new(config, Arc::clone(&backend), metrics);
+        Self::serve(app, backend, registry).await
+    }
+
+    async fn serve(app: App<MemBackend>, backend: Arc<MemBackend>, registry: prometheus::Registry) -> Self {
+        let app = Arc::new(app);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (addr, admin_addr) = (listener.local_addr().unwrap(), admin.local_addr().unwrap());
         let shutdown = CancellationToken::new();
         let readiness = Readiness::new();
         let task = tokio::spawn(facade_server::serve(listener, app, shutdown.clone()));
-        let admin_task = tokio::spawn(facade_server::serve_admin(admin, registry, readiness.clone(), shutdown.clone()));
-        TestServer { addr, admin_addr, backend, readiness, shutdown, task, admin_task }
+        let admin_task =
+            tokio::spawn(facade_server::serve_admin(admin, registry.clone(), readiness.clone(), shutdown.clone()));
+        TestServer { addr, admin_addr, backend, registry, readiness, shutdown, task, admin_task }
+    }
+
+    /// The value of one counter series, e.g. `("registry_facade_auth_failures_total",
+    /// &[("reason", "missing")])`; 0 when absent.
+    pub fn counter(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
+        for family in self.registry.gather() {
+            if family.name() != name {
+                continue;
+            }
+            for m in family.get_metric() {
+                let pairs = m.get_label();
+                if labels.iter().all(|(k, v)| pairs.iter().any(|p| p.name() == *k && p.value() == *v)) {
+                    return m.get_counter().get_value() as u64;
+                }
+            }
+        }
+        0
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -1,0 +1,352 @@
+//! `requireAuth`: HTTP Basic credentials checked against a bcrypt htpasswd file, which is
+//! re-read when it changes (see `reload.rs`).
+//!
+//! bcrypt costs 50–100 ms of CPU per check by design, and one pull is dozens of requests, so a
+//! successful check is remembered for a few minutes, keyed by (file version, user, SHA-256 of
+//! the password): the password itself is never kept, and editing the file forgets every
+//! remembered check. Checks run on the blocking pool, a few at a time, so a flood of wrong
+//! passwords cannot starve the async workers that stream blobs.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use http::HeaderValue;
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+
+use crate::error::{Error, Result};
+use crate::reload::{self, Load, PollFiles, ReloadCounters, Watched};
+
+/// The htpasswd file that `requireAuth` checks credentials against.
+///
+/// One `user:hash` per line; blank lines and lines starting with `#` are ignored. Only bcrypt
+/// hashes (`$2y$`, `$2b$`, `$2a$`, as written by `htpasswd -B`) are accepted: a file with any
+/// other hash (Apache MD5, SHA-1, crypt) is refused as a whole, naming the line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuthFile {
+    /// Path of the file; followed through symlinks on every reload.
+    pub htpasswd: PathBuf,
+}
+
+/// Why a request was refused; the bounded `reason` label of
+/// `registry_facade_auth_failures_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum AuthFailure {
+    /// No `Authorization` header: every Docker client's first request, answered with the
+    /// challenge.
+    Missing,
+    /// Not `Basic`, not base64, or no `user:password` inside.
+    Malformed,
+    UnknownUser,
+    WrongPassword,
+    /// No user list was ever loaded, or the check itself failed.
+    Unavailable,
+}
+
+impl AuthFailure {
+    pub(crate) const ALL: [AuthFailure; 5] = [
+        AuthFailure::Missing,
+        AuthFailure::Malformed,
+        AuthFailure::UnknownUser,
+        AuthFailure::WrongPassword,
+        AuthFailure::Unavailable,
+    ];
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            AuthFailure::Missing => "missing",
+            AuthFailure::Malformed => "malformed",
+            AuthFailure::UnknownUser => "unknown_user",
+            AuthFailure::WrongPassword => "wrong_password",
+            AuthFailure::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// Remembered successful checks at most; past it expired entries go, then all of them.
+const MAX_REMEMBERED: usize = 1024;
+
+/// Distinguishes loaded versions of the file, so remembered checks die with their version.
+static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
+
+/// One loaded version of the htpasswd file.
+#[derive(Debug)]
+pub(crate) struct Htpasswd {
+    generation: u64,
+    users: HashMap<String, String>,
+}
+
+impl Htpasswd {
+    pub(crate) fn parse(path: &Path, text: &str) -> Result<Self> {
+        let mut users = HashMap::new();
+        for (i, raw) in text.lines().enumerate() {
+            let line = raw.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let bad = |reason: String| Error::Htpasswd { path: path.to_path_buf(), line: i + 1, reason };
+            let Some((user, hash)) = line.split_once(':') else {
+                return Err(bad("expected `user:hash`".into()));
+            };
+            if user.is_empty() {
+                return Err(bad("empty user name".into()));
+            }
+            check_hash(hash).map_err(|why| bad(format!("user {user:?}: {why}")))?;
+            if users.insert(user.to_string(), hash.to_string()).is_some() {
+                return Err(bad(format!("user {user:?} appears twice")));
+            }
+        }
+        if users.is_empty() {
+            tracing::warn!(path = %path.display(), "htpasswd file has no users: every request will be refused");
+        }
+        Ok(Htpasswd { generation: NEXT_GENERATION.fetch_add(1, Ordering::Relaxed), users })
+    }
+
+    /// The bcrypt check. Blocking and slow on purpose.
+    fn verify(&self, user: &str, password: &[u8]) -> std::result::Result<(), AuthFailure> {
+        let Some(hash) = self.users.get(user) else {
+            // The same work as for a known user: response time must not tell which names exist.
+            if let Some(any) = self.users.values().next() {
+                let _ignored = bcrypt::verify(password, any);
+            }
+            return Err(AuthFailure::UnknownUser);
+        };
+        match bcrypt::verify(password, hash) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(AuthFailure::WrongPassword),
+            Err(e) => {
+                tracing::warn!(user, error = %e, "bcrypt check failed");
+                Err(AuthFailure::Unavailable)
+            }
+        }
+    }
+}
+
+/// Why a hash is refused, for the error line; never echoes the hash.
+fn check_hash(hash: &str) -> std::result::Result<(), String> {
+    const ONLY: &str = "only bcrypt ($2y$, $2b$, $2a$; `htpasswd -B`) is supported";
+    if !["$2y$", "$2b$", "$2a$"].iter().any(|p| hash.starts_with(p)) {
+        let what = if hash.starts_with("$apr1$") {
+            "Apache MD5 ($apr1$) hash"
+        } else if hash.starts_with("{SHA}") {
+            "SHA-1 ({SHA}) hash"
+        } else if hash.starts_with("$1$") || hash.starts_with("$5$") || hash.starts_with("$6$") {
+            "crypt(3) hash"
+        } else if hash.starts_with("$2x$") {
+            "bcrypt $2x$ hash (the buggy variant)"
+        } else {
+            "unrecognized hash"
+        };
+        return Err(format!("{what}; {ONLY}"));
+    }
+    bcrypt::HashParts::from_str(hash).map(drop).map_err(|e| format!("malformed bcrypt hash ({e})"))
+}
+
+struct HtpasswdFile {
+    path: PathBuf,
+}
+
+impl Load for HtpasswdFile {
+    type Item = Htpasswd;
+    const KIND: &'static str = "htpasswd";
+
+    fn paths(&self) -> Vec<&Path> {
+        vec![&self.path]
+    }
+
+    fn load(&self) -> Result<Htpasswd> {
+        let bytes = reload::read(&self.path)?;
+        let text = String::from_utf8(bytes).map_err(|e| Error::Htpasswd {
+            path: self.path.clone(),
+            line: 0,
+            reason: format!("not UTF-8 ({e})"),
+        })?;
+        Htpasswd::parse(&self.path, &text)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct CheckKey {
+    generation: u64,
+    user: String,
+    password_sha256: [u8; 32],
+}
+
+/// Checks `Authorization` headers against the current htpasswd file.
+pub(crate) struct Authenticator {
+    file: Arc<Watched<HtpasswdFile>>,
+    /// Successful checks → when they stop counting.
+    remembered: Mutex<HashMap<CheckKey, Instant>>,
+    remember_for: Duration,
+    bcrypt_slots: Semaphore,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticator").field("file", &self.file).finish_non_exhaustive()
+    }
+}
+
+impl Authenticator {
+    /// Loads the file now; `strict` makes a bad file an error instead of refusing everyone.
+    pub(crate) fn open(
+        file: &AuthFile,
+        remember_for: Duration,
+        counters: ReloadCounters,
+        strict: bool,
+    ) -> Result<Self> {
+        let watched = Watched::open(HtpasswdFile { path: file.htpasswd.clone() }, counters, strict)?;
+        let slots = std::thread::available_parallelism().map_or(2, std::num::NonZero::get).max(2);
+        Ok(Authenticator {
+            file: Arc::new(watched),
+            remembered: Mutex::new(HashMap::new()),
+            remember_for,
+            bcrypt_slots: Semaphore::new(slots),
+        })
+    }
+
+    pub(crate) fn poller(&self) -> Arc<dyn PollFiles> {
+        Arc::clone(&self.file) as Arc<dyn PollFiles>
+    }
+
+    /// `Ok` when `authorization` carries a user and password of the current file.
+    pub(crate) async fn check(&self, authorization: Option<&HeaderValue>) -> std::result::Result<(), AuthFailure> {
+        let header = authorization.ok_or(AuthFailure::Missing)?;
+        let (user, password) = parse_basic(header.as_bytes()).ok_or(AuthFailure::Malformed)?;
+        let table = self.file.current().ok_or(AuthFailure::Unavailable)?;
+        let key = CheckKey {
+            generation: table.generation,
+            user: user.clone(),
+            password_sha256: Sha256::digest(&password).into(),
+        };
+        if self.is_remembered(&key) {
+            return Ok(());
+        }
+        let _slot = self.bcrypt_slots.acquire().await.map_err(|_closed| AuthFailure::Unavailable)?;
+        let verdict = tokio::task::spawn_blocking(move || table.verify(&user, &password))
+            .await
+            .map_err(|_panicked| AuthFailure::Unavailable)?;
+        verdict?;
+        self.remember(key);
+        Ok(())
+    }
+
+    fn is_remembered(&self, key: &CheckKey) -> bool {
+        let remembered = self.remembered.lock().unwrap_or_else(PoisonError::into_inner);
+        remembered.get(key).is_some_and(|until| *until > Instant::now())
+    }
+
+    fn remember(&self, key: CheckKey) {
+        let now = Instant::now();
+        let mut remembered = self.remembered.lock().unwrap_or_else(PoisonError::into_inner);
+        if remembered.len() >= MAX_REMEMBERED {
+            remembered.retain(|k, until| *until > now && k.generation == key.generation);
+            if remembered.len() >= MAX_REMEMBERED {
+                remembered.clear();
+            }
+        }
+        remembered.insert(key, now + self.remember_for);
+    }
+}
+
+/// `Basic base64(user:password)` → (user, password). The password may contain `:`.
+fn parse_basic(value: &[u8]) -> Option<(String, Vec<u8>)> {
+    let text = std::str::from_utf8(value).ok()?.trim();
+    let (scheme, encoded) = text.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = STANDARD.decode(encoded.trim()).ok()?;
+    let colon = decoded.iter().position(|&b| b == b':')?;
+    let user = String::from_utf8(decoded[..colon].to_vec()).ok()?;
+    if user.is_empty() {
+        return None;
+    }
+    Some((user, decoded[colon + 1..].to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Cost 4, the minimum: these tests are about parsing, not strength.
+    fn hash(password: &str) -> String {
+        bcrypt::hash(password, 4).unwrap()
+    }
+
+    #[test]
+    fn parses_bcrypt_lines_and_skips_comments() {
+        let text = format!("# users\n\nalice:{}\r\n  bob:{}  \n", hash("a"), hash("b").replacen("$2b$", "$2y$", 1));
+        let h = Htpasswd::parse(Path::new("f"), &text).unwrap();
+        assert_eq!(h.users.len(), 2);
+        assert_eq!(h.verify("alice", b"a"), Ok(()));
+        assert_eq!(h.verify("bob", b"b"), Ok(()), "$2y$ is the same algorithm");
+        assert_eq!(h.verify("alice", b"b"), Err(AuthFailure::WrongPassword));
+        assert_eq!(h.verify("carol", b"a"), Err(AuthFailure::UnknownUser));
+        let again = Htpasswd::parse(Path::new("f"), &text).unwrap();
+        assert_ne!(h.generation, again.generation);
+    }
+
+    #[test]
+    fn refuses_other_hash_formats_naming_the_line() {
+        let cases = [
+            ("alice:$apr1$abc$def", "Apache MD5"),
+            ("alice:{SHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g=", "SHA-1"),
+            ("alice:$6$salt$hash", "crypt(3)"),
+            ("alice:plaintext", "unrecognized"),
+            ("alice:$2y$10$tooshort", "malformed bcrypt"),
+            ("alice", "user:hash"),
+            (":$2y$", "empty user"),
+        ];
+        for (line, want) in cases {
+            let text = format!("# c\n{line}\n");
+            let e = Htpasswd::parse(Path::new("/etc/htpasswd"), &text).unwrap_err().to_string();
+            assert!(e.contains("/etc/htpasswd") && e.contains("line 2") && e.contains(want), "{line}: {e}");
+            assert!(!e.contains("W6ph5"), "never echoes a hash: {e}");
+        }
+        let dup = format!("a:{h}\na:{h}\n", h = hash("x"));
+        assert!(Htpasswd::parse(Path::new("f"), &dup).unwrap_err().to_string().contains("twice"));
+    }
+
+    #[test]
+    fn parses_basic_credentials() {
+        let enc = |s: &str| format!("Basic {}", STANDARD.encode(s));
+        assert_eq!(parse_basic(enc("u:p:w").as_bytes()), Some(("u".into(), b"p:w".to_vec())));
+        assert_eq!(parse_basic(enc("u:").as_bytes()), Some(("u".into(), Vec::new())));
+        assert_eq!(parse_basic(format!("basic  {}", STANDARD.encode("u:p")).as_bytes()).map(|c| c.0), Some("u".into()));
+        for bad in [enc("nocolon"), enc(":p"), "Bearer abc".into(), "Basic !!!".into(), "Basic".into(), String::new()] {
+            assert_eq!(parse_basic(bad.as_bytes()), None, "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn remembers_success_per_file_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("htpasswd");
+        std::fs::write(&path, format!("alice:{}\n", hash("right"))).unwrap();
+        let counters = ReloadCounters {
+            ok: prometheus::IntCounter::new("ok", "ok").unwrap(),
+            error: prometheus::IntCounter::new("err", "err").unwrap(),
+        };
+        let auth =
+            Authenticator::open(&AuthFile { htpasswd: path.clone() }, Duration::from_secs(60), counters, true).unwrap();
+        let basic = |creds: &str| HeaderValue::try_from(format!("Basic {}", STANDARD.encode(creds))).unwrap();
+        assert_eq!(auth.check(None).await, Err(AuthFailure::Missing));
+        assert_eq!(auth.check(Some(&basic("alice:wrong"))).await, Err(AuthFailure::WrongPassword));
+        assert_eq!(auth.check(Some(&basic("alice:right"))).await, Ok(()));
+        assert_eq!(auth.remembered.lock().unwrap().len(), 1, "only successes are remembered");
+        assert_eq!(auth.check(Some(&basic("alice:right"))).await, Ok(()));
+
+        // A new version (alice's password changed) must not honour the remembered check.
+        std::fs::write(&path, format!("alice:{}\n# changed\n", hash("new"))).unwrap();
+        auth.poller().poll();
+        assert_eq!(auth.check(Some(&basic("alice:right"))).await, Err(AuthFailure::WrongPassword));
+        assert_eq!(auth.check(Some(&basic("alice:new"))).await, Ok(()));
+    }
+}
