@@ -52,7 +52,14 @@ impl Error {
     /// means to the facade; callers never match on codes themselves.
     pub fn from_status(provider: &str, endpoint: &str, id: &str, status: &tonic::Status) -> Error {
         use tonic::Code;
-        let reason = || format!("{endpoint}: {:?}: {}", status.code(), status.message());
+        let reason = || {
+            // Transport failures carry a bare "transport error"; the cause (refused, TLS alert)
+            // is in the source chain.
+            match std::error::Error::source(status) {
+                Some(cause) => format!("{endpoint}: {:?}: {}: {}", status.code(), status.message(), error_chain(cause)),
+                None => format!("{endpoint}: {:?}: {}", status.code(), status.message()),
+            }
+        };
         match status.code() {
             Code::NotFound => Error::NotFound { provider: provider.to_string(), id: id.to_string() },
             // A spec server that finds the id malformed has no such workspace either; answering
@@ -84,6 +91,19 @@ impl Error {
     }
 }
 
+/// An error with its causes, `: `-separated (tonic's transport errors say "transport error" at
+/// the top; what happened is further down).
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 /// Result alias of this crate.
 pub type Result<T> = std::result::Result<T, Error>;
 
@@ -99,7 +119,10 @@ mod tests {
     #[test]
     fn not_found_and_invalid_argument_mean_no_such_workspace() {
         for code in [Code::NotFound, Code::InvalidArgument] {
-            assert!(matches!(map(code), Error::NotFound { ref provider, ref id } if provider == "remote" && id == "ws"), "{code:?}");
+            assert!(
+                matches!(map(code), Error::NotFound { ref provider, ref id } if provider == "remote" && id == "ws"),
+                "{code:?}"
+            );
             assert!(!map(code).is_retryable());
         }
     }

@@ -53,10 +53,7 @@ impl FixedSpecProvider {
 impl SpecProvider for FixedSpecProvider {
     fn get_spec<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<ImageSpec>> {
         Box::pin(async move {
-            self.specs
-                .get(id)
-                .cloned()
-                .ok_or_else(|| Error::NotFound { provider: "fixed".into(), id: id.to_string() })
+            self.specs.get(id).cloned().ok_or_else(|| Error::NotFound { provider: "fixed".into(), id: id.to_string() })
         })
     }
 }

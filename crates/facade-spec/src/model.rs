@@ -150,11 +150,17 @@ impl ImageSpec {
                     let size = match r.size {
                         None => 0,
                         Some(JsonInt::Num(n)) => n,
-                        Some(JsonInt::Str(s)) => s
-                            .parse::<i64>()
-                            .map_err(|_| invalid(id, format!("contentLayer[{i}].remote.size {s:?} is not an integer")))?,
+                        Some(JsonInt::Str(s)) => s.parse::<i64>().map_err(|_| {
+                            invalid(id, format!("contentLayer[{i}].remote.size {s:?} is not an integer"))
+                        })?,
                     };
-                    Ok(RawLayer::Remote { url: r.url, digest: r.digest, diff_id: r.diff_id, media_type: r.media_type, size })
+                    Ok(RawLayer::Remote {
+                        url: r.url,
+                        digest: r.digest,
+                        diff_id: r.diff_id,
+                        media_type: r.media_type,
+                        size,
+                    })
                 }
                 (None, Some(d)) => {
                     let content = decode_base64(&d.content)
@@ -225,7 +231,10 @@ fn validate(
                 if (compression == Compression::None) != (diff_id == digest) {
                     return Err(invalid(
                         id,
-                        format!("{}: an uncompressed layer's diffId equals its digest, a compressed one's does not", field("diffId")),
+                        format!(
+                            "{}: an uncompressed layer's diffId equals its digest, a compressed one's does not",
+                            field("diffId")
+                        ),
                     ));
                 }
                 let size = u64::try_from(size).map_err(|_| invalid(id, format!("{} is negative", field("size"))))?;
@@ -335,9 +344,18 @@ mod tests {
             (json!({"baseRef": "a", "bogus": 1}), "bogus"),
             (json!({"baseRef": "a", "contentLayer": [{}]}), "contentLayer[0]"),
             (json!({"baseRef": "a", "contentLayer": [{"remote": {"url": "file:///etc/passwd", "digest": D1}}]}), "url"),
-            (json!({"baseRef": "a", "contentLayer": [{"remote": {"url": "https://x", "digest": "sha256:x"}}]}), "digest"),
-            (json!({"baseRef": "a", "contentLayer": [{"remote": {"url": "https://x", "digest": D1, "size": -1}}]}), "size"),
-            (json!({"baseRef": "a", "contentLayer": [{"remote": {"url": "https://x", "digest": D1, "diffId": D2, "mediaType": "application/vnd.oci.image.layer.v1.tar"}}]}), "diffId"),
+            (
+                json!({"baseRef": "a", "contentLayer": [{"remote": {"url": "https://x", "digest": "sha256:x"}}]}),
+                "digest",
+            ),
+            (
+                json!({"baseRef": "a", "contentLayer": [{"remote": {"url": "https://x", "digest": D1, "size": -1}}]}),
+                "size",
+            ),
+            (
+                json!({"baseRef": "a", "contentLayer": [{"remote": {"url": "https://x", "digest": D1, "diffId": D2, "mediaType": "application/vnd.oci.image.layer.v1.tar"}}]}),
+                "diffId",
+            ),
             (json!({"baseRef": "a", "contentLayer": [{"direct": {"content": "!!"}}]}), "base64"),
         ];
         for (v, needle) in cases {

@@ -33,6 +33,25 @@ enum Command {
         /// The configuration file.
         config: PathBuf,
     },
+    /// Serve image specs from a JSON file over gRPC (`registryfacade.SpecProvider`), for
+    /// development and tests of the `remote` provider. Prints `listening on ADDR` on stdout.
+    SpecServer {
+        /// Specs `{ "<id>": <ImageSpec in protobuf-JSON> }`, the format of `registry.fixedSpecFN`.
+        #[arg(long)]
+        file: PathBuf,
+        /// Address to listen on; port 0 picks a free port.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+        /// PEM certificate: serve TLS.
+        #[arg(long, requires = "tls_key")]
+        tls_crt: Option<PathBuf>,
+        /// PEM key of --tls-crt.
+        #[arg(long, requires = "tls_crt")]
+        tls_key: Option<PathBuf>,
+        /// PEM CA: require client certificates it signed (mutual TLS).
+        #[arg(long, requires = "tls_crt")]
+        tls_client_ca: Option<PathBuf>,
+    },
 }
 
 fn init_tracing(format: LogFormat, level: &str) {
@@ -50,6 +69,9 @@ fn main() -> ExitCode {
     init_tracing(cli.log_format, &cli.log_level);
     match cli.command {
         Command::Run { config } => run(config),
+        Command::SpecServer { file, listen, tls_crt, tls_key, tls_client_ca } => {
+            spec_server(&file, listen, tls_crt.zip(tls_key), tls_client_ca)
+        }
     }
 }
 
@@ -96,6 +118,60 @@ fn run(path: PathBuf) -> ExitCode {
                 eprintln!("registry-facade: {e:#}");
                 ExitCode::from(1)
             }
+        }
+    })
+}
+
+fn spec_server(
+    file: &std::path::Path,
+    listen: std::net::SocketAddr,
+    identity: Option<(PathBuf, PathBuf)>,
+    client_ca: Option<PathBuf>,
+) -> ExitCode {
+    let fail = |msg: String| {
+        eprintln!("registry-facade spec-server: {msg}");
+        ExitCode::from(2)
+    };
+    let specs = match facade_spec::FixedSpecProvider::load(file) {
+        Ok(s) => s,
+        Err(e) => return fail(format!("--file: {e}")),
+    };
+    let read = |flag: &str, p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| format!("{flag}: cannot read {}: {e}", p.display()))
+    };
+    let tls = match identity {
+        None => None,
+        Some((crt, key)) => {
+            let files = (|| {
+                Ok::<_, String>(facade_spec::ServerTls {
+                    cert_pem: read("--tls-crt", &crt)?,
+                    key_pem: read("--tls-key", &key)?,
+                    client_ca_pem: client_ca.as_deref().map(|p| read("--tls-client-ca", p)).transpose()?,
+                })
+            })();
+            match files {
+                Ok(t) => Some(t),
+                Err(e) => return fail(e),
+            }
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(format!("cannot start the runtime: {e}")),
+    };
+    rt.block_on(async move {
+        let listener = match tokio::net::TcpListener::bind(listen).await {
+            Ok(l) => l,
+            Err(e) => return fail(format!("--listen: cannot listen on {listen}: {e}")),
+        };
+        let addr = listener.local_addr().unwrap_or(listen);
+        tracing::info!(%addr, workspaces = specs.len(), tls = tls.is_some(), "spec server serving");
+        // The one line on stdout, for scripts that started us on port 0 to read the address.
+        println!("listening on {addr}");
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+        match facade_spec::server::serve(listener, specs, tls, wait_for_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(e.to_string()),
         }
     })
 }
