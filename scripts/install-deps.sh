@@ -18,6 +18,21 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
 fi
 
+# A real IPFS node for the cluster-cache tests: js-ipfs 0.66 (speaks the Kubo RPC API), installed
+# at the repository root only when node_modules/ipfs is missing. --no-save keeps package files out
+# of the tree; install scripts are not needed (prebuilt native modules are loaded at run time).
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  echo "install-deps: installing nodejs npm"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q >/dev/null
+  apt-get install -y -q --no-install-recommends nodejs npm >/dev/null
+fi
+root="$(cd "$(dirname "$0")/.." && pwd)"
+if [ ! -d "$root/node_modules/ipfs" ]; then
+  echo "install-deps: installing js-ipfs (npm install ipfs@0.66.1)"
+  (cd "$root" && npm install --no-save --no-package-lock --no-audit --no-fund --loglevel=error ipfs@0.66.1 >/dev/null)
+fi
+
 if ! command -v cargo >/dev/null 2>&1; then
   if [ -x "$HOME/.cargo/bin/cargo" ]; then
     echo "install-deps: cargo is in $HOME/.cargo/bin; add it to PATH" >&2

@@ -27,7 +27,8 @@ fuzz_target!(|data: &[u8]| {
     let Ok(mut builder) = http::Request::builder().method(method).uri(path).body(()) else { return };
     for l in lines {
         if let Some((k, v)) = l.split_once(':') {
-            if let (Ok(k), Ok(v)) = (http::HeaderName::from_bytes(k.as_bytes()), http::HeaderValue::from_str(v.trim())) {
+            if let (Ok(k), Ok(v)) = (http::HeaderName::from_bytes(k.as_bytes()), http::HeaderValue::from_str(v.trim()))
+            {
                 builder.headers_mut().append(k, v);
             }
         }
@@ -35,7 +36,8 @@ fuzz_target!(|data: &[u8]| {
     let (parts, ()) = builder.into_parts();
     let req = http::Request::from_parts(parts, http_body_empty());
     let registry = prometheus_registry();
-    let app = App::new(ServerConfig::default(), Arc::new(Nothing), ServerMetrics::register(&registry).expect("metrics"));
+    let app =
+        App::new(ServerConfig::default(), Arc::new(Nothing), ServerMetrics::register(&registry).expect("metrics"));
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let resp = rt.block_on(app.handle(req));
     assert!(resp.status().as_u16() >= 200 && resp.status().as_u16() < 600);

@@ -94,7 +94,10 @@ pub mod http {
     pub fn request(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
         let mut s = TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+            body.len()
+        );
         for (k, v) in headers {
             req.push_str(&format!("{k}: {v}\r\n"));
         }
@@ -204,7 +207,14 @@ pub mod stream {
             received += n as u64;
         }
         let truncated = content_length.is_some_and(|l| received < l);
-        Ok(Streamed { status, content_length, content_range, received, digest: format!("sha256:{}", hex::encode(h.finalize())), truncated })
+        Ok(Streamed {
+            status,
+            content_length,
+            content_range,
+            received,
+            digest: format!("sha256:{}", hex::encode(h.finalize())),
+            truncated,
+        })
     }
 }
 

@@ -270,7 +270,8 @@ fn answers_errors_the_way_clients_expect() {
 
     // A layer of ws-docker's base is not a blob of ws-oci... but ws-oci's own content layer is
     // found only under its own name.
-    let m: Value = serde_json::from_slice(&request(&h, "GET", "/v2/fixed/ws-docker/manifests/latest", &[], b"").body).unwrap();
+    let m: Value =
+        serde_json::from_slice(&request(&h, "GET", "/v2/fixed/ws-docker/manifests/latest", &[], b"").body).unwrap();
     let docker_base_layer = m["layers"][0]["digest"].as_str().unwrap();
     let r = request(&h, "GET", &format!("/v2/fixed/ws-oci/blobs/{docker_base_layer}"), &[], b"");
     assert_eq!((r.status, r.error_code().as_deref()), (404, Some("BLOB_UNKNOWN")), "cross-workspace read");
@@ -284,7 +285,12 @@ fn answers_errors_the_way_clients_expect() {
     drop(facade);
     let facade = Facade::start(&config(&w), w.dir.path()).unwrap();
     let r = request(&facade.host(), "GET", "/v2/fixed/ws-missing/manifests/latest", &[], b"");
-    assert_eq!((r.status, r.error_code().as_deref()), (404, Some("MANIFEST_UNKNOWN")), "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        (r.status, r.error_code().as_deref()),
+        (404, Some("MANIFEST_UNKNOWN")),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
 }
 
 #[test]
@@ -292,7 +298,8 @@ fn blobs_are_served_from_the_local_store_after_the_first_pull() {
     let w = world();
     let facade = Facade::start(&config(&w), w.dir.path()).unwrap();
     let h = facade.host();
-    let m: Value = serde_json::from_slice(&request(&h, "GET", "/v2/fixed/ws-oci/manifests/latest", &[], b"").body).unwrap();
+    let m: Value =
+        serde_json::from_slice(&request(&h, "GET", "/v2/fixed/ws-oci/manifests/latest", &[], b"").body).unwrap();
     let layer = m["layers"][0]["digest"].as_str().unwrap().to_string();
     let first = request(&h, "GET", &format!("/v2/fixed/ws-oci/blobs/{layer}"), &[], b"");
     assert_eq!(first.status, 200);

@@ -7,7 +7,9 @@ use base64::Engine as _;
 use e2e::Facade;
 use e2e::http::request;
 use serde_json::{Value, json};
-use test_support::image::{FileEntry, ImageBuilder, LayerCompression, PushFormat, build_layer, build_tar, push_image, sha256_digest};
+use test_support::image::{
+    FileEntry, ImageBuilder, LayerCompression, PushFormat, build_layer, build_tar, push_image, sha256_digest,
+};
 use test_support::registry::Registry;
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -20,12 +22,12 @@ struct World {
 
 fn world() -> World {
     let reg = Registry::start().unwrap();
-    let base = ImageBuilder::new()
-        .layer(build_layer(&[FileEntry::file("etc/base", "base")], LayerCompression::Gzip))
-        .build();
+    let base =
+        ImageBuilder::new().layer(build_layer(&[FileEntry::file("etc/base", "base")], LayerCompression::Gzip)).build();
     push_image(&reg, "base:1", &base, PushFormat::Oci).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let content = |s: &str| base64::engine::general_purpose::STANDARD.encode(build_tar(&[FileEntry::file("secret.txt", s)]));
+    let content =
+        |s: &str| base64::engine::general_purpose::STANDARD.encode(build_tar(&[FileEntry::file("secret.txt", s)]));
     std::fs::write(
         dir.path().join("specs.json"),
         json!({
@@ -99,11 +101,20 @@ fn pull_workflow_checks() {
     }
     // Error codes: a PUT (newer suites) and a GET (older suites) of a garbage digest → 400 with a
     // spec code, or 404; never 405.
-    let r = request(&h, "PUT", &format!("/v2/{name}/manifests/sha256:totallywrong"), &[("Content-Type", OCI_MANIFEST)], b"{garbage");
+    let r = request(
+        &h,
+        "PUT",
+        &format!("/v2/{name}/manifests/sha256:totallywrong"),
+        &[("Content-Type", OCI_MANIFEST)],
+        b"{garbage",
+    );
     assert!(r.status == 400 || r.status == 404, "{}", r.status);
     if r.status == 400 {
         let code = r.error_code().unwrap();
-        assert!(["DIGEST_INVALID", "MANIFEST_INVALID", "UNSUPPORTED", "NAME_INVALID"].contains(&code.as_str()), "{code}");
+        assert!(
+            ["DIGEST_INVALID", "MANIFEST_INVALID", "UNSUPPORTED", "NAME_INVALID"].contains(&code.as_str()),
+            "{code}"
+        );
     }
     let r = request(&h, "GET", &format!("/v2/{name}/manifests/sha256:totallywrong"), &[], b"");
     assert_eq!((r.status, r.error_code().as_deref()), (400, Some("DIGEST_INVALID")));
@@ -165,8 +176,10 @@ fn hostile_names_and_digests_touch_no_file() {
         assert!(!String::from_utf8_lossy(&r.body).contains("not for clients"));
     }
     // Nothing was created outside the store either.
-    let mut names: Vec<String> =
-        std::fs::read_dir(w.dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut names: Vec<String> = std::fs::read_dir(w.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     names.sort();
     assert_eq!(names, ["outside.txt", "specs.json", "store"]);
 }

@@ -16,8 +16,11 @@ fn containerd_pulls_through_the_written_hosts_toml() {
         .build();
     push_image(&reg, "base:1", &base, PushFormat::Oci).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("specs.json"), json!({"ws": {"baseRef": format!("{}/base:1", reg.host())}}).to_string())
-        .unwrap();
+    std::fs::write(
+        dir.path().join("specs.json"),
+        json!({"ws": {"baseRef": format!("{}/base:1", reg.host())}}).to_string(),
+    )
+    .unwrap();
     let facade = Facade::start(
         &json!({"registry": {"port": 0, "fixedSpecFN": "specs.json"}, "facade": {"listenHost": "127.0.0.1"}}),
         dir.path(),
@@ -42,13 +45,20 @@ fn containerd_pulls_through_the_written_hosts_toml() {
         .arg(hostfs.path().join("etc/containerd/certs.d"))
         .arg(&image);
     let out = cmd.output().unwrap();
-    assert!(out.status.success(), "ctr pull failed: {}{}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "ctr pull failed: {}{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
     assert_eq!(ctr.rootfs_files(&image).unwrap()["etc/hello"], b"hello");
 
     // containerd speaks plain HTTP to loopback hosts on its own, so show that it consults the
     // file: pointed at a port where nothing listens, the same pull fails.
     let dead = test_support::proc::free_port();
-    let text = std::fs::read_to_string(&written).unwrap().replace(&format!(":{}\"", facade.addr.port()), &format!(":{dead}\""));
+    let text = std::fs::read_to_string(&written)
+        .unwrap()
+        .replace(&format!(":{}\"", facade.addr.port()), &format!(":{dead}\""));
     std::fs::write(&written, text).unwrap();
     let mut cmd = ctr.ctr();
     cmd.args(["images", "pull", "--snapshotter", "native", "--hosts-dir"])

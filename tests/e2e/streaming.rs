@@ -34,8 +34,11 @@ fn world(size: usize) -> World {
     push_image(&reg, "big:1", &img, PushFormat::Oci).unwrap();
     let proxy = FaultProxy::start(reg.addr).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("specs.json"), json!({"ws": {"baseRef": format!("{}/big:1", proxy.host())}}).to_string())
-        .unwrap();
+    std::fs::write(
+        dir.path().join("specs.json"),
+        json!({"ws": {"baseRef": format!("{}/big:1", proxy.host())}}).to_string(),
+    )
+    .unwrap();
     World { _reg: reg, proxy, dir, layer: digest, layer_size }
 }
 
@@ -74,7 +77,8 @@ fn skopeo_pull_survives_connections_cut_every_few_mib() {
     let facade = start(&w, true, "5s");
     w.proxy.set_faults(Faults { cut_after: Some(6 * MIB as u64), reset: true, ..Faults::default() });
     let out = tempfile::tempdir().unwrap();
-    skopeo::copy_to_oci_preserving_digests(&format!("{}/fixed/ws:latest", facade.host()), out.path(), "latest").unwrap();
+    skopeo::copy_to_oci_preserving_digests(&format!("{}/fixed/ws:latest", facade.host()), out.path(), "latest")
+        .unwrap();
     // read_oci_layout checks every blob against its digest.
     let img = skopeo::read_oci_layout(out.path(), "latest").unwrap();
     assert_eq!(img.manifest["layers"][0]["digest"], w.layer);
@@ -137,7 +141,11 @@ fn twenty_concurrent_cold_pulls_make_one_upstream_request() {
     }
     assert_eq!(w.proxy.count_requests("GET", &format!("/blobs/{}", w.layer)), 1, "{:?}", w.proxy.requests());
     let upstream_bytes = w.proxy.bytes_to_client();
-    assert!(upstream_bytes < w.layer_size + MIB as u64, "upstream sent {upstream_bytes} bytes for a {} byte layer", w.layer_size);
+    assert!(
+        upstream_bytes < w.layer_size + MIB as u64,
+        "upstream sent {upstream_bytes} bytes for a {} byte layer",
+        w.layer_size
+    );
 }
 
 #[test]
@@ -226,6 +234,8 @@ fn manifests_are_composed_once_and_tags_resolved_with_head() {
     assert_eq!(w.proxy.count_requests("HEAD", "/manifests/1"), 1, "{reqs:?}");
     assert_eq!(w.proxy.count_requests("GET", "/manifests/1"), 0, "tags must be resolved with HEAD: {reqs:?}");
     assert_eq!(w.proxy.count_requests("GET", "/manifests/"), 1, "{reqs:?}");
-    let v: Value = serde_json::from_slice(&request(&facade.host(), "GET", "/v2/fixed/ws/manifests/latest", &[], b"").body).unwrap();
+    let v: Value =
+        serde_json::from_slice(&request(&facade.host(), "GET", "/v2/fixed/ws/manifests/latest", &[], b"").body)
+            .unwrap();
     assert_eq!(v["layers"][0]["digest"], w.layer);
 }

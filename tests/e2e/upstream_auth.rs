@@ -43,7 +43,8 @@ fn facade_for(reg: &Registry, docker_config: &str) -> (Facade, tempfile::TempDir
 
 fn pull_ok(facade: &Facade) -> skopeo::PulledImage {
     let out = tempfile::tempdir().unwrap();
-    skopeo::copy_to_oci_preserving_digests(&format!("{}/fixed/ws:latest", facade.host()), out.path(), "latest").unwrap();
+    skopeo::copy_to_oci_preserving_digests(&format!("{}/fixed/ws:latest", facade.host()), out.path(), "latest")
+        .unwrap();
     skopeo::read_oci_layout(out.path(), "latest").unwrap()
 }
 

@@ -1,10 +1,14 @@
 //! The blob chain: where the bytes of one blob of a composed image are read from, in order.
 //!
 //! 1. the local content store (verified at write time);
-//! 2. the cluster cache (Redis index over IPFS) — not built yet, see README;
-//! 3. the blob's own origin from the composition index: an upstream layer (through a
-//!    single-flight fill that back-fills the store from the same bytes), bytes held in memory
-//!    (synthesized config, direct content layers), or a static file kept in the store.
+//! 2. the cluster cache (Redis index over IPFS) and
+//! 3. the blob's own origin from the composition index: an upstream layer. Both go through one
+//!    single-flight fill per digest (see [`crate::fill`]): it asks the index once, streams from
+//!    IPFS when another node has the blob, goes on from upstream at the same offset when IPFS
+//!    fails, verifies the digest before a reader gets the last byte, back-fills the local store
+//!    from the same bytes, and adds blobs that came from upstream to IPFS afterwards;
+//! 4. bytes held in memory (synthesized config, direct content layers), or a static file kept
+//!    in the store.
 //!
 //! Remote content layers are not opened here: clients are redirected to their URL.
 
@@ -14,6 +18,7 @@ use bytes::Bytes;
 use facade_oci::Digest;
 use futures::stream::BoxStream;
 
+use crate::cluster::{CacheName, ClusterMetrics, LookupResult};
 use crate::error::{Error, Result};
 use crate::fill::Fills;
 use crate::images::{BlobEntry, BlobOrigin};
@@ -27,12 +32,18 @@ pub type BlobStream = BoxStream<'static, std::io::Result<Bytes>>;
 pub struct BlobChain {
     store: Option<LocalStore>,
     fills: Arc<Fills>,
+    metrics: ClusterMetrics,
 }
 
 impl BlobChain {
     /// A chain over `store` (if any) and upstream fills.
     pub fn new(store: Option<LocalStore>, fills: Arc<Fills>) -> Self {
-        BlobChain { store, fills }
+        Self::with_metrics(store, fills, ClusterMetrics::unregistered())
+    }
+
+    /// A chain that counts local-store lookups into `metrics` (the fills count the cluster's).
+    pub fn with_metrics(store: Option<LocalStore>, fills: Arc<Fills>, metrics: ClusterMetrics) -> Self {
+        BlobChain { store, fills, metrics }
     }
 
     /// The local store, if configured.
@@ -51,14 +62,22 @@ impl BlobChain {
     /// The bytes `[start, end_exclusive)` of blob `digest`.
     pub async fn open(&self, digest: &Digest, entry: &BlobEntry, start: u64, end_exclusive: u64) -> Result<BlobStream> {
         if let Some(store) = &self.store
-            && let Some(file) = store.open_blob(digest, entry.size) {
-                tracing::trace!(%digest, "serving from the local store");
-                return Ok(file_range_stream(Arc::new(file), start, end_exclusive, entry.size, None, None));
+            && let Some(blob) = store.open_blob(digest, entry.size)
+        {
+            tracing::trace!(%digest, "serving from the local store");
+            if matches!(entry.origin, BlobOrigin::Upstream(_)) {
+                self.metrics.lookup(CacheName::Local, LookupResult::Hit);
             }
+            let guard: Box<dyn Send + Sync> = Box::new(blob.guard);
+            return Ok(file_range_stream(Arc::new(blob.file), start, end_exclusive, entry.size, None, Some(guard)));
+        }
         match &entry.origin {
             BlobOrigin::Bytes(b) => Ok(bytes_range_stream(b.clone(), start, end_exclusive)),
             BlobOrigin::Upstream(from) => {
-                let (fill, started) = self.fills.join(digest, entry.size, from)?;
+                if self.store.is_some() {
+                    self.metrics.lookup(CacheName::Local, LookupResult::Miss);
+                }
+                let (fill, started) = self.fills.join(digest, entry.size, &entry.media_type, from)?;
                 tracing::debug!(%digest, started, start, "serving from an upstream fill");
                 let file = fill.file();
                 let progress = fill.progress();

@@ -90,6 +90,26 @@ pub enum Error {
     /// A failure shared by every caller that waited on the same single-flight work.
     #[error(transparent)]
     Shared(std::sync::Arc<Error>),
+    /// A cluster-cache dependency (Redis, IPFS) failed. Never reaches a client: the chain falls
+    /// through to the next source.
+    #[error("{dependency} {context}: {reason}")]
+    Cluster {
+        /// `redis` or `ipfs`.
+        dependency: &'static str,
+        /// What was being done.
+        context: String,
+        /// Why it failed.
+        reason: String,
+    },
+    /// A metric could not be registered (a name registered twice).
+    #[error("registering metric {name}: {source}")]
+    Metrics {
+        /// The metric.
+        name: &'static str,
+        /// The failure.
+        #[source]
+        source: prometheus::Error,
+    },
     /// A static layer could not be prepared.
     #[error("static layer {layer}: {reason}")]
     StaticLayer {
@@ -123,7 +143,8 @@ impl Error {
             Error::ManifestNotInImage { .. } => ErrorKind::ManifestUnknown,
             Error::BlobNotInImage { .. } => ErrorKind::BlobUnknown,
             Error::DigestMismatch { .. } => ErrorKind::Unavailable,
-            Error::Io { .. } | Error::StaticLayer { .. } => ErrorKind::Internal,
+            Error::Cluster { .. } => ErrorKind::Unavailable,
+            Error::Io { .. } | Error::StaticLayer { .. } | Error::Metrics { .. } => ErrorKind::Internal,
             Error::Shared(e) => e.kind(),
         }
     }

@@ -2,6 +2,10 @@
 //! caches that keep Docker Hub quotas and latency low: tags are re-resolved with HEAD (free on
 //! Hub) only after a short TTL, served stale when upstream fails, and content is cached by digest
 //! (immutable) with one fetch per digest however many compositions ask at once.
+//!
+//! With a cluster cache, Redis is a shared second level behind the in-process caches: a tag
+//! another node resolved within the cluster tag TTL, and manifests and configs by digest
+//! (checked against the digest before use), are not asked of upstream again.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -10,6 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use facade_oci::{Digest, ImageRef, ParsedManifest, Platform, Reference, RepoName};
 
+use crate::cluster::ClusterCache;
 use crate::error::{Error, Result};
 
 /// A single-platform image as fetched from its registry.
@@ -54,6 +59,7 @@ pub struct ImageFetcher {
     config: FetchConfig,
     tags: Mutex<HashMap<String, (Digest, Instant)>>,
     by_digest: moka::future::Cache<DigestKey, Arc<FetchedImage>>,
+    cluster: Option<Arc<ClusterCache>>,
 }
 
 impl ImageFetcher {
@@ -63,7 +69,13 @@ impl ImageFetcher {
             .max_capacity(config.max_images)
             .time_to_idle(Duration::from_secs(6 * 3600))
             .build();
-        ImageFetcher { client, config, tags: Mutex::new(HashMap::new()), by_digest }
+        ImageFetcher { client, config, tags: Mutex::new(HashMap::new()), by_digest, cluster: None }
+    }
+
+    /// Shares tags, manifests and configs through `cluster` (its Redis part).
+    pub fn with_cluster(mut self, cluster: Option<Arc<ClusterCache>>) -> Self {
+        self.cluster = cluster.filter(|c| c.has_redis());
+        self
     }
 
     /// The upstream client.
@@ -89,11 +101,23 @@ impl ImageFetcher {
         let key = r.to_string();
         let cached = self.tags.lock().ok().and_then(|m| m.get(&key).cloned());
         if let Some((d, at)) = &cached
-            && at.elapsed() < self.config.tag_ttl {
-                return Ok(d.clone());
+            && at.elapsed() < self.config.tag_ttl
+        {
+            return Ok(d.clone());
+        }
+        if let Some(cluster) = &self.cluster
+            && let Some(d) = cluster.tag(&key).await
+        {
+            if let Ok(mut m) = self.tags.lock() {
+                m.insert(key, (d.clone(), Instant::now()));
             }
+            return Ok(d);
+        }
         match self.client.resolve(&r.registry, &r.repository, &r.reference()).await {
             Ok(resolved) => {
+                if let Some(cluster) = &self.cluster {
+                    cluster.put_tag(&key, &resolved.digest);
+                }
                 if let Ok(mut m) = self.tags.lock() {
                     m.insert(key, (resolved.digest.clone(), Instant::now()));
                 }
@@ -108,40 +132,65 @@ impl ImageFetcher {
         }
     }
 
-    async fn fetch_by_digest(&self, r: &ImageRef, digest: &Digest) -> Result<FetchedImage> {
-        let top = self
+    /// A manifest or index by digest: from the cluster if it has it (verified there), else
+    /// from upstream (verified by the client), then shared.
+    async fn manifest_by_digest(&self, r: &ImageRef, digest: &Digest) -> Result<(String, Bytes)> {
+        if let Some(cluster) = &self.cluster
+            && let Some(found) = cluster.manifest(digest).await
+        {
+            return Ok(found);
+        }
+        let m = self
             .client
             .manifest(&r.registry, &r.repository, &Reference::Digest(digest.clone()))
             .await
             .map_err(|e| Error::upstream(r, e))?;
-        let parsed = ParsedManifest::parse(&top.bytes, Some(&top.media_type))
+        if let Some(cluster) = &self.cluster {
+            cluster.put_manifest(digest, &m.media_type, &m.bytes);
+        }
+        Ok((m.media_type, m.bytes))
+    }
+
+    /// An image config by digest, from the cluster or upstream, like manifests.
+    async fn config_by_digest(&self, r: &ImageRef, digest: &Digest) -> Result<Bytes> {
+        if let Some(cluster) = &self.cluster
+            && let Some(found) = cluster.config(digest).await
+        {
+            return Ok(found);
+        }
+        let bytes =
+            self.client.blob_bytes(&r.registry, &r.repository, digest).await.map_err(|e| Error::upstream(r, e))?;
+        if let Some(cluster) = &self.cluster {
+            cluster.put_config(digest, &bytes);
+        }
+        Ok(bytes)
+    }
+
+    async fn fetch_by_digest(&self, r: &ImageRef, digest: &Digest) -> Result<FetchedImage> {
+        let (top_media_type, top_bytes) = self.manifest_by_digest(r, digest).await?;
+        let parsed = ParsedManifest::parse(&top_bytes, Some(&top_media_type))
             .map_err(|e| Error::BadImage { image: r.to_string(), reason: e.to_string() })?;
         let (manifest, media_type, view) = match parsed {
-            ParsedManifest::Image(view) => (top.bytes, view.media_type.clone(), view),
+            ParsedManifest::Image(view) => (top_bytes, view.media_type.clone(), view),
             ParsedManifest::Index(index) => {
                 let entry = index.select(&self.config.platform).ok_or_else(|| Error::BadImage {
                     image: r.to_string(),
                     reason: format!("no manifest for platform {} in the index", self.config.platform),
                 })?;
-                let child = self
-                    .client
-                    .manifest(&r.registry, &r.repository, &Reference::Digest(entry.digest.clone()))
-                    .await
-                    .map_err(|e| Error::upstream(r, e))?;
-                match ParsedManifest::parse(&child.bytes, Some(&child.media_type)) {
-                    Ok(ParsedManifest::Image(view)) => (child.bytes, view.media_type.clone(), view),
+                let (child_media_type, child_bytes) = self.manifest_by_digest(r, &entry.digest).await?;
+                match ParsedManifest::parse(&child_bytes, Some(&child_media_type)) {
+                    Ok(ParsedManifest::Image(view)) => (child_bytes, view.media_type.clone(), view),
                     Ok(ParsedManifest::Index(_)) => {
-                        return Err(Error::BadImage { image: r.to_string(), reason: "index entry is another index".into() });
+                        return Err(Error::BadImage {
+                            image: r.to_string(),
+                            reason: "index entry is another index".into(),
+                        });
                     }
                     Err(e) => return Err(Error::BadImage { image: r.to_string(), reason: e.to_string() }),
                 }
             }
         };
-        let config = self
-            .client
-            .blob_bytes(&r.registry, &r.repository, &view.config.digest)
-            .await
-            .map_err(|e| Error::upstream(r, e))?;
+        let config = self.config_by_digest(r, &view.config.digest).await?;
         Ok(FetchedImage {
             registry: r.registry.clone(),
             repo: r.repository.clone(),

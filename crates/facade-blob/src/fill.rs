@@ -6,6 +6,13 @@
 //! then follow the rest. A broken upstream body is resumed from the byte offset with a Range
 //! request (only a 206 starting at that offset is accepted), with exponential backoff and jitter
 //! inside a budget well below containerd's 30 s header / 60 s progress windows.
+//!
+//! With a cluster cache, a fill first asks the Redis index; a blob another node already has is
+//! streamed from IPFS into the same spool (resumed with `cat` offsets), and if IPFS breaks or
+//! is down the fill goes on from upstream at the byte offset it reached — the bytes are the same
+//! content, and the digest is checked over the whole spool before anything is committed or a
+//! reader gets the last byte. A blob that came from upstream is added to IPFS afterwards, from
+//! the verified spool, in the background.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -17,9 +24,10 @@ use facade_oci::{Digest, RepoName};
 use futures::StreamExt;
 use tokio::sync::watch;
 
+use crate::cluster::{BackfillOutcome, BackfillStore, ClusterCache, ClusterMetrics, IndexEntry};
 use crate::error::{Error, Result};
 use crate::read::Progress;
-use crate::store::{LocalStore, TempBlob};
+use crate::store::{InUse, LocalStore, TempBlob};
 
 /// Knobs of fills.
 #[derive(Clone, Debug)]
@@ -34,6 +42,8 @@ pub struct FillConfig {
     pub max_attempts_without_progress: usize,
     /// Resumes in all (bounds O(n²) re-reads from a flapping upstream).
     pub max_resumes: usize,
+    /// Resumes of an IPFS stream before the fill goes on from upstream.
+    pub max_cluster_resumes: usize,
 }
 
 impl Default for FillConfig {
@@ -44,6 +54,7 @@ impl Default for FillConfig {
             retry_max_delay: Duration::from_secs(2),
             max_attempts_without_progress: 5,
             max_resumes: 64,
+            max_cluster_resumes: 2,
         }
     }
 }
@@ -65,6 +76,8 @@ pub struct Fill {
     pub size: u64,
     file: Arc<std::fs::File>,
     progress: watch::Receiver<Progress>,
+    /// Keeps the committed blob from eviction while readers (who hold the fill) read it.
+    _in_use: Option<InUse>,
 }
 
 impl Fill {
@@ -77,7 +90,6 @@ impl Fill {
     pub fn progress(&self) -> watch::Receiver<Progress> {
         self.progress.clone()
     }
-
 }
 
 /// The table of in-flight fills.
@@ -85,17 +97,39 @@ pub struct Fills {
     config: FillConfig,
     store: Option<LocalStore>,
     upstream: facade_upstream::Client,
+    cluster: Option<Arc<ClusterCache>>,
+    metrics: ClusterMetrics,
     inflight: Mutex<HashMap<Digest, Weak<Fill>>>,
+}
+
+/// Where the bytes of a finished fill came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Came {
+    /// The cluster had it (all or part came from IPFS): IPFS already holds it.
+    Cluster,
+    /// Upstream only.
+    Upstream,
 }
 
 impl Fills {
     /// A table that commits to `store` (if any) and downloads with `upstream`.
     pub fn new(config: FillConfig, store: Option<LocalStore>, upstream: facade_upstream::Client) -> Result<Arc<Self>> {
+        Self::with_cluster(config, store, upstream, None, ClusterMetrics::unregistered())
+    }
+
+    /// A table that also reads from and back-fills `cluster`, counting into `metrics`.
+    pub fn with_cluster(
+        config: FillConfig,
+        store: Option<LocalStore>,
+        upstream: facade_upstream::Client,
+        cluster: Option<Arc<ClusterCache>>,
+        metrics: ClusterMetrics,
+    ) -> Result<Arc<Self>> {
         if store.is_none() {
             std::fs::create_dir_all(&config.spool_dir)
                 .map_err(|e| Error::io(format!("creating spool dir {}", config.spool_dir.display()), e))?;
         }
-        Ok(Arc::new(Fills { config, store, upstream, inflight: Mutex::new(HashMap::new()) }))
+        Ok(Arc::new(Fills { config, store, upstream, cluster, metrics, inflight: Mutex::new(HashMap::new()) }))
     }
 
     /// Number of fills in flight.
@@ -105,53 +139,199 @@ impl Fills {
 
     /// Joins the fill of `digest`, starting it if none runs. Returns the fill and whether this
     /// call started it.
-    pub fn join(self: &Arc<Self>, digest: &Digest, size: u64, from: &UpstreamBlob) -> Result<(Arc<Fill>, bool)> {
-        let mut map = self.inflight.lock().map_err(|_| Error::io("fill table poisoned", std::io::ErrorKind::Other.into()))?;
+    pub fn join(
+        self: &Arc<Self>,
+        digest: &Digest,
+        size: u64,
+        media_type: &str,
+        from: &UpstreamBlob,
+    ) -> Result<(Arc<Fill>, bool)> {
+        let mut map =
+            self.inflight.lock().map_err(|_| Error::io("fill table poisoned", std::io::ErrorKind::Other.into()))?;
         if let Some(existing) = map.get(digest).and_then(Weak::upgrade)
-            && !matches!(*existing.progress.borrow(), Progress::Failed(_)) {
-                return Ok((existing, false));
-            }
+            && !matches!(*existing.progress.borrow(), Progress::Failed(_))
+        {
+            return Ok((existing, false));
+        }
         let temp = match &self.store {
             Some(store) => store.temp_blob(digest)?,
             None => TempBlob::create(&self.config.spool_dir, digest)?,
         };
-        let file = std::fs::File::open(temp.path())
-            .map_err(|e| Error::io(format!("opening {}", temp.path().display()), e))?;
+        let file =
+            std::fs::File::open(temp.path()).map_err(|e| Error::io(format!("opening {}", temp.path().display()), e))?;
         let (tx, rx) = watch::channel(Progress::Running { written: 0 });
-        let fill = Arc::new(Fill { digest: digest.clone(), size, file: Arc::new(file), progress: rx });
+        let in_use = self.store.as_ref().map(|s| s.in_use(digest));
+        let fill = Arc::new(Fill { digest: digest.clone(), size, file: Arc::new(file), progress: rx, _in_use: in_use });
         map.insert(digest.clone(), Arc::downgrade(&fill));
         drop(map);
-        let this = self.clone();
-        let task_fill = fill.clone();
-        let from = from.clone();
-        tokio::spawn(async move {
-            let started = Instant::now();
-            let result = this.run(&task_fill, temp, &from, &tx).await;
-            match &result {
-                Ok(()) => {
-                    let secs = started.elapsed().as_secs_f64();
-                    tracing::info!(
-                        digest = %task_fill.digest, registry = %from.registry, repo = %from.repo,
-                        size = task_fill.size, seconds = secs,
-                        mib_per_second = (task_fill.size as f64 / 1048576.0) / secs.max(1e-9),
-                        "downloaded blob from upstream"
-                    );
-                    let _ = tx.send(Progress::Verified);
-                }
-                Err(e) => {
-                    tracing::warn!(digest = %task_fill.digest, registry = %from.registry, repo = %from.repo, error = %e, "blob fill failed");
-                    let _ = tx.send(Progress::Failed(e.to_string().into()));
-                }
-            }
-            if let Ok(mut map) = this.inflight.lock()
-                && map.get(&task_fill.digest).is_some_and(|w| w.as_ptr() == Arc::as_ptr(&task_fill)) {
-                    map.remove(&task_fill.digest);
-                }
-        });
+        tokio::spawn(self.clone().drive(fill.clone(), temp, from.clone(), media_type.to_string(), tx));
         Ok((fill, true))
     }
 
-    async fn run(&self, fill: &Arc<Fill>, mut temp: TempBlob, from: &UpstreamBlob, tx: &watch::Sender<Progress>) -> Result<()> {
+    /// The fill's task: runs it, tells the readers how it ended, counts it, publishes what came
+    /// from upstream, and leaves the table.
+    async fn drive(
+        self: Arc<Self>,
+        fill: Arc<Fill>,
+        temp: TempBlob,
+        from: UpstreamBlob,
+        media_type: String,
+        tx: watch::Sender<Progress>,
+    ) {
+        let started = Instant::now();
+        let result = self.run(&fill, temp, &from, &tx).await;
+        let local = if self.store.is_some() { Some(BackfillStore::Local) } else { None };
+        match &result {
+            Ok(came) => {
+                let secs = started.elapsed().as_secs_f64();
+                let source = match came {
+                    Came::Cluster => "cluster",
+                    Came::Upstream => "upstream",
+                };
+                tracing::info!(
+                    digest = %fill.digest, registry = %from.registry, repo = %from.repo, source,
+                    size = fill.size, seconds = secs,
+                    mib_per_second = (fill.size as f64 / 1048576.0) / secs.max(1e-9),
+                    "downloaded blob"
+                );
+                if let Some(store) = local {
+                    self.metrics.backfill(store, BackfillOutcome::Ok);
+                }
+                let _ = tx.send(Progress::Verified);
+            }
+            Err(e) => {
+                tracing::warn!(digest = %fill.digest, registry = %from.registry, repo = %from.repo, error = %e, "blob fill failed");
+                if let Some(store) = local {
+                    self.metrics.backfill(store, BackfillOutcome::Failed);
+                }
+                let _ = tx.send(Progress::Failed(e.to_string().into()));
+            }
+        }
+        if let Ok(came) = result {
+            self.publish(&fill, &media_type, came);
+        }
+        if let Ok(mut map) = self.inflight.lock()
+            && map.get(&fill.digest).is_some_and(|w| w.as_ptr() == Arc::as_ptr(&fill))
+        {
+            map.remove(&fill.digest);
+        }
+    }
+
+    async fn run(
+        &self,
+        fill: &Arc<Fill>,
+        mut temp: TempBlob,
+        from: &UpstreamBlob,
+        tx: &watch::Sender<Progress>,
+    ) -> Result<Came> {
+        let digest = &fill.digest;
+        let mut came = Came::Upstream;
+        if let Some(cluster) = self.cluster.as_ref().filter(|c| c.shares_blobs())
+            && let Some(entry) = cluster.lookup_blob(digest, fill.size).await
+        {
+            came = Came::Cluster;
+            match self.fill_from_cluster(cluster, &entry, fill, &mut temp, tx).await {
+                Ok(()) => tracing::debug!(%digest, cid = %entry.cid, "blob streamed from IPFS"),
+                Err(e) => tracing::info!(
+                    %digest, cid = %entry.cid, offset = temp.written(), error = %e,
+                    "IPFS could not deliver the blob; going on from upstream at this offset"
+                ),
+            }
+        }
+        let result = self.fill_from_upstream(fill, temp, from, tx).await;
+        if came == Came::Cluster
+            && let (Err(Error::DigestMismatch { .. }), Some(cluster)) = (&result, &self.cluster)
+        {
+            // The index pointed at content that is not this blob: nobody may use it again.
+            tracing::warn!(%digest, "blob assembled from IPFS did not verify; removing its index entry");
+            cluster.forget_blob(digest).await;
+        }
+        result.map(|()| came)
+    }
+
+    /// Streams the blob from IPFS into `temp`, resuming a broken stream at its offset a few
+    /// times. Returns an error when the rest must come from elsewhere.
+    async fn fill_from_cluster(
+        &self,
+        cluster: &ClusterCache,
+        entry: &IndexEntry,
+        fill: &Arc<Fill>,
+        temp: &mut TempBlob,
+        tx: &watch::Sender<Progress>,
+    ) -> Result<()> {
+        let mut resumes = 0usize;
+        loop {
+            let offset = temp.written();
+            if offset == fill.size {
+                return Ok(());
+            }
+            let Some(mut stream) = cluster.cat(&entry.cid, offset, fill.size - offset).await else {
+                return Err(Error::Cluster { dependency: "ipfs", context: "cat".into(), reason: "no answer".into() });
+            };
+            let mut broke = None;
+            while let Some(chunk) = stream.next().await {
+                match chunk {
+                    Ok(bytes) => {
+                        if temp.written() + bytes.len() as u64 > fill.size {
+                            return Err(Error::Cluster {
+                                dependency: "ipfs",
+                                context: "cat".into(),
+                                reason: format!("more than {} bytes", fill.size),
+                            });
+                        }
+                        temp.write_all(&bytes)?;
+                        let _ = tx.send(Progress::Running { written: temp.written() });
+                        if self.store.is_none() && Arc::strong_count(fill) <= 1 {
+                            return Err(Error::io(
+                                "fill cancelled: no readers left",
+                                std::io::ErrorKind::Interrupted.into(),
+                            ));
+                        }
+                    }
+                    Err(e) => {
+                        broke = Some(e);
+                        break;
+                    }
+                }
+            }
+            if temp.written() == fill.size {
+                return Ok(());
+            }
+            let reason =
+                broke.map(|e| e.to_string()).unwrap_or_else(|| format!("stream ended at byte {}", temp.written()));
+            resumes += 1;
+            if resumes > self.config.max_cluster_resumes {
+                cluster.ipfs_failed(&reason);
+                return Err(Error::Cluster { dependency: "ipfs", context: "cat".into(), reason });
+            }
+            tracing::debug!(digest = %fill.digest, offset = temp.written(), %reason, "IPFS stream broke; resuming");
+        }
+    }
+
+    /// Adds a blob that came from upstream to IPFS, from the fill's verified spool (open, so a
+    /// commit's rename does not matter), in the background.
+    fn publish(&self, fill: &Arc<Fill>, media_type: &str, came: Came) {
+        let Some(cluster) = self.cluster.as_ref().filter(|c| c.shares_blobs()) else { return };
+        if came == Came::Cluster {
+            self.metrics.backfill(BackfillStore::Ipfs, BackfillOutcome::Skipped);
+            return;
+        }
+        let (cluster, fill, media_type) = (cluster.clone(), fill.clone(), media_type.to_string());
+        tokio::spawn(async move {
+            let outcome = cluster.publish_blob(&fill.digest, &media_type, fill.file(), fill.size).await;
+            if outcome == BackfillOutcome::Failed {
+                tracing::debug!(digest = %fill.digest, "blob not added to the cluster cache");
+            }
+        });
+    }
+
+    async fn fill_from_upstream(
+        &self,
+        fill: &Arc<Fill>,
+        mut temp: TempBlob,
+        from: &UpstreamBlob,
+        tx: &watch::Sender<Progress>,
+    ) -> Result<()> {
         let digest = &fill.digest;
         let mut backoff = self.backoff();
         let mut resumes = 0usize;
@@ -168,9 +348,14 @@ impl Fills {
             match self.upstream.blob_stream(&from.registry, &from.repo, digest, offset).await {
                 Ok(mut stream) => {
                     if let Some(total) = stream.total_size
-                        && total != fill.size {
-                            return Err(Error::DigestMismatch { expected: digest.clone(), actual: digest.clone(), size: total });
-                        }
+                        && total != fill.size
+                    {
+                        return Err(Error::DigestMismatch {
+                            expected: digest.clone(),
+                            actual: digest.clone(),
+                            size: total,
+                        });
+                    }
                     while let Some(chunk) = stream.body.next().await {
                         match chunk {
                             Ok(bytes) => {
@@ -186,7 +371,10 @@ impl Fills {
                                 // Readers hold the fill (as the guard of their stream); the task holds one reference.
                                 if self.store.is_none() && Arc::strong_count(fill) <= 1 {
                                     // Nobody reads and nothing caches: stop downloading.
-                                    return Err(Error::io("fill cancelled: no readers left", std::io::ErrorKind::Interrupted.into()));
+                                    return Err(Error::io(
+                                        "fill cancelled: no readers left",
+                                        std::io::ErrorKind::Interrupted.into(),
+                                    ));
                                 }
                             }
                             Err(e) => {
@@ -203,7 +391,8 @@ impl Fills {
                     }
                 }
                 Err(e) => {
-                    let retry = e.is_retryable() || matches!(e.kind(), facade_upstream::ErrorKind::Protocol) && offset > 0;
+                    let retry =
+                        e.is_retryable() || matches!(e.kind(), facade_upstream::ErrorKind::Protocol) && offset > 0;
                     let err = Error::upstream(format!("{}/{}@{digest}", from.registry, from.repo), e);
                     if !retry {
                         return Err(err);
@@ -221,7 +410,9 @@ impl Fills {
             match backoff.next() {
                 Some(delay) => tokio::time::sleep(delay).await,
                 None => {
-                    return Err(last_err.unwrap_or_else(|| Error::io("retries exhausted", std::io::ErrorKind::Other.into())));
+                    return Err(
+                        last_err.unwrap_or_else(|| Error::io("retries exhausted", std::io::ErrorKind::Other.into()))
+                    );
                 }
             }
         }

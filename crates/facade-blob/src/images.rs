@@ -6,17 +6,26 @@
 //! GET-by-digest of one pull, and the pulls of many pods of one workspace, compose once. Every
 //! composed version handed out stays servable by its digest for a while (bounded), so a pull that
 //! started before a spec or tag changed still completes with the bytes it was promised.
+//!
+//! With Redis, each composed image is also shared as a record under its workspace and manifest
+//! digest: a facade that restarted (or another replica) asked for a manifest digest or blob of
+//! a composition it does not hold in memory serves it from the record — only for the same
+//! workspace (a workspace never reads another's content), only if the manifest hashes to the
+//! digest asked for, and with every in-record byte blob checked against its digest.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use base64::Engine as _;
 use bytes::Bytes;
 use facade_compose::{Addition, BaseInput, LayerInput, LayerOrigin};
 use facade_oci::media_types::{self as mt, Compression};
-use facade_oci::{Digest, ImageRef, Reference};
+use facade_oci::{Digest, ImageRef, Reference, RepoName};
 use facade_spec::{ContentLayer, Providers};
+use serde::{Deserialize, Serialize};
 
+use crate::cluster::ClusterCache;
 use crate::error::{Error, Result};
 use crate::fetch::{FetchedImage, ImageFetcher};
 use crate::fill::UpstreamBlob;
@@ -90,15 +99,119 @@ pub struct Images {
     current: moka::future::Cache<WsKey, Arc<ComposedImage>>,
     versions: moka::sync::Cache<WsKey, Arc<Mutex<VecDeque<Arc<ComposedImage>>>>>,
     config: ImagesConfig,
+    cluster: Option<Arc<ClusterCache>>,
+}
+
+/// Largest in-memory blob (config, direct content layer) a shared record carries.
+const MAX_RECORD_INLINE_BYTES: usize = 1 << 20;
+
+/// A composed image as shared through Redis.
+#[derive(Serialize, Deserialize)]
+struct Record {
+    #[serde(rename = "mediaType")]
+    media_type: String,
+    /// Base64 of the manifest bytes.
+    manifest: String,
+    blobs: Vec<RecordBlob>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct RecordBlob {
+    digest: String,
+    size: u64,
+    #[serde(rename = "mediaType")]
+    media_type: String,
+    origin: RecordOrigin,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+enum RecordOrigin {
+    Upstream {
+        registry: String,
+        repo: String,
+    },
+    /// Base64 of the bytes.
+    Bytes(String),
+    Stored,
+    Remote(String),
+}
+
+fn b64() -> base64::engine::GeneralPurpose {
+    base64::engine::general_purpose::STANDARD
+}
+
+impl Record {
+    fn of(img: &ComposedImage) -> Option<Record> {
+        let mut inline = 0usize;
+        let mut blobs = Vec::with_capacity(img.blobs.len());
+        for (digest, e) in &img.blobs {
+            let origin = match &e.origin {
+                BlobOrigin::Upstream(u) => {
+                    RecordOrigin::Upstream { registry: u.registry.clone(), repo: u.repo.as_str().to_string() }
+                }
+                BlobOrigin::Bytes(b) => {
+                    inline += b.len();
+                    if inline > MAX_RECORD_INLINE_BYTES {
+                        return None;
+                    }
+                    RecordOrigin::Bytes(b64().encode(b))
+                }
+                BlobOrigin::Stored => RecordOrigin::Stored,
+                BlobOrigin::Remote { url } => RecordOrigin::Remote(url.clone()),
+            };
+            blobs.push(RecordBlob {
+                digest: digest.to_string(),
+                size: e.size,
+                media_type: e.media_type.clone(),
+                origin,
+            });
+        }
+        blobs.sort_by(|a, b| a.digest.cmp(&b.digest));
+        Some(Record { media_type: img.media_type.clone(), manifest: b64().encode(&img.manifest), blobs })
+    }
+
+    /// The image, if the record is whole and true: the manifest hashes to `digest` and every
+    /// inline blob to its own digest.
+    fn into_image(self, digest: &Digest) -> std::result::Result<ComposedImage, String> {
+        let manifest = Bytes::from(b64().decode(&self.manifest).map_err(|e| format!("manifest: {e}"))?);
+        if !digest.matches(&manifest) {
+            return Err("manifest does not match its digest".into());
+        }
+        let mut blobs = HashMap::with_capacity(self.blobs.len());
+        for b in self.blobs {
+            let d = Digest::parse(&b.digest).map_err(|e| format!("blob digest: {e}"))?;
+            let origin = match b.origin {
+                RecordOrigin::Upstream { registry, repo } => BlobOrigin::Upstream(UpstreamBlob {
+                    registry,
+                    repo: RepoName::parse(&repo).map_err(|e| format!("repo: {e}"))?,
+                }),
+                RecordOrigin::Bytes(s) => {
+                    let bytes = Bytes::from(b64().decode(&s).map_err(|e| format!("blob {d}: {e}"))?);
+                    if !d.matches(&bytes) || bytes.len() as u64 != b.size {
+                        return Err(format!("inline blob {d} does not match its digest"));
+                    }
+                    BlobOrigin::Bytes(bytes)
+                }
+                RecordOrigin::Stored => BlobOrigin::Stored,
+                RecordOrigin::Remote(url) => BlobOrigin::Remote { url },
+            };
+            blobs.insert(d, BlobEntry { size: b.size, media_type: b.media_type, origin });
+        }
+        Ok(ComposedImage { manifest, manifest_digest: digest.clone(), media_type: self.media_type, blobs })
+    }
 }
 
 impl Images {
     /// An image service.
-    pub fn new(config: ImagesConfig, providers: Providers, fetcher: ImageFetcher, static_layers: Vec<StaticLayer>) -> Self {
-        let current = moka::future::Cache::builder()
-            .max_capacity(config.max_workspaces)
-            .time_to_live(config.compose_ttl)
-            .build();
+    pub fn new(
+        config: ImagesConfig,
+        providers: Providers,
+        fetcher: ImageFetcher,
+        static_layers: Vec<StaticLayer>,
+    ) -> Self {
+        let current =
+            moka::future::Cache::builder().max_capacity(config.max_workspaces).time_to_live(config.compose_ttl).build();
         let versions = moka::sync::Cache::builder()
             .max_capacity(config.max_workspaces)
             .time_to_idle(Duration::from_secs(3600))
@@ -110,7 +223,14 @@ impl Images {
             current,
             versions,
             config,
+            cluster: None,
         }
+    }
+
+    /// Shares composed images through `cluster` (its Redis part).
+    pub fn with_cluster(mut self, cluster: Option<Arc<ClusterCache>>) -> Self {
+        self.cluster = cluster.filter(|c| c.has_redis());
+        self
     }
 
     /// Swaps the static layers (config reload). Images composed before stay servable by digest.
@@ -142,6 +262,7 @@ impl Images {
             .try_get_with(key.clone(), async {
                 let img = Arc::new(self.compose(provider, id).await?);
                 self.remember(&key, &img);
+                self.share(provider, id, &img);
                 Ok::<_, Error>(img)
             })
             .await
@@ -159,7 +280,69 @@ impl Images {
         }
     }
 
-    fn find_version(&self, provider: &str, id: &str, pred: impl Fn(&ComposedImage) -> bool) -> Option<Arc<ComposedImage>> {
+    fn share(&self, provider: &str, id: &str, img: &ComposedImage) {
+        let Some(cluster) = &self.cluster else { return };
+        match Record::of(img).and_then(|r| serde_json::to_vec(&r).ok()) {
+            Some(bytes) => cluster.put_composed(
+                &format!("{provider}/{id}"),
+                &img.manifest_digest,
+                bytes,
+                self.config.versions_per_workspace.max(1),
+            ),
+            None => tracing::debug!(provider, id, "composed image too large to share"),
+        }
+    }
+
+    /// A composition of this workspace that another facade (or this one before a restart)
+    /// handed out: with `digest` when given, else the first recent one holding `blob`.
+    async fn recall(
+        &self,
+        provider: &str,
+        id: &str,
+        digest: Option<&Digest>,
+        blob: Option<&Digest>,
+    ) -> Option<Arc<ComposedImage>> {
+        let cluster = self.cluster.as_ref()?;
+        let ws = format!("{provider}/{id}");
+        let candidates = match digest {
+            Some(d) => vec![d.clone()],
+            None => {
+                let mut l = cluster.composed_list(&ws).await;
+                l.truncate(self.config.versions_per_workspace.max(1));
+                l
+            }
+        };
+        for d in candidates {
+            if self.find_version(provider, id, |v| v.manifest_digest == d).is_some() {
+                continue;
+            }
+            let Some(raw) = cluster.composed(&ws, &d).await else { continue };
+            let img = match serde_json::from_slice::<Record>(&raw)
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.into_image(&d))
+            {
+                Ok(img) => Arc::new(img),
+                Err(reason) => {
+                    tracing::warn!(provider, id, digest = %d, %reason, "ignoring a composed image record from Redis");
+                    continue;
+                }
+            };
+            if blob.is_some_and(|b| !img.blobs.contains_key(b)) {
+                continue;
+            }
+            tracing::info!(provider, id, digest = %d, "serving a composition shared through Redis");
+            self.remember(&(provider.to_string(), id.to_string()), &img);
+            return Some(img);
+        }
+        None
+    }
+
+    fn find_version(
+        &self,
+        provider: &str,
+        id: &str,
+        pred: impl Fn(&ComposedImage) -> bool,
+    ) -> Option<Arc<ComposedImage>> {
         let list = self.versions.get(&(provider.to_string(), id.to_string()))?;
         let l = list.lock().ok()?;
         l.iter().find(|v| pred(v)).cloned()
@@ -174,11 +357,16 @@ impl Images {
                 if let Some(v) = self.find_version(provider, id, |v| v.manifest_digest == *d) {
                     return Ok(v);
                 }
-                let img = self.image(provider, id).await?;
-                if img.manifest_digest == *d {
-                    Ok(img)
-                } else {
-                    Err(Error::ManifestNotInImage { digest: d.clone() })
+                let img = match self.image(provider, id).await {
+                    Ok(img) if img.manifest_digest == *d => return Ok(img),
+                    Ok(_) => None,
+                    Err(e) if e.is_retryable() => Some(e),
+                    Err(e) => return Err(e),
+                };
+                match (self.recall(provider, id, Some(d), None).await, img) {
+                    (Some(v), _) => Ok(v),
+                    (None, Some(e)) => Err(e),
+                    (None, None) => Err(Error::ManifestNotInImage { digest: d.clone() }),
                 }
             }
         }
@@ -192,18 +380,34 @@ impl Images {
                 if let Some(e) = img.blobs.get(digest) {
                     return Ok(e.clone());
                 }
-                self.find_version(provider, id, |v| v.blobs.contains_key(digest))
+                if let Some(e) = self
+                    .find_version(provider, id, |v| v.blobs.contains_key(digest))
+                    .and_then(|v| v.blobs.get(digest).cloned())
+                {
+                    return Ok(e);
+                }
+                self.recall(provider, id, None, Some(digest))
+                    .await
                     .and_then(|v| v.blobs.get(digest).cloned())
                     .ok_or_else(|| Error::BlobNotInImage { digest: digest.clone() })
             }
             Err(e) => {
                 // A provider or upstream blip must not break a pull already under way: the
                 // versions handed out are still good.
-                if e.is_retryable()
-                    && let Some(v) = self.find_version(provider, id, |v| v.blobs.contains_key(digest)) {
+                if e.is_retryable() {
+                    let known = match self.find_version(provider, id, |v| v.blobs.contains_key(digest)) {
+                        Some(v) => Some(v),
+                        None => self.recall(provider, id, None, Some(digest)).await,
+                    };
+                    if let Some(v) = known {
                         tracing::warn!(provider, id, error = %e, "serving a blob of an earlier composition while the image cannot be composed");
-                        return v.blobs.get(digest).cloned().ok_or_else(|| Error::BlobNotInImage { digest: digest.clone() });
+                        return v
+                            .blobs
+                            .get(digest)
+                            .cloned()
+                            .ok_or_else(|| Error::BlobNotInImage { digest: digest.clone() });
                     }
+                }
                 Err(e)
             }
         }
@@ -211,7 +415,8 @@ impl Images {
 
     async fn compose(&self, provider_name: &str, id: &str) -> Result<ComposedImage> {
         let provider = {
-            let providers = self.providers.read().map_err(|_| Error::io("providers lock", std::io::ErrorKind::Other.into()))?;
+            let providers =
+                self.providers.read().map_err(|_| Error::io("providers lock", std::io::ErrorKind::Other.into()))?;
             providers.get(provider_name)?.clone()
         };
         let spec = provider.get_spec(id).await?;
@@ -247,7 +452,8 @@ impl Images {
             }
         }
 
-        let image_refs: Vec<&ImageRef> = parts.iter().filter_map(|p| if let Part::Image(r, _) = p { Some(r) } else { None }).collect();
+        let image_refs: Vec<&ImageRef> =
+            parts.iter().filter_map(|p| if let Part::Image(r, _) = p { Some(r) } else { None }).collect();
         let (base, fetched) = futures::future::join(
             self.fetcher.fetch(&spec.base_ref),
             futures::future::join_all(image_refs.iter().map(|r| self.fetcher.fetch(r))),
@@ -265,7 +471,9 @@ impl Images {
         for p in parts {
             held.push(match p {
                 Part::Image(r, label) => {
-                    let image = fetched.next().ok_or_else(|| Error::BadImage { image: r.to_string(), reason: "not fetched".into() })?;
+                    let image = fetched
+                        .next()
+                        .ok_or_else(|| Error::BadImage { image: r.to_string(), reason: "not fetched".into() })?;
                     Held::Image { label, image }
                 }
                 Part::File(f) => Held::Layer {
@@ -274,19 +482,34 @@ impl Images {
                         Some(b) => BlobOrigin::Bytes(b.clone()),
                         None => BlobOrigin::Stored,
                     },
-                    input: LayerInput { digest: f.digest, diff_id: f.diff_id, size: f.size, compression: f.compression },
+                    input: LayerInput {
+                        digest: f.digest,
+                        diff_id: f.diff_id,
+                        size: f.size,
+                        compression: f.compression,
+                    },
                 },
                 Part::Direct(content) => {
                     let digest = Digest::sha256_of(&content);
                     Held::Layer {
                         label: "content layer".into(),
-                        input: LayerInput { digest: digest.clone(), diff_id: digest, size: content.len() as u64, compression: Compression::None },
+                        input: LayerInput {
+                            digest: digest.clone(),
+                            diff_id: digest,
+                            size: content.len() as u64,
+                            compression: Compression::None,
+                        },
                         origin: BlobOrigin::Bytes(content),
                     }
                 }
                 Part::Remote(r) => Held::Layer {
                     label: "content layer".into(),
-                    input: LayerInput { digest: r.digest, diff_id: r.diff_id, size: r.size, compression: r.compression },
+                    input: LayerInput {
+                        digest: r.digest,
+                        diff_id: r.diff_id,
+                        size: r.size,
+                        compression: r.compression,
+                    },
                     origin: BlobOrigin::Remote { url: r.url },
                 },
             });
@@ -319,18 +542,28 @@ impl Images {
         let config_type = mt::family_of(composed.manifest_media_type).map(mt::config_type).unwrap_or(mt::OCI_CONFIG);
         blobs.insert(
             composed.config_digest.clone(),
-            BlobEntry { size: composed.config.len() as u64, media_type: config_type.to_string(), origin: BlobOrigin::Bytes(Bytes::from(composed.config)) },
+            BlobEntry {
+                size: composed.config.len() as u64,
+                media_type: config_type.to_string(),
+                origin: BlobOrigin::Bytes(Bytes::from(composed.config)),
+            },
         );
         for layer in composed.layers {
             let origin = match layer.origin {
-                LayerOrigin::Base => BlobOrigin::Upstream(UpstreamBlob { registry: base.registry.clone(), repo: base.repo.clone() }),
+                LayerOrigin::Base => {
+                    BlobOrigin::Upstream(UpstreamBlob { registry: base.registry.clone(), repo: base.repo.clone() })
+                }
                 LayerOrigin::Addition(i) => match held.get(i) {
-                    Some(Held::Image { image, .. }) => {
-                        BlobOrigin::Upstream(UpstreamBlob { registry: image.registry.clone(), repo: image.repo.clone() })
-                    }
+                    Some(Held::Image { image, .. }) => BlobOrigin::Upstream(UpstreamBlob {
+                        registry: image.registry.clone(),
+                        repo: image.repo.clone(),
+                    }),
                     Some(Held::Layer { origin, .. }) => origin.clone(),
                     None => {
-                        return Err(Error::BadImage { image: base_ref.clone(), reason: format!("composition named unknown addition {i}") });
+                        return Err(Error::BadImage {
+                            image: base_ref.clone(),
+                            reason: format!("composition named unknown addition {i}"),
+                        });
                     }
                 },
             };

@@ -85,7 +85,10 @@ pub fn file_range_stream(
             while filled < want {
                 let n = file.read_at(&mut buf[filled..], pos + filled as u64)?;
                 if n == 0 {
-                    return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "blob file shorter than expected"));
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "blob file shorter than expected",
+                    ));
                 }
                 filled += n;
             }

@@ -74,7 +74,9 @@ pub fn prepare_file(path: &Path, store: Option<&LocalStore>) -> Result<PreparedF
     let mut reader: Box<dyn Read + '_> = match compression {
         Compression::None => Box::new(&bytes[..]),
         Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(&bytes[..])),
-        Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(&bytes[..]).map_err(|e| err(format!("zstd: {e}")))?),
+        Compression::Zstd => {
+            Box::new(zstd::stream::read::Decoder::new(&bytes[..]).map_err(|e| err(format!("zstd: {e}")))?)
+        }
     };
     loop {
         let n = reader.read(&mut buf).map_err(|e| err(format!("cannot decompress: {e}")))?;
@@ -89,6 +91,8 @@ pub fn prepare_file(path: &Path, store: Option<&LocalStore>) -> Result<PreparedF
     let memory = match store {
         Some(s) => {
             s.put_bytes(&digest, &bytes)?;
+            // The store is the layer's only source: it must never be evicted.
+            s.pin(&digest);
             None
         }
         None => Some(Bytes::from(bytes)),

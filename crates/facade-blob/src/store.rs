@@ -3,26 +3,167 @@
 //! Content enters only through [`TempBlob::commit`], which checks digest and size of what was
 //! written and then renames the temp file into place, so a reader never sees a partial or wrong
 //! blob, and a crash leaves at most a stray temp file (removed at the next start).
+//!
+//! The store is bounded: a size limit and an idle TTL, enforced by evicting the least recently
+//! used blobs. "Used" is the file's mtime, touched when a blob is opened, so the order survives
+//! restarts without an index file of its own (the size total is rebuilt by a scan at open).
+//! Blobs being read or written hold an [`InUse`] guard and static layers are pinned: eviction
+//! never removes either.
 
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use facade_oci::{Digest, DigestHasher};
+use prometheus::{IntCounter, IntGauge, Registry};
 
 use crate::error::{Error, Result};
 
-/// A content-addressed store on local disk.
+/// Bounds of the store.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// Most bytes of blobs kept (`None`: unbounded).
+    pub max_bytes: Option<u64>,
+    /// Blobs not used for this long are evicted (`None`: kept while there is room).
+    pub ttl: Option<Duration>,
+    /// A blob's use time is written at most this often (it costs a metadata write).
+    pub touch_interval: Duration,
+    /// How often the background task looks for expired blobs.
+    pub gc_interval: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            max_bytes: None,
+            ttl: None,
+            touch_interval: Duration::from_secs(60),
+            gc_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The store's metrics.
+#[derive(Clone, Debug)]
+pub struct StoreMetrics {
+    bytes: IntGauge,
+    evictions: IntCounter,
+}
+
+impl StoreMetrics {
+    /// Creates the metrics and registers them in `registry`.
+    pub fn register(registry: &Registry) -> Result<Self> {
+        let bytes = IntGauge::new("registry_facade_store_bytes", "Bytes of blobs in the node-local store")
+            .map_err(|source| Error::Metrics { name: "registry_facade_store_bytes", source })?;
+        let evictions =
+            IntCounter::new("registry_facade_store_evictions_total", "Blobs evicted from the node-local store")
+                .map_err(|source| Error::Metrics { name: "registry_facade_store_evictions_total", source })?;
+        registry
+            .register(Box::new(bytes.clone()))
+            .map_err(|source| Error::Metrics { name: "registry_facade_store_bytes", source })?;
+        registry
+            .register(Box::new(evictions.clone()))
+            .map_err(|source| Error::Metrics { name: "registry_facade_store_evictions_total", source })?;
+        Ok(StoreMetrics { bytes, evictions })
+    }
+
+    /// The evictions counter's value.
+    pub fn evictions_value(&self) -> u64 {
+        self.evictions.get()
+    }
+
+    /// The size gauge's value.
+    pub fn bytes_value(&self) -> i64 {
+        self.bytes.get()
+    }
+}
+
+/// What one eviction pass did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Evicted {
+    /// Blobs removed.
+    pub blobs: u64,
+    /// Bytes freed.
+    pub bytes: u64,
+    /// Blobs that would have gone but were in use or pinned.
+    pub kept_in_use: u64,
+}
+
+#[derive(Debug)]
+struct Inner {
+    root: PathBuf,
+    config: StoreConfig,
+    total: AtomicU64,
+    /// Readers and writers per digest. Eviction checks and removes under this lock, and guards
+    /// are taken under it before a file is opened, so a blob cannot go between the two.
+    in_use: Mutex<HashMap<Digest, usize>>,
+    pinned: Mutex<HashSet<Digest>>,
+    metrics: std::sync::OnceLock<StoreMetrics>,
+    wake: tokio::sync::Notify,
+}
+
+/// A content-addressed store on local disk. Cheap to clone (shared state).
 #[derive(Clone, Debug)]
 pub struct LocalStore {
-    root: PathBuf,
+    inner: Arc<Inner>,
+}
+
+/// Keeps one blob from being evicted while it is read or written.
+#[derive(Debug)]
+pub struct InUse {
+    inner: Arc<Inner>,
+    digest: Digest,
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.inner.in_use.lock()
+            && let Some(n) = m.get_mut(&self.digest)
+        {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.digest);
+                drop(m);
+                // A pass that had to keep this blob may now be able to make room.
+                if self.inner.config.max_bytes.is_some_and(|max| self.inner.total.load(Ordering::SeqCst) > max) {
+                    self.inner.wake.notify_one();
+                }
+            }
+        }
+    }
+}
+
+/// An open stored blob and the guard that keeps it from being evicted while it is read.
+#[derive(Debug)]
+pub struct StoredBlob {
+    /// The file (read with `pread`).
+    pub file: std::fs::File,
+    /// Held as long as the blob is read.
+    pub guard: InUse,
 }
 
 static TEMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
+struct BlobFile {
+    path: PathBuf,
+    digest: Digest,
+    size: u64,
+    used: SystemTime,
+}
+
 impl LocalStore {
-    /// Opens (creating) the store at `root` and removes temp files a previous run left behind.
+    /// Opens (creating) an unbounded store at `root` and removes temp files a previous run left
+    /// behind.
     pub fn open(root: &Path) -> Result<Self> {
+        Self::open_with(root, StoreConfig::default())
+    }
+
+    /// Opens (creating) the store at `root` with bounds. Scans the blobs once to learn the size
+    /// total.
+    pub fn open_with(root: &Path, config: StoreConfig) -> Result<Self> {
         for dir in [root.join("blobs/sha256"), root.join("blobs/sha512"), root.join("tmp")] {
             std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         }
@@ -32,12 +173,62 @@ impl LocalStore {
                 let _ = std::fs::remove_file(e.path());
             }
         }
-        Ok(LocalStore { root: root.to_path_buf() })
+        let store = LocalStore {
+            inner: Arc::new(Inner {
+                root: root.to_path_buf(),
+                config,
+                total: AtomicU64::new(0),
+                in_use: Mutex::new(HashMap::new()),
+                pinned: Mutex::new(HashSet::new()),
+                metrics: std::sync::OnceLock::new(),
+                wake: tokio::sync::Notify::new(),
+            }),
+        };
+        let total = store.scan().iter().map(|b| b.size).sum();
+        store.set_total(total);
+        Ok(store)
+    }
+
+    /// Reports size and evictions into `metrics` from now on (the first call wins).
+    pub fn set_metrics(&self, metrics: StoreMetrics) {
+        metrics.bytes.set(i64::try_from(self.total_bytes()).unwrap_or(i64::MAX));
+        let _ = self.inner.metrics.set(metrics);
     }
 
     /// The store's root directory.
     pub fn root(&self) -> &Path {
-        &self.root
+        &self.inner.root
+    }
+
+    /// The bounds.
+    pub fn config(&self) -> &StoreConfig {
+        &self.inner.config
+    }
+
+    /// Bytes of blobs held (as of the last scan plus commits and evictions since).
+    pub fn total_bytes(&self) -> u64 {
+        self.inner.total.load(Ordering::SeqCst)
+    }
+
+    fn set_total(&self, total: u64) {
+        self.inner.total.store(total, Ordering::SeqCst);
+        if let Some(m) = self.inner.metrics.get() {
+            m.bytes.set(i64::try_from(total).unwrap_or(i64::MAX));
+        }
+    }
+
+    fn add_total(&self, delta: u64) {
+        let total = self.inner.total.fetch_add(delta, Ordering::SeqCst) + delta;
+        if let Some(m) = self.inner.metrics.get() {
+            m.bytes.set(i64::try_from(total).unwrap_or(i64::MAX));
+        }
+    }
+
+    fn sub_total(&self, delta: u64) {
+        let prev = self.inner.total.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |t| Some(t.saturating_sub(delta)));
+        if let (Some(m), Ok(prev)) = (self.inner.metrics.get(), prev) {
+            m.bytes.set(i64::try_from(prev.saturating_sub(delta)).unwrap_or(i64::MAX));
+        }
     }
 
     /// Where a blob lives. Only verifiable digests have a place; their encoded part is validated
@@ -46,22 +237,62 @@ impl LocalStore {
         if !digest.is_verifiable() {
             return None;
         }
-        Some(self.root.join("blobs").join(digest.algorithm()).join(digest.encoded()))
+        Some(self.inner.root.join("blobs").join(digest.algorithm()).join(digest.encoded()))
     }
 
-    /// Opens a stored blob whose size is `size`. A file of another size is not the blob (the
-    /// store was tampered with) and is removed.
-    pub fn open_blob(&self, digest: &Digest, size: u64) -> Option<std::fs::File> {
+    /// A guard that keeps `digest` from being evicted until it is dropped (readers and writers
+    /// of the blob hold one).
+    pub fn in_use(&self, digest: &Digest) -> InUse {
+        if let Ok(mut m) = self.inner.in_use.lock() {
+            *m.entry(digest.clone()).or_insert(0) += 1;
+        }
+        InUse { inner: self.inner.clone(), digest: digest.clone() }
+    }
+
+    /// Whether a reader or writer holds `digest`.
+    pub fn is_in_use(&self, digest: &Digest) -> bool {
+        self.inner.in_use.lock().map(|m| m.contains_key(digest)).unwrap_or(true)
+    }
+
+    /// Never evicts `digest` (static layers: they have no other source).
+    pub fn pin(&self, digest: &Digest) {
+        if let Ok(mut p) = self.inner.pinned.lock() {
+            p.insert(digest.clone());
+        }
+    }
+
+    /// Opens a stored blob whose size is `size`, marking it used. A file of another size is not
+    /// the blob (the store was tampered with) and is removed.
+    pub fn open_blob(&self, digest: &Digest, size: u64) -> Option<StoredBlob> {
         let path = self.path_of(digest)?;
+        let guard = self.in_use(digest);
         let file = std::fs::File::open(&path).ok()?;
         match file.metadata() {
-            Ok(m) if m.len() == size => Some(file),
+            Ok(m) if m.len() == size => {
+                self.touch(&file, &m);
+                Some(StoredBlob { file, guard })
+            }
             Ok(m) => {
                 tracing::warn!(%digest, expected = size, found = m.len(), "stored blob has the wrong size; removing it");
-                let _ = std::fs::remove_file(&path);
+                if std::fs::remove_file(&path).is_ok() {
+                    self.sub_total(m.len());
+                }
                 None
             }
             Err(_) => None,
+        }
+    }
+
+    /// Records a use in the file's mtime (at most once per touch interval).
+    fn touch(&self, file: &std::fs::File, meta: &std::fs::Metadata) {
+        let now = SystemTime::now();
+        let stale = meta
+            .modified()
+            .ok()
+            .and_then(|m| now.duration_since(m).ok())
+            .is_none_or(|age| age >= self.inner.config.touch_interval);
+        if stale && let Err(e) = file.set_modified(now) {
+            tracing::debug!(error = %e, "cannot record a blob's use time");
         }
     }
 
@@ -72,7 +303,7 @@ impl LocalStore {
 
     /// A new temp file to write a blob into.
     pub fn temp_blob(&self, digest: &Digest) -> Result<TempBlob> {
-        TempBlob::create(&self.root.join("tmp"), digest)
+        TempBlob::create(&self.inner.root.join("tmp"), digest)
     }
 
     /// Stores bytes already in memory (verified first).
@@ -83,6 +314,115 @@ impl LocalStore {
         let mut t = self.temp_blob(digest)?;
         t.write_all(bytes)?;
         t.commit(self, digest, bytes.len() as u64)
+    }
+
+    fn committed(&self, size: u64) {
+        self.add_total(size);
+        if self.inner.config.max_bytes.is_some_and(|max| self.total_bytes() > max) {
+            self.inner.wake.notify_one();
+        }
+    }
+
+    /// Every blob file with its size and last use.
+    fn scan(&self) -> Vec<BlobFile> {
+        let mut out = Vec::new();
+        for alg in ["sha256", "sha512"] {
+            let Ok(entries) = std::fs::read_dir(self.inner.root.join("blobs").join(alg)) else { continue };
+            for e in entries.flatten() {
+                let Ok(meta) = e.metadata() else { continue };
+                if !meta.is_file() {
+                    continue;
+                }
+                let Some(name) = e.file_name().to_str().map(str::to_string) else { continue };
+                let Ok(digest) = Digest::parse(&format!("{alg}:{name}")) else { continue };
+                out.push(BlobFile {
+                    path: e.path(),
+                    digest,
+                    size: meta.len(),
+                    used: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                });
+            }
+        }
+        out
+    }
+
+    /// One eviction pass (blocking: it scans the store): removes blobs idle past the TTL, then
+    /// least recently used ones until the total fits the limit. Blobs in use or pinned stay.
+    pub fn evict_now(&self) -> Evicted {
+        let mut blobs = self.scan();
+        let mut total: u64 = blobs.iter().map(|b| b.size).sum();
+        self.set_total(total);
+        let max = self.inner.config.max_bytes;
+        let expired_before = self.inner.config.ttl.and_then(|ttl| SystemTime::now().checked_sub(ttl));
+        blobs.sort_by_key(|b| b.used);
+        let mut out = Evicted::default();
+        for b in blobs {
+            let expired = expired_before.is_some_and(|t| b.used < t);
+            let over = max.is_some_and(|m| total > m);
+            if !expired && !over {
+                // Sorted by last use: nothing after this one is expired either.
+                break;
+            }
+            let pinned = self.inner.pinned.lock().map(|p| p.contains(&b.digest)).unwrap_or(true);
+            let Ok(in_use) = self.inner.in_use.lock() else { break };
+            if pinned || in_use.contains_key(&b.digest) {
+                out.kept_in_use += 1;
+                continue;
+            }
+            match std::fs::remove_file(&b.path) {
+                Ok(()) => {
+                    drop(in_use);
+                    total = total.saturating_sub(b.size);
+                    self.sub_total(b.size);
+                    out.blobs += 1;
+                    out.bytes += b.size;
+                    if let Some(m) = self.inner.metrics.get() {
+                        m.evictions.inc();
+                    }
+                    tracing::debug!(digest = %b.digest, size = b.size, expired, "evicted blob from the local store");
+                }
+                Err(e) => tracing::warn!(path = %b.path.display(), error = %e, "cannot evict a blob"),
+            }
+        }
+        if out.blobs > 0 {
+            tracing::info!(
+                blobs = out.blobs,
+                bytes = out.bytes,
+                total_bytes = total,
+                "evicted blobs from the local store"
+            );
+        }
+        if max.is_some_and(|m| total > m) {
+            tracing::warn!(
+                total_bytes = total,
+                max_bytes = max,
+                in_use = out.kept_in_use,
+                "the local store is over its limit and every remaining blob is in use or pinned"
+            );
+        }
+        out
+    }
+
+    /// Runs eviction in the background until `shutdown`: every GC interval (for the TTL) and
+    /// whenever a commit took the store over its limit.
+    pub fn spawn_gc(&self, shutdown: tokio_util::sync::CancellationToken) -> tokio::task::JoinHandle<()> {
+        let store = self.clone();
+        tokio::spawn(async move {
+            if store.inner.config.max_bytes.is_none() && store.inner.config.ttl.is_none() {
+                return;
+            }
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = store.inner.wake.notified() => {}
+                    _ = tokio::time::sleep(store.inner.config.gc_interval) => {}
+                }
+                let s = store.clone();
+                if let Err(e) = tokio::task::spawn_blocking(move || s.evict_now()).await {
+                    tracing::warn!(error = %e, "store eviction task failed");
+                }
+            }
+        })
     }
 }
 
@@ -97,7 +437,9 @@ pub struct TempBlob {
 impl TempBlob {
     /// Creates a temp file in `dir` for a blob of `digest` (named so operators can tell).
     pub fn create(dir: &Path, digest: &Digest) -> Result<TempBlob> {
-        let hasher = digest.hasher().ok_or_else(|| Error::io(format!("cannot verify {digest}"), std::io::ErrorKind::InvalidInput.into()))?;
+        let hasher = digest
+            .hasher()
+            .ok_or_else(|| Error::io(format!("cannot verify {digest}"), std::io::ErrorKind::InvalidInput.into()))?;
         let name = format!(
             "{}-{}-{}",
             &digest.encoded()[..12.min(digest.encoded().len())],
@@ -121,7 +463,10 @@ impl TempBlob {
 
     /// Appends bytes.
     pub fn write_all(&mut self, data: &[u8]) -> Result<()> {
-        let file = self.file.as_mut().ok_or_else(|| Error::io("temp blob already closed", std::io::ErrorKind::Other.into()))?;
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| Error::io("temp blob already closed", std::io::ErrorKind::Other.into()))?;
         file.write_all(data).map_err(|e| Error::io(format!("writing {}", self.path.display()), e))?;
         if let Some(h) = self.hasher.as_mut() {
             h.update(data);
@@ -145,8 +490,13 @@ impl TempBlob {
             // rename and writeback would otherwise leave a short file under a digest name.
             file.sync_data().map_err(|e| Error::io(format!("syncing {}", self.path.display()), e))?;
         }
+        let replaced = std::fs::metadata(&dest).map(|m| m.len()).ok();
         std::fs::rename(&self.path, &dest).map_err(|e| Error::io(format!("renaming into {}", dest.display()), e))?;
         self.path = PathBuf::new();
+        if let Some(old) = replaced {
+            store.sub_total(old);
+        }
+        store.committed(size);
         Ok(())
     }
 
@@ -188,6 +538,7 @@ mod tests {
         store.put_bytes(&d, b"hello").unwrap();
         assert!(store.contains(&d));
         assert!(store.open_blob(&d, 5).is_some());
+        assert_eq!(store.total_bytes(), 5);
 
         let wrong = Digest::sha256_of(b"other");
         let mut t = store.temp_blob(&wrong).unwrap();
@@ -228,6 +579,128 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::open(dir.path()).unwrap();
         assert!(store.path_of(&Digest::parse("md5x:abc").unwrap()).is_none());
+    }
+
+    fn bounded(dir: &Path, max_bytes: Option<u64>, ttl: Option<Duration>) -> LocalStore {
+        LocalStore::open_with(dir, StoreConfig { max_bytes, ttl, ..StoreConfig::default() }).unwrap()
+    }
+
+    /// Stores `n` bytes of content `seed` and marks it used `age` ago.
+    fn put_aged(store: &LocalStore, seed: u8, n: usize, age: Duration) -> Digest {
+        let bytes = vec![seed; n];
+        let d = Digest::sha256_of(&bytes);
+        store.put_bytes(&d, &bytes).unwrap();
+        let f = std::fs::File::options().write(true).open(store.path_of(&d).unwrap()).unwrap();
+        f.set_modified(SystemTime::now() - age).unwrap();
+        d
+    }
+
+    #[test]
+    fn evicts_least_recently_used_blobs_until_the_store_fits() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = bounded(dir.path(), Some(300), None);
+        let hour = Duration::from_secs(3600);
+        let oldest = put_aged(&store, 1, 100, 4 * hour);
+        let old = put_aged(&store, 2, 100, 3 * hour);
+        let newer = put_aged(&store, 3, 100, 2 * hour);
+        let newest = put_aged(&store, 4, 100, hour);
+        assert_eq!(store.total_bytes(), 400);
+        let out = store.evict_now();
+        assert_eq!((out.blobs, out.bytes), (1, 100));
+        assert!(!store.contains(&oldest));
+        for d in [&old, &newer, &newest] {
+            assert!(store.contains(d));
+        }
+        assert_eq!(store.total_bytes(), 300);
+        // Reading a blob makes it the most recently used: the next victim is `newer`.
+        drop(store.open_blob(&old, 100).unwrap());
+        put_aged(&store, 5, 100, Duration::ZERO);
+        store.evict_now();
+        assert!(store.contains(&old) && !store.contains(&newer) && store.contains(&newest));
+    }
+
+    #[test]
+    fn never_evicts_blobs_in_use_or_pinned() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = bounded(dir.path(), Some(100), None);
+        let hour = Duration::from_secs(3600);
+        let read = put_aged(&store, 1, 100, 5 * hour);
+        let written = put_aged(&store, 2, 100, 4 * hour);
+        let pinned = put_aged(&store, 3, 100, 3 * hour);
+        let free = put_aged(&store, 4, 100, 2 * hour);
+        let reader = store.open_blob(&read, 100).unwrap();
+        // Re-age it: the open touched it, and this test is about the guard, not recency.
+        reader.file.set_modified(SystemTime::now() - 5 * hour).ok();
+        let writer = store.in_use(&written);
+        store.pin(&pinned);
+        let out = store.evict_now();
+        assert_eq!((out.blobs, out.kept_in_use), (1, 3), "{out:?}");
+        assert!(store.contains(&read) && store.contains(&written) && store.contains(&pinned) && !store.contains(&free));
+        // The guards gone, the next pass gets the store under its limit (the pin stays).
+        drop((reader, writer));
+        store.evict_now();
+        assert!(!store.contains(&read) && !store.contains(&written) && store.contains(&pinned));
+        assert_eq!(store.total_bytes(), 100);
+    }
+
+    #[test]
+    fn evicts_blobs_idle_past_the_ttl_even_when_there_is_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = bounded(dir.path(), None, Some(Duration::from_secs(3600)));
+        let stale = put_aged(&store, 1, 10, Duration::from_secs(7200));
+        let fresh = put_aged(&store, 2, 10, Duration::from_secs(60));
+        assert_eq!(store.evict_now().blobs, 1);
+        assert!(!store.contains(&stale) && store.contains(&fresh));
+    }
+
+    #[test]
+    fn size_total_and_use_order_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let hour = Duration::from_secs(3600);
+        let (a, b) = {
+            let store = bounded(dir.path(), None, None);
+            (put_aged(&store, 1, 100, 2 * hour), put_aged(&store, 2, 50, hour))
+        };
+        let store = bounded(dir.path(), Some(100), None);
+        assert_eq!(store.total_bytes(), 150, "the total is rebuilt by a scan at open");
+        store.evict_now();
+        assert!(!store.contains(&a) && store.contains(&b), "the older blob goes first after a restart too");
+    }
+
+    #[test]
+    fn metrics_follow_size_and_evictions() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = bounded(dir.path(), Some(100), None);
+        let registry = Registry::new();
+        let m = StoreMetrics::register(&registry).unwrap();
+        store.set_metrics(m.clone());
+        put_aged(&store, 1, 100, Duration::from_secs(60));
+        put_aged(&store, 2, 100, Duration::ZERO);
+        assert_eq!(m.bytes_value(), 200);
+        store.evict_now();
+        assert_eq!((m.bytes_value(), m.evictions_value()), (100, 1));
+    }
+
+    #[tokio::test]
+    async fn a_commit_over_the_limit_wakes_the_background_eviction() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open_with(
+            dir.path(),
+            StoreConfig { max_bytes: Some(150), gc_interval: Duration::from_secs(3600), ..StoreConfig::default() },
+        )
+        .unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let gc = store.spawn_gc(stop.clone());
+        let first = put_aged(&store, 1, 100, Duration::from_secs(60));
+        let second = put_aged(&store, 2, 100, Duration::ZERO);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while store.contains(&first) {
+            assert!(tokio::time::Instant::now() < deadline, "no eviction after the limit was passed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(store.contains(&second));
+        stop.cancel();
+        gc.await.unwrap();
     }
 
     #[test]

@@ -132,12 +132,8 @@ impl DigestHasher {
     /// The digest of everything fed.
     pub fn finish(self) -> Digest {
         match self {
-            DigestHasher::Sha256(h) => {
-                Digest { text: format!("sha256:{}", hex::encode(h.finalize())), split: 6 }
-            }
-            DigestHasher::Sha512(h) => {
-                Digest { text: format!("sha512:{}", hex::encode(h.finalize())), split: 6 }
-            }
+            DigestHasher::Sha256(h) => Digest { text: format!("sha256:{}", hex::encode(h.finalize())), split: 6 },
+            DigestHasher::Sha512(h) => Digest { text: format!("sha512:{}", hex::encode(h.finalize())), split: 6 },
         }
     }
 }

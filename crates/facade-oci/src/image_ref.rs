@@ -53,21 +53,17 @@ impl ImageRef {
             None => (rest, None),
         };
         let (registry, path) = match name.split_once('/') {
-            Some((first, path))
-                if first.contains('.') || first.contains(':') || first == "localhost" =>
-            {
+            Some((first, path)) if first.contains('.') || first.contains(':') || first == "localhost" => {
                 (first.to_string(), path.to_string())
             }
             _ => (DOCKER_HUB.to_string(), name.to_string()),
         };
-        if registry.is_empty() || !registry.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']')) {
+        if registry.is_empty()
+            || !registry.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'))
+        {
             return Err(bad("invalid registry host"));
         }
-        let path = if registry == DOCKER_HUB && !path.contains('/') {
-            format!("library/{path}")
-        } else {
-            path
-        };
+        let path = if registry == DOCKER_HUB && !path.contains('/') { format!("library/{path}") } else { path };
         let repository = RepoName::parse(&path).map_err(|e| bad(&e.to_string()))?;
         let tag = if tag.is_none() && digest.is_none() { Some("latest".to_string()) } else { tag };
         Ok(ImageRef { registry, repository, tag, digest })
@@ -75,11 +71,7 @@ impl ImageRef {
 
     /// The host to send registry API calls to (`registry-1.docker.io` for Docker Hub).
     pub fn api_host(&self) -> &str {
-        if self.registry == DOCKER_HUB || self.registry == "index.docker.io" {
-            DOCKER_HUB_API
-        } else {
-            &self.registry
-        }
+        if self.registry == DOCKER_HUB || self.registry == "index.docker.io" { DOCKER_HUB_API } else { &self.registry }
     }
 
     /// What to fetch: the digest when pinned, else the tag.
@@ -117,11 +109,17 @@ mod tests {
     #[test]
     fn parses_common_forms() {
         let r = ImageRef::parse("ubuntu").unwrap();
-        assert_eq!((r.registry.as_str(), r.repository.as_str(), r.tag.as_deref()), ("docker.io", "library/ubuntu", Some("latest")));
+        assert_eq!(
+            (r.registry.as_str(), r.repository.as_str(), r.tag.as_deref()),
+            ("docker.io", "library/ubuntu", Some("latest"))
+        );
         assert_eq!(r.api_host(), "registry-1.docker.io");
 
         let r = ImageRef::parse("127.0.0.1:5000/demo/base:v1").unwrap();
-        assert_eq!((r.registry.as_str(), r.repository.as_str(), r.tag.as_deref()), ("127.0.0.1:5000", "demo/base", Some("v1")));
+        assert_eq!(
+            (r.registry.as_str(), r.repository.as_str(), r.tag.as_deref()),
+            ("127.0.0.1:5000", "demo/base", Some("v1"))
+        );
 
         let d = format!("sha256:{}", "a".repeat(64));
         let r = ImageRef::parse(&format!("localhost/x:t@{d}")).unwrap();

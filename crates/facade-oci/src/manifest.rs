@@ -88,13 +88,9 @@ impl ParsedManifest {
     /// document has no `mediaType` (allowed for OCI).
     pub fn parse(bytes: &[u8], content_type: Option<&str>) -> Result<Self> {
         let bad = |reason: String| Error::InvalidDocument { what: "manifest", reason };
-        let doc: RawDoc =
-            serde_json::from_slice(bytes).map_err(|e| bad(format!("not a JSON manifest: {e}")))?;
+        let doc: RawDoc = serde_json::from_slice(bytes).map_err(|e| bad(format!("not a JSON manifest: {e}")))?;
         if doc.schema_version != Some(2) {
-            return Err(bad(format!(
-                "schemaVersion {:?} is not supported (only 2)",
-                doc.schema_version
-            )));
+            return Err(bad(format!("schemaVersion {:?} is not supported (only 2)", doc.schema_version)));
         }
         let ct = content_type.map(|c| c.split(';').next().unwrap_or("").trim()).filter(|c| !c.is_empty());
         let media_type = match (&doc.media_type, ct) {
@@ -179,13 +175,25 @@ mod tests {
 
     #[test]
     fn parses_docker_and_oci_manifests() {
-        let m = format!(r#"{{"schemaVersion":2,"mediaType":"{}","config":{{"mediaType":"{}","digest":"{D}","size":3}},"layers":[{{"mediaType":"{}","digest":"{D}","size":7}}]}}"#, mt::DOCKER_MANIFEST, mt::DOCKER_CONFIG, mt::DOCKER_LAYER_GZIP);
+        let m = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{}","config":{{"mediaType":"{}","digest":"{D}","size":3}},"layers":[{{"mediaType":"{}","digest":"{D}","size":7}}]}}"#,
+            mt::DOCKER_MANIFEST,
+            mt::DOCKER_CONFIG,
+            mt::DOCKER_LAYER_GZIP
+        );
         let ParsedManifest::Image(v) = ParsedManifest::parse(m.as_bytes(), None).unwrap() else { panic!() };
         assert_eq!(v.media_type, mt::DOCKER_MANIFEST);
         assert_eq!(v.layers[0].size, 7);
 
-        let m = format!(r#"{{"schemaVersion":2,"config":{{"mediaType":"{}","digest":"{D}","size":3}},"layers":[]}}"#, mt::OCI_CONFIG);
-        let ParsedManifest::Image(v) = ParsedManifest::parse(m.as_bytes(), Some("application/vnd.oci.image.manifest.v1+json")).unwrap() else { panic!() };
+        let m = format!(
+            r#"{{"schemaVersion":2,"config":{{"mediaType":"{}","digest":"{D}","size":3}},"layers":[]}}"#,
+            mt::OCI_CONFIG
+        );
+        let ParsedManifest::Image(v) =
+            ParsedManifest::parse(m.as_bytes(), Some("application/vnd.oci.image.manifest.v1+json")).unwrap()
+        else {
+            panic!()
+        };
         assert_eq!(v.media_type, mt::OCI_MANIFEST);
     }
 

@@ -108,11 +108,7 @@ impl Reference {
         if s.contains(':') {
             return Digest::parse(s).map(Reference::Digest);
         }
-        if is_valid_tag(s) {
-            Ok(Reference::Tag(s.to_string()))
-        } else {
-            Err(Error::InvalidTag { value: clip(s) })
-        }
+        if is_valid_tag(s) { Ok(Reference::Tag(s.to_string())) } else { Err(Error::InvalidTag { value: clip(s) }) }
     }
 
     /// The digest, if this reference is one.

@@ -134,7 +134,11 @@ impl Client {
     }
 
     /// [`Client::new`] that also counts every upstream request in `metrics`.
-    pub fn with_metrics(config: Config, auth: DockerAuth, metrics: Option<crate::metrics::UpstreamMetrics>) -> Result<Client> {
+    pub fn with_metrics(
+        config: Config,
+        auth: DockerAuth,
+        metrics: Option<crate::metrics::UpstreamMetrics>,
+    ) -> Result<Client> {
         let mut transport = Transport::new(&config)?;
         transport.metrics = metrics;
         Ok(Client { inner: Arc::new(Inner { transport, config, auth: RwLock::new(Arc::new(AuthState::new(auth))) }) })

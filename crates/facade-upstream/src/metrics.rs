@@ -15,7 +15,10 @@ impl UpstreamMetrics {
     /// Registers the metrics into `registry`.
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let requests = IntCounterVec::new(
-            Opts::new("registry_facade_upstream_requests_total", "Requests sent to upstream registries and token servers"),
+            Opts::new(
+                "registry_facade_upstream_requests_total",
+                "Requests sent to upstream registries and token servers",
+            ),
             &["kind", "status_class"],
         )?;
         let duration = HistogramVec::new(

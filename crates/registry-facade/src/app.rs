@@ -7,9 +7,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use facade_blob::{BlobChain, FetchConfig, FillConfig, Fills, ImageFetcher, Images, ImagesConfig, LocalStore};
+use facade_blob::{
+    BlobChain, ClusterCache, ClusterConfig, ClusterMetrics, FetchConfig, FillConfig, Fills, ImageFetcher, Images,
+    ImagesConfig, LocalStore, StoreConfig, StoreMetrics,
+};
 use facade_server::{Readiness, ServerConfig, ServerMetrics};
-use facade_spec::{FixedSpecProvider, Providers};
+use facade_spec::{
+    CacheConfig, CachedSpecProvider, ClientTls, FixedSpecProvider, GrpcConfig, GrpcEndpoint, GrpcSpecProvider,
+    Providers, SpecMetrics,
+};
 use facade_upstream::DockerAuth;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -25,6 +31,7 @@ pub struct App {
     metrics: prometheus::Registry,
     readiness: Readiness,
     grace: std::time::Duration,
+    store: Option<LocalStore>,
 }
 
 impl App {
@@ -32,7 +39,8 @@ impl App {
     pub async fn build(config: Config) -> anyhow::Result<App> {
         let auth = match &config.docker_auth {
             Some(p) => {
-                let text = std::fs::read_to_string(p).with_context(|| format!("dockerAuth: cannot read {}", p.display()))?;
+                let text =
+                    std::fs::read_to_string(p).with_context(|| format!("dockerAuth: cannot read {}", p.display()))?;
                 DockerAuth::parse(&text).with_context(|| format!("dockerAuth: {}", p.display()))?
             }
             None => DockerAuth::empty(),
@@ -51,7 +59,11 @@ impl App {
         .context("upstream client")?;
 
         let store = match &config.store {
-            Some(dir) => Some(LocalStore::open(dir).with_context(|| format!("registry.store: {}", dir.display()))?),
+            Some(dir) => {
+                let bounds =
+                    StoreConfig { max_bytes: config.store_max_bytes, ttl: config.store_ttl, ..StoreConfig::default() };
+                Some(LocalStore::open_with(dir, bounds).with_context(|| format!("registry.store: {}", dir.display()))?)
+            }
             None => None,
         };
         let static_layers = {
@@ -62,28 +74,42 @@ impl App {
                 .context("static layers")?
                 .context("registry.staticLayer")?
         };
+        let metrics = prometheus::Registry::new();
         let mut providers = Providers::new();
         if let Some(f) = &config.fixed_spec_file {
             let fixed = FixedSpecProvider::load(f).context("registry.fixedSpecFN")?;
             tracing::info!(file = %f.display(), workspaces = fixed.len(), "loaded fixed specs");
             providers.insert("fixed", Arc::new(fixed));
         }
+        if !config.remote_spec_providers.is_empty() {
+            let spec_metrics = SpecMetrics::register(&metrics).context("metrics")?;
+            providers.insert("remote", Arc::new(remote_provider(&config, spec_metrics)?));
+        }
 
+        let cluster_metrics = ClusterMetrics::register(&metrics).context("metrics")?;
+        if let Some(s) = &store {
+            s.set_metrics(StoreMetrics::register(&metrics).context("metrics")?);
+        }
+        let cluster = cluster_cache(&config, &cluster_metrics)?;
         let fetcher = ImageFetcher::new(
             upstream.clone(),
             FetchConfig { platform: config.platform.clone(), tag_ttl: config.tag_ttl, ..FetchConfig::default() },
-        );
+        )
+        .with_cluster(cluster.clone());
         let images = Images::new(
             ImagesConfig { compose_ttl: config.compose_ttl, ..ImagesConfig::default() },
             providers,
             fetcher,
             static_layers,
-        );
-        let fills = Fills::new(FillConfig::default(), store.clone(), upstream).context("blob fills")?;
-        let chain = Arc::new(BlobChain::new(store, fills));
+        )
+        .with_cluster(cluster.clone());
+        let fills =
+            Fills::with_cluster(FillConfig::default(), store.clone(), upstream, cluster, cluster_metrics.clone())
+                .context("blob fills")?;
+        let gc_store = store.clone();
+        let chain = Arc::new(BlobChain::with_metrics(store, fills, cluster_metrics));
         let engine = Arc::new(Engine { images, chain });
 
-        let metrics = prometheus::Registry::new();
         let server_metrics = ServerMetrics::register(&metrics).context("metrics")?;
         let app = Arc::new(facade_server::App::new(
             ServerConfig { prefix: config.prefix.clone(), ..ServerConfig::default() },
@@ -91,8 +117,9 @@ impl App {
             server_metrics,
         ));
 
-        let registry_listener =
-            TcpListener::bind(config.listen).await.with_context(|| format!("registry.port: cannot listen on {}", config.listen))?;
+        let registry_listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("registry.port: cannot listen on {}", config.listen))?;
         let mut admin_listeners = Vec::new();
         let mut admin_addrs: Vec<SocketAddr> = Vec::new();
         for (key, addr) in [("prometheusAddr", config.prometheus_addr), ("readinessProbeAddr", config.readiness_addr)] {
@@ -105,7 +132,15 @@ impl App {
                 admin_listeners.push(l);
             }
         }
-        Ok(App { registry_listener, admin_listeners, app, metrics, readiness: Readiness::new(), grace: config.shutdown_grace })
+        Ok(App {
+            registry_listener,
+            admin_listeners,
+            app,
+            metrics,
+            readiness: Readiness::new(),
+            grace: config.shutdown_grace,
+            store: gc_store,
+        })
     }
 
     /// The registry's bound address.
@@ -122,6 +157,9 @@ impl App {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let addr = self.registry_addr();
         let serving = CancellationToken::new();
+        if let Some(store) = &self.store {
+            store.spawn_gc(serving.clone());
+        }
         let mut tasks = tokio::task::JoinSet::new();
         for l in self.admin_listeners {
             let (reg, ready, stop) = (self.metrics.clone(), self.readiness.clone(), serving.clone());
@@ -143,4 +181,65 @@ impl App {
         tasks.abort_all();
         Ok(())
     }
+}
+
+/// The `remote` provider: the configured spec servers in order, behind the spec cache. Reads
+/// the TLS files now so a bad certificate stops the start, naming its key; connects lazily, so a
+/// spec server that is down does not.
+fn remote_provider(config: &Config, metrics: SpecMetrics) -> anyhow::Result<CachedSpecProvider<GrpcSpecProvider>> {
+    let read = |key: String, p: &std::path::Path| -> anyhow::Result<Vec<u8>> {
+        std::fs::read(p).with_context(|| format!("{key}: cannot read {}", p.display()))
+    };
+    let mut endpoints = Vec::new();
+    for (i, p) in config.remote_spec_providers.iter().enumerate() {
+        let key = format!("registry.remoteSpecProvider[{i}]");
+        let tls = match &p.tls {
+            None => None,
+            Some(t) => Some(ClientTls {
+                ca_pem: read(format!("{key}.tls.ca"), &t.ca)?,
+                identity: match &t.identity {
+                    Some((crt, k)) => Some((read(format!("{key}.tls.crt"), crt)?, read(format!("{key}.tls.key"), k)?)),
+                    None => None,
+                },
+                server_name: Some(config.spec.server_name.clone()),
+            }),
+        };
+        endpoints.push(GrpcEndpoint { addr: p.addr.clone(), tls });
+    }
+    let grpc = GrpcSpecProvider::new(
+        "remote",
+        &endpoints,
+        GrpcConfig { timeout: config.spec.timeout, ..GrpcConfig::default() },
+    )
+    .context("registry.remoteSpecProvider")?
+    .with_metrics(metrics.clone());
+    let cache = CacheConfig {
+        ttl: config.spec.cache_ttl,
+        negative_ttl: config.spec.negative_ttl,
+        stale_for: config.spec.stale_ttl,
+        max_entries: config.spec.cache_size,
+    };
+    tracing::info!(servers = endpoints.len(), timeout = ?config.spec.timeout, "remote spec provider configured");
+    Ok(CachedSpecProvider::new("remote", grpc, cache).with_metrics(metrics))
+}
+
+/// The cluster cache, when Redis or IPFS is enabled. Connects lazily: a dependency that is down
+/// at start-up is an outage the chain falls back from, not a reason to refuse to start.
+fn cluster_cache(config: &Config, metrics: &ClusterMetrics) -> anyhow::Result<Option<Arc<ClusterCache>>> {
+    let c = &config.cluster;
+    if c.redis.is_none() && c.ipfs.is_none() {
+        return Ok(None);
+    }
+    let cluster = ClusterCache::new(
+        ClusterConfig { redis: c.redis.clone(), ipfs: c.ipfs.clone(), tag_ttl: c.tag_ttl, ..ClusterConfig::default() },
+        metrics.clone(),
+    )
+    .context("registry.redis / registry.ipfs")?;
+    tracing::info!(
+        redis = c.redis.as_ref().map(|r| r.addr.as_str()),
+        redis_tls = c.redis.as_ref().is_some_and(|r| r.tls),
+        ipfs = c.ipfs.as_ref().map(|i| i.api.as_str()),
+        "cluster cache configured"
+    );
+    Ok(Some(cluster))
 }

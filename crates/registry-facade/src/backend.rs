@@ -51,14 +51,23 @@ impl facade_server::Backend for Engine {
             .manifest(&req.provider, &req.id, &req.reference)
             .await
             .map_err(|e| map_error(e, Route::Manifest))?;
-        Ok(ManifestBody { bytes: img.manifest.clone(), media_type: img.media_type.clone(), digest: img.manifest_digest.clone() })
+        Ok(ManifestBody {
+            bytes: img.manifest.clone(),
+            media_type: img.media_type.clone(),
+            digest: img.manifest_digest.clone(),
+        })
     }
 
     async fn blob(&self, req: BlobRequest) -> Result<BlobBody, BackendError> {
-        let entry = self.images.blob(&req.provider, &req.id, &req.digest).await.map_err(|e| map_error(e, Route::Blob))?;
+        let entry =
+            self.images.blob(&req.provider, &req.id, &req.digest).await.map_err(|e| map_error(e, Route::Blob))?;
         let content = match self.chain.redirect_for(&req.digest, &entry) {
             Some(url) => BlobContent::Redirect(url),
-            None => BlobContent::Stream(Box::new(Opener { chain: self.chain.clone(), digest: req.digest, entry: entry.clone() })),
+            None => BlobContent::Stream(Box::new(Opener {
+                chain: self.chain.clone(),
+                digest: req.digest,
+                entry: entry.clone(),
+            })),
         };
         Ok(BlobBody { size: entry.size, media_type: entry.media_type, content })
     }

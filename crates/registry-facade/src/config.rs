@@ -175,9 +175,44 @@ pub struct FacadeSection {
     /// Longest wait for upstream body bytes before resuming (default 15s).
     #[serde(rename = "upstreamReadTimeout", default)]
     pub upstream_read_timeout: Option<String>,
+    /// Most bytes the local store keeps before evicting least recently used blobs: a number of
+    /// bytes or a size such as "512MiB" or "20GiB" (default "20GiB"; 0: unbounded).
+    #[serde(rename = "storeMaxBytes", default)]
+    pub store_max_bytes: Option<serde_json::Value>,
+    /// Blobs of the local store unused for this long are evicted (default "168h"; "0s": never).
+    #[serde(rename = "storeTTL", default)]
+    pub store_ttl: Option<String>,
+    /// How long a tag resolution is shared with other facades through Redis (default "5m").
+    #[serde(rename = "clusterTagTTL", default)]
+    pub cluster_tag_ttl: Option<String>,
+    /// Deadline of one Redis command (default "500ms").
+    #[serde(rename = "clusterRedisTimeout", default)]
+    pub cluster_redis_timeout: Option<String>,
+    /// Deadline for IPFS's first byte of a blob (default "3s").
+    #[serde(rename = "clusterIPFSTimeout", default)]
+    pub cluster_ipfs_timeout: Option<String>,
     /// Grace period for in-flight pulls on SIGTERM (default 30s).
     #[serde(rename = "shutdownGrace", default)]
     pub shutdown_grace: Option<String>,
+    /// Longest one remote spec provider may take to answer, retries included (default 5s).
+    #[serde(rename = "specTimeout", default)]
+    pub spec_timeout: Option<String>,
+    /// How long a remote spec is reused without asking again (default 10s).
+    #[serde(rename = "specCacheTTL", default)]
+    pub spec_cache_ttl: Option<String>,
+    /// How long "no such workspace" from a remote provider is remembered (default 2s).
+    #[serde(rename = "specNegativeTTL", default)]
+    pub spec_negative_ttl: Option<String>,
+    /// How long a remote spec may still be served while the providers fail (default 1h; 0s: never).
+    #[serde(rename = "specStaleTTL", default)]
+    pub spec_stale_ttl: Option<String>,
+    /// Most workspace specs cached (default 10000).
+    #[serde(rename = "specCacheSize", default)]
+    pub spec_cache_size: Option<u64>,
+    /// Name the remote spec providers' TLS certificates are verified against (default
+    /// `ws-manager`, as the reference facade does whatever the address says).
+    #[serde(rename = "specServerName", default)]
+    pub spec_server_name: Option<String>,
 }
 
 /// The validated configuration the binary wires from.
@@ -189,10 +224,20 @@ pub struct Config {
     pub prefix: String,
     /// Local store.
     pub store: Option<PathBuf>,
+    /// The local store's size limit (`None`: unbounded).
+    pub store_max_bytes: Option<u64>,
+    /// The local store's idle TTL (`None`: blobs stay while there is room).
+    pub store_ttl: Option<Duration>,
+    /// The cluster cache (`registry.redis`, `registry.ipfs`, `facade.cluster*`).
+    pub cluster: ClusterSettings,
     /// Static layers, in order.
     pub static_layers: Vec<facade_blob::StaticLayerSpec>,
     /// The `fixed` provider's file.
     pub fixed_spec_file: Option<PathBuf>,
+    /// The `remote` provider's gRPC spec servers, in the order they are asked.
+    pub remote_spec_providers: Vec<RemoteSpecProvider>,
+    /// Calls to and caching of the `remote` provider.
+    pub spec: SpecSettings,
     /// Upstream credentials file.
     pub docker_auth: Option<PathBuf>,
     /// Metrics listener.
@@ -211,6 +256,230 @@ pub struct Config {
     pub upstream_timeouts: (Duration, Duration, Duration),
     /// SIGTERM grace.
     pub shutdown_grace: Duration,
+}
+
+/// One validated `registry.remoteSpecProvider` entry.
+#[derive(Debug, Clone)]
+pub struct RemoteSpecProvider {
+    /// gRPC target as configured (`dns:///host:port`, `host:port`).
+    pub addr: String,
+    /// TLS files; `None` is plaintext.
+    pub tls: Option<RemoteSpecTls>,
+}
+
+/// TLS files of a spec provider.
+#[derive(Debug, Clone)]
+pub struct RemoteSpecTls {
+    /// CA bundle the server's certificate must chain to.
+    pub ca: PathBuf,
+    /// Client certificate and key for mutual TLS.
+    pub identity: Option<(PathBuf, PathBuf)>,
+}
+
+/// The `facade.spec*` keys.
+#[derive(Debug, Clone)]
+pub struct SpecSettings {
+    /// Deadline per provider, retries included.
+    pub timeout: Duration,
+    /// Fresh spec reuse.
+    pub cache_ttl: Duration,
+    /// "No such workspace" reuse.
+    pub negative_ttl: Duration,
+    /// Serve-stale window.
+    pub stale_ttl: Duration,
+    /// Cached workspaces.
+    pub cache_size: u64,
+    /// TLS server name.
+    pub server_name: String,
+}
+
+/// Checks that a configured path (key, value) names a readable file, recording problems.
+type CheckFile<'a> = dyn Fn(&str, &str, &mut Vec<String>) -> Option<PathBuf> + 'a;
+
+fn parse_remote_providers(
+    entries: &[RemoteProviderEntry],
+    check_file: &CheckFile<'_>,
+    errs: &mut Vec<String>,
+) -> Vec<RemoteSpecProvider> {
+    let mut out = Vec::new();
+    for (i, e) in entries.iter().enumerate() {
+        let key = format!("registry.remoteSpecProvider[{i}]");
+        let before = errs.len();
+        if let Err(e) = facade_spec::grpc::target_uri(&e.addr, e.tls.is_some()) {
+            let reason = match e {
+                facade_spec::Error::Config(r) => r,
+                other => other.to_string(),
+            };
+            errs.push(format!("{key}.addr: {reason}"));
+        }
+        let tls = e.tls.as_ref().and_then(|t| {
+            if t.ca.is_empty() {
+                errs.push(format!("{key}.tls.ca: required when tls is set (the CA of the spec server's certificate)"));
+            }
+            if t.crt.is_empty() != t.key.is_empty() {
+                errs.push(format!("{key}.tls: crt and key go together (both for mutual TLS, neither for TLS)"));
+            }
+            let ca = check_file(&format!("{key}.tls.ca"), &t.ca, errs);
+            let crt = check_file(&format!("{key}.tls.crt"), &t.crt, errs);
+            let key_file = check_file(&format!("{key}.tls.key"), &t.key, errs);
+            Some(RemoteSpecTls { ca: ca?, identity: crt.zip(key_file) })
+        });
+        if errs.len() == before {
+            out.push(RemoteSpecProvider { addr: e.addr.trim().to_string(), tls });
+        }
+    }
+    out
+}
+
+/// The validated cluster-cache settings.
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    /// Redis, when `registry.redis.enabled` (password from `REDIS_PASSWORD`).
+    pub redis: Option<facade_blob::cluster::RedisConfig>,
+    /// IPFS, when `registry.ipfs.enabled` (`$IPFS_HOST` expanded, multiaddr mapped to a URL).
+    pub ipfs: Option<facade_blob::cluster::IpfsConfig>,
+    /// How long tag resolutions are shared.
+    pub tag_ttl: Duration,
+}
+
+/// Parses a size: a number of bytes, or a number with a unit (`B`, `KiB`, `MiB`, `GiB`,
+/// `TiB`, or the decimal `KB`, `MB`, `GB`, `TB`), e.g. "512MiB", "20GiB", "1.5 GiB".
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = (&t[..split], t[split..].trim());
+    let mult: u64 = match unit {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        other => return Err(format!("unknown unit {other:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB)")),
+    };
+    if num.is_empty() {
+        return Err("no number".into());
+    }
+    if let Ok(n) = num.parse::<u64>() {
+        return n.checked_mul(mult).ok_or_else(|| "too large".to_string());
+    }
+    let f: f64 = num.parse().map_err(|_| format!("{num:?} is not a number"))?;
+    let bytes = f * mult as f64;
+    if !bytes.is_finite() || bytes < 0.0 || bytes >= u64::MAX as f64 {
+        return Err("too large".into());
+    }
+    Ok(bytes as u64)
+}
+
+/// The store-bound and cluster keys: `registry.redis`, `registry.ipfs`, `facade.store*`,
+/// `facade.cluster*`. Every problem goes to `errs`, named by its key.
+fn parse_cluster(
+    file: &FileConfig,
+    env: &dyn Env,
+    errs: &mut Vec<String>,
+) -> (Option<u64>, Option<Duration>, ClusterSettings) {
+    let f = &file.facade;
+    let r = &file.registry;
+    let mut dur = |key: &str, v: &Option<String>, default: Duration| -> Duration {
+        match v.as_deref().map(humantime::parse_duration) {
+            None => default,
+            Some(Ok(d)) => d,
+            Some(Err(e)) => {
+                errs.push(format!("facade.{key}: {:?}: {e}", v.as_deref().unwrap_or_default()));
+                default
+            }
+        }
+    };
+    let store_ttl = dur("storeTTL", &f.store_ttl, Duration::from_secs(168 * 3600));
+    let tag_ttl = dur("clusterTagTTL", &f.cluster_tag_ttl, Duration::from_secs(300));
+    let redis_timeout = dur("clusterRedisTimeout", &f.cluster_redis_timeout, Duration::from_millis(500));
+    let ipfs_timeout = dur("clusterIPFSTimeout", &f.cluster_ipfs_timeout, Duration::from_secs(3));
+    for (key, d) in
+        [("clusterTagTTL", tag_ttl), ("clusterRedisTimeout", redis_timeout), ("clusterIPFSTimeout", ipfs_timeout)]
+    {
+        if d.is_zero() {
+            errs.push(format!("facade.{key}: must be more than 0"));
+        }
+    }
+    let store_max_bytes = match &f.store_max_bytes {
+        None => Some(20u64 << 30),
+        Some(serde_json::Value::Number(n)) => match n.as_u64() {
+            Some(n) => Some(n),
+            None => {
+                errs.push(format!("facade.storeMaxBytes: {n} is not a whole number of bytes"));
+                None
+            }
+        },
+        Some(serde_json::Value::String(s)) => match parse_size(s) {
+            Ok(n) => Some(n),
+            Err(e) => {
+                errs.push(format!("facade.storeMaxBytes: {s:?}: {e}"));
+                None
+            }
+        },
+        Some(other) => {
+            errs.push(format!("facade.storeMaxBytes: {other} is neither a number nor a size such as \"20GiB\""));
+            None
+        }
+    };
+
+    let redis = match &r.redis {
+        Some(rs) if rs.enabled => {
+            let addr = rs.single_host_addr.trim();
+            let valid =
+                addr.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+            if !valid {
+                errs.push(format!("registry.redis.singleHostAddr: {addr:?} is not host:port"));
+            }
+            let mut c = facade_blob::cluster::RedisConfig::new(addr);
+            c.username = Some(rs.username.clone()).filter(|u| !u.is_empty());
+            c.password = env.var("REDIS_PASSWORD").filter(|p| !p.is_empty());
+            c.tls = rs.use_tls;
+            c.timeout = redis_timeout;
+            Some(c)
+        }
+        _ => None,
+    };
+    let ipfs = match &r.ipfs {
+        Some(is) if is.enabled => {
+            let mut addr = is.ipfs_addr.clone();
+            for var in ["${IPFS_HOST}", "$IPFS_HOST"] {
+                if addr.contains(var) {
+                    match env.var("IPFS_HOST").filter(|h| !h.is_empty()) {
+                        Some(host) => addr = addr.replace(var, &host),
+                        None => errs.push(format!(
+                            "registry.ipfs.ipfsAddr: {:?} uses $IPFS_HOST, which is not set",
+                            is.ipfs_addr
+                        )),
+                    }
+                }
+            }
+            match facade_blob::cluster::api_url_from_multiaddr(&addr) {
+                Ok(url) => {
+                    let mut c = facade_blob::cluster::IpfsConfig::new(url);
+                    c.first_byte_timeout = ipfs_timeout;
+                    c.node_timeout = ipfs_timeout;
+                    Some(c)
+                }
+                Err(e) => {
+                    if !addr.contains("$IPFS_HOST") && !addr.contains("${IPFS_HOST}") {
+                        errs.push(format!("registry.ipfs.ipfsAddr: {e}"));
+                    }
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    if r.ipfs.as_ref().is_some_and(|i| i.enabled) && redis.is_none() {
+        errs.push("registry.ipfs.enabled: IPFS needs registry.redis (the index of what IPFS holds) enabled too".into());
+    }
+    let store_max_bytes = store_max_bytes.filter(|&n| n > 0);
+    let store_ttl = Some(store_ttl).filter(|d| !d.is_zero());
+    (store_max_bytes, store_ttl, ClusterSettings { redis, ipfs, tag_ttl })
 }
 
 /// Looks up environment variables (injected so tests need not touch the process environment).
@@ -241,7 +510,7 @@ impl std::fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 /// Parses and validates configuration text. `base_dir` resolves relative paths.
-pub fn parse(text: &str, base_dir: &std::path::Path, _env: &dyn Env) -> Result<Config, ConfigError> {
+pub fn parse(text: &str, base_dir: &std::path::Path, env: &dyn Env) -> Result<Config, ConfigError> {
     let de = &mut serde_json::Deserializer::from_str(text);
     let file: FileConfig = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -287,25 +556,20 @@ pub fn parse(text: &str, base_dir: &std::path::Path, _env: &dyn Env) -> Result<C
         },
     };
     let prefix = r.prefix.trim_end_matches('/').to_string();
-    if !prefix.is_empty() && (!prefix.starts_with('/') || prefix.contains("//") || prefix.contains(char::is_whitespace)) {
+    if !prefix.is_empty() && (!prefix.starts_with('/') || prefix.contains("//") || prefix.contains(char::is_whitespace))
+    {
         errs.push(format!("registry.prefix: {:?} must start with '/' and contain no spaces", r.prefix));
     }
     if let Some(tls) = &r.tls
-        && (!tls.crt.is_empty() || !tls.key.is_empty()) {
-            errs.push("registry.tls: serving TLS is not built yet in this version (see README); terminate TLS in front of the facade or leave registry.tls empty".into());
-        }
+        && (!tls.crt.is_empty() || !tls.key.is_empty())
+    {
+        errs.push("registry.tls: serving TLS is not built yet in this version (see README); terminate TLS in front of the facade or leave registry.tls empty".into());
+    }
     if r.require_auth {
         errs.push("registry.requireAuth: client authentication is not built yet in this version (see README); refusing to start open".into());
     }
-    if !r.remote_spec_provider.is_empty() {
-        errs.push("registry.remoteSpecProvider: the gRPC spec provider is not built yet in this version (see README)".into());
-    }
-    if r.redis.as_ref().is_some_and(|x| x.enabled) {
-        tracing::warn!("registry.redis.enabled: the cluster cache is not built yet in this version; pulls go to the local store and upstream");
-    }
-    if r.ipfs.as_ref().is_some_and(|x| x.enabled) {
-        tracing::warn!("registry.ipfs.enabled: the cluster cache is not built yet in this version; pulls go to the local store and upstream");
-    }
+    let remote_spec_providers = parse_remote_providers(&r.remote_spec_provider, &check_file, &mut errs);
+    let (store_max_bytes, store_ttl, cluster) = parse_cluster(&file, env, &mut errs);
 
     let mut static_layers = Vec::new();
     for (i, l) in r.static_layer.iter().enumerate() {
@@ -372,8 +636,21 @@ pub fn parse(text: &str, base_dir: &std::path::Path, _env: &dyn Env) -> Result<C
     let metadata = dur("upstreamMetadataTimeout", &f.upstream_metadata_timeout, Duration::from_secs(20));
     let read = dur("upstreamReadTimeout", &f.upstream_read_timeout, Duration::from_secs(15));
     let shutdown_grace = dur("shutdownGrace", &f.shutdown_grace, Duration::from_secs(30));
+    let spec_timeout = dur("specTimeout", &f.spec_timeout, Duration::from_secs(5));
+    let spec_cache_ttl = dur("specCacheTTL", &f.spec_cache_ttl, Duration::from_secs(10));
+    let spec_negative_ttl = dur("specNegativeTTL", &f.spec_negative_ttl, Duration::from_secs(2));
+    let spec_stale_ttl = dur("specStaleTTL", &f.spec_stale_ttl, Duration::from_secs(3600));
+    if spec_timeout.is_zero() {
+        errs.push("facade.specTimeout: must be more than 0".into());
+    }
+    let spec_server_name = f.spec_server_name.clone().unwrap_or_else(|| "ws-manager".into());
+    if spec_server_name.is_empty() || spec_server_name.contains(|c: char| c.is_whitespace() || c == '/') {
+        errs.push(format!("facade.specServerName: {spec_server_name:?} is not a host name"));
+    }
     if fixed_spec_file.is_none() && r.fixed_spec_file.is_empty() && r.remote_spec_provider.is_empty() {
-        errs.push("registry: neither fixedSpecFN nor remoteSpecProvider is set, so no image could ever be served".into());
+        errs.push(
+            "registry: neither fixedSpecFN nor remoteSpecProvider is set, so no image could ever be served".into(),
+        );
     }
     if !errs.is_empty() {
         return Err(ConfigError(errs));
@@ -382,8 +659,20 @@ pub fn parse(text: &str, base_dir: &std::path::Path, _env: &dyn Env) -> Result<C
         listen,
         prefix,
         store,
+        store_max_bytes,
+        store_ttl,
+        cluster,
         static_layers,
         fixed_spec_file,
+        remote_spec_providers,
+        spec: SpecSettings {
+            timeout: spec_timeout,
+            cache_ttl: spec_cache_ttl,
+            negative_ttl: spec_negative_ttl,
+            stale_ttl: spec_stale_ttl,
+            cache_size: f.spec_cache_size.unwrap_or(10_000),
+            server_name: spec_server_name,
+        },
         docker_auth,
         prometheus_addr,
         readiness_addr,
@@ -438,7 +727,10 @@ mod tests {
         let cases = [
             (r#"{"registry": {"port": 70000}}"#, "registry.port"),
             (r#"{"registry": {"bogus": 1}}"#, "registry.bogus: unknown field `bogus`"),
-            (r#"{"registry": {"fixedSpecFN": "specs.json", "staticLayer": [{"ref": "x", "type": "tarball"}]}}"#, "registry.staticLayer[0].type"),
+            (
+                r#"{"registry": {"fixedSpecFN": "specs.json", "staticLayer": [{"ref": "x", "type": "tarball"}]}}"#,
+                "registry.staticLayer[0].type",
+            ),
             (r#"{"registry": {"fixedSpecFN": "missing.json"}}"#, "registry.fixedSpecFN: cannot read"),
             (r#"{"registry": {"fixedSpecFN": "specs.json"}, "prometheusAddr": "nope"}"#, "prometheusAddr"),
             (r#"{"registry": {"fixedSpecFN": "specs.json"}, "facade": {"tagTTL": "soon"}}"#, "facade.tagTTL"),
@@ -458,5 +750,179 @@ mod tests {
         let e = parse_str(r#"{"registry": {"fixedSpecFN": "specs.json", "staticLayer": [{"ref": "UPPER", "type": "image"}]}, "prometheusAddr": "x", "facade": {"composeTTL": "y"}}"#)
             .unwrap_err();
         assert_eq!(e.0.len(), 3, "{e}");
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_and_decimal_units() {
+        for (s, n) in [
+            ("0", 0),
+            ("1048576", 1 << 20),
+            ("512MiB", 512 << 20),
+            ("20GiB", 20 << 30),
+            ("1.5 GiB", 3 << 29),
+            ("2TiB", 2 << 40),
+            ("10KB", 10_000),
+            ("3GB", 3_000_000_000),
+            (" 7 B ", 7),
+        ] {
+            assert_eq!(parse_size(s), Ok(n), "{s}");
+        }
+        for bad in ["", "GiB", "12XB", "-1MiB", "1.2.3MiB", "99999999999TiB"] {
+            assert!(parse_size(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn cluster_and_store_keys_have_defaults_and_read_the_environment() {
+        let c = parse_str(
+            r#"{"registry": {"fixedSpecFN": "specs.json", "redis": {"enabled": false}, "ipfs": {"enabled": false}}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.store_max_bytes, Some(20 << 30));
+        assert_eq!(c.store_ttl, Some(Duration::from_secs(168 * 3600)));
+        assert_eq!(c.cluster.tag_ttl, Duration::from_secs(300));
+        assert!(c.cluster.redis.is_none() && c.cluster.ipfs.is_none());
+
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("specs.json"), "{}").unwrap();
+        let env = MapEnv(BTreeMap::from([
+            ("REDIS_PASSWORD".to_string(), "s3cret".to_string()),
+            ("IPFS_HOST".to_string(), "10.1.2.3".to_string()),
+        ]));
+        let c = parse(
+            r#"{"registry": {"fixedSpecFN": "specs.json",
+                "redis": {"enabled": true, "singleHostAddr": "redis:6379", "username": "facade", "useTLS": true},
+                "ipfs": {"enabled": true, "ipfsAddr": "/ip4/$IPFS_HOST/tcp/5001"}},
+               "facade": {"storeMaxBytes": "512MiB", "storeTTL": "0s", "clusterTagTTL": "30s",
+                          "clusterRedisTimeout": "250ms", "clusterIPFSTimeout": "2s"}}"#,
+            dir.path(),
+            &env,
+        )
+        .unwrap();
+        let redis = c.cluster.redis.unwrap();
+        assert_eq!(redis.addr, "redis:6379");
+        assert_eq!(
+            (redis.username.as_deref(), redis.password.as_deref(), redis.tls),
+            (Some("facade"), Some("s3cret"), true)
+        );
+        assert_eq!(redis.timeout, Duration::from_millis(250));
+        let ipfs = c.cluster.ipfs.unwrap();
+        assert_eq!((ipfs.api.as_str(), ipfs.first_byte_timeout), ("http://10.1.2.3:5001", Duration::from_secs(2)));
+        assert_eq!(
+            (c.store_max_bytes, c.store_ttl, c.cluster.tag_ttl),
+            (Some(512 << 20), None, Duration::from_secs(30))
+        );
+
+        let c = parse(
+            r#"{"registry": {"fixedSpecFN": "specs.json"}, "facade": {"storeMaxBytes": 1073741824}}"#,
+            dir.path(),
+            &env,
+        )
+        .unwrap();
+        assert_eq!(c.store_max_bytes, Some(1 << 30));
+        let c =
+            parse(r#"{"registry": {"fixedSpecFN": "specs.json"}, "facade": {"storeMaxBytes": 0}}"#, dir.path(), &env)
+                .unwrap();
+        assert_eq!(c.store_max_bytes, None, "0 means unbounded");
+    }
+
+    #[test]
+    fn names_every_cluster_problem_at_once() {
+        let e = parse_str(
+            r#"{"registry": {"fixedSpecFN": "specs.json",
+                "redis": {"enabled": true, "singleHostAddr": "redis"},
+                "ipfs": {"enabled": true, "ipfsAddr": "/ip4/$IPFS_HOST/tcp/5001"}},
+               "facade": {"storeMaxBytes": "20 GB-ish", "storeTTL": "a week", "clusterTagTTL": "0s"}}"#,
+        )
+        .unwrap_err();
+        let text = e.to_string();
+        for needle in [
+            "registry.redis.singleHostAddr",
+            "registry.ipfs.ipfsAddr: \"/ip4/$IPFS_HOST/tcp/5001\" uses $IPFS_HOST, which is not set",
+            "facade.storeMaxBytes",
+            "facade.storeTTL",
+            "facade.clusterTagTTL: must be more than 0",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from: {text}");
+        }
+        assert!(!text.contains('\n'));
+        let e = parse_str(
+            r#"{"registry": {"fixedSpecFN": "specs.json", "ipfs": {"enabled": true, "ipfsAddr": "/ip4/1.2.3.4/udp/1"}},
+               "facade": {"storeMaxBytes": true}}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        for needle in
+            ["registry.ipfs.ipfsAddr", "registry.ipfs.enabled: IPFS needs registry.redis", "facade.storeMaxBytes"]
+        {
+            assert!(e.contains(needle), "{needle} missing from: {e}");
+        }
+    }
+
+    #[test]
+    fn parses_remote_spec_providers() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["ca.pem", "crt.pem", "key.pem"] {
+            std::fs::write(dir.path().join(f), "x").unwrap();
+        }
+        let c = parse(
+            r#"{"registry": {"remoteSpecProvider": [
+                  {"addr": "dns:///ws-manager:8080", "tls": {"ca": "ca.pem", "crt": "crt.pem", "key": "key.pem"}},
+                  {"addr": "127.0.0.1:9000", "tls": {"ca": "ca.pem"}},
+                  {"addr": "127.0.0.1:9001"}]},
+               "facade": {"specTimeout": "750ms", "specCacheTTL": "0s", "specServerName": "spec.test", "specCacheSize": 5}}"#,
+            dir.path(),
+            &MapEnv::default(),
+        )
+        .unwrap();
+        let p = &c.remote_spec_providers;
+        assert_eq!(p.len(), 3);
+        assert_eq!(p[0].addr, "dns:///ws-manager:8080");
+        let tls = p[0].tls.as_ref().unwrap();
+        assert_eq!(tls.ca, dir.path().join("ca.pem"));
+        assert_eq!(tls.identity, Some((dir.path().join("crt.pem"), dir.path().join("key.pem"))));
+        assert!(p[1].tls.as_ref().unwrap().identity.is_none());
+        assert!(p[2].tls.is_none());
+        assert_eq!(c.spec.timeout, Duration::from_millis(750));
+        assert_eq!(c.spec.cache_ttl, Duration::ZERO);
+        assert_eq!(c.spec.negative_ttl, Duration::from_secs(2));
+        assert_eq!(c.spec.stale_ttl, Duration::from_secs(3600));
+        assert_eq!((c.spec.cache_size, c.spec.server_name.as_str()), (5, "spec.test"));
+        assert!(c.fixed_spec_file.is_none());
+
+        let c = parse_str(r#"{"registry": {"fixedSpecFN": "specs.json"}}"#).unwrap();
+        assert!(c.remote_spec_providers.is_empty());
+        assert_eq!((c.spec.timeout, c.spec.server_name.as_str()), (Duration::from_secs(5), "ws-manager"));
+    }
+
+    #[test]
+    fn names_every_remote_spec_provider_problem_at_once() {
+        let e = parse_str(
+            r#"{"registry": {"remoteSpecProvider": [
+                  {"addr": "unix:///run/ws.sock"},
+                  {"addr": ""},
+                  {"addr": "h:1", "tls": {"crt": "specs.json"}},
+                  {"addr": "h:1", "tls": {"ca": "missing.pem"}},
+                  {"addr": "https://h:1"}]},
+               "facade": {"specTimeout": "0s", "specNegativeTTL": "later", "specServerName": "a b"}}"#,
+        )
+        .unwrap_err();
+        let text = e.to_string();
+        for needle in [
+            "registry.remoteSpecProvider[0].addr",
+            "registry.remoteSpecProvider[1].addr",
+            "registry.remoteSpecProvider[2].tls.ca: required",
+            "registry.remoteSpecProvider[2].tls: crt and key",
+            "registry.remoteSpecProvider[3].tls.ca: cannot read",
+            "registry.remoteSpecProvider[4].addr",
+            "facade.specTimeout",
+            "facade.specNegativeTTL",
+            "facade.specServerName",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from: {text}");
+        }
+        assert!(!text.contains('\n'));
+        let e = parse_str(r#"{"registry": {"remoteSpecProvider": [{"addr": "h:1", "bogus": 1}]}}"#).unwrap_err();
+        assert!(e.to_string().contains("registry.remoteSpecProvider[0].bogus"), "{e}");
     }
 }

@@ -38,8 +38,17 @@ pub struct Reloader {
     pub interval: Duration,
 }
 
+/// What identifies one version of a file: where its path resolves to, mtime, size and inode.
 #[derive(PartialEq, Eq, Debug, Clone)]
-struct Stamp(Vec<(PathBuf, Option<(PathBuf, i64, i64, u64, u64)>)>);
+struct FileVersion {
+    resolved: PathBuf,
+    mtime: (i64, i64),
+    len: u64,
+    inode: u64,
+}
+
+#[derive(PartialEq, Eq, Debug, Clone)]
+struct Stamp(Vec<(PathBuf, Option<FileVersion>)>);
 
 fn stamp_of(paths: &[PathBuf]) -> Stamp {
     Stamp(
@@ -48,7 +57,7 @@ fn stamp_of(paths: &[PathBuf]) -> Stamp {
             .map(|p| {
                 let s = std::fs::metadata(p).ok().map(|m| {
                     let resolved = std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
-                    (resolved, m.mtime(), m.mtime_nsec(), m.len(), m.ino())
+                    FileVersion { resolved, mtime: (m.mtime(), m.mtime_nsec()), len: m.len(), inode: m.ino() }
                 });
                 (p.clone(), s)
             })
@@ -83,7 +92,9 @@ impl Reloader {
             }
             match self.reload().await {
                 Ok(summary) => tracing::info!(config = %self.path.display(), %summary, "configuration reloaded"),
-                Err(e) => tracing::warn!(config = %self.path.display(), error = %format!("{e:#}"), "configuration reload rejected; keeping the running configuration"),
+                Err(e) => {
+                    tracing::warn!(config = %self.path.display(), error = %format!("{e:#}"), "configuration reload rejected; keeping the running configuration")
+                }
             }
             // The new config may name other files.
             last = stamp_of(&watched(&self.path, &self.current));
@@ -117,7 +128,8 @@ impl Reloader {
         let providers = (self.providers)(&new)?;
         let store = self.engine.chain.store().cloned();
         let specs = new.static_layers.clone();
-        let layers = tokio::task::spawn_blocking(move || facade_blob::static_layers::prepare(&specs, store.as_ref())).await??;
+        let layers =
+            tokio::task::spawn_blocking(move || facade_blob::static_layers::prepare(&specs, store.as_ref())).await??;
         if let Some(a) = auth {
             self.upstream.set_auth(a);
         }

@@ -50,10 +50,7 @@ impl Containerd {
 
     /// Starts containerd and waits (at most 20 s) until `ctr version` gets an answer.
     pub fn start() -> anyhow::Result<Containerd> {
-        anyhow::ensure!(
-            have("containerd") && have("ctr"),
-            "containerd or ctr is not installed"
-        );
+        anyhow::ensure!(have("containerd") && have("ctr"), "containerd or ctr is not installed");
         anyhow::ensure!(is_root(), "containerd needs root");
         let dir = tempfile::Builder::new().prefix("containerd-").tempdir()?;
         let socket = dir.path().join("containerd.sock");
@@ -100,9 +97,7 @@ impl Containerd {
     /// `ctr --address <socket> -n test`, for anything this type has no method for.
     pub fn ctr(&self) -> Command {
         let mut cmd = Command::new("ctr");
-        cmd.arg("--address")
-            .arg(&self.socket)
-            .args(["-n", NAMESPACE]);
+        cmd.arg("--address").arg(&self.socket).args(["-n", NAMESPACE]);
         cmd
     }
 
@@ -126,17 +121,8 @@ impl Containerd {
     /// unpacks the layers. Returns the image's chain ID (the top snapshot's name).
     pub fn pull(&self, image: &str) -> anyhow::Result<String> {
         let mut cmd = self.ctr();
-        cmd.args([
-            "images",
-            "pull",
-            "--plain-http",
-            "--snapshotter",
-            SNAPSHOTTER,
-            "--print-chainid",
-            image,
-        ]);
-        let out = run_bytes(cmd, PULL_TIMEOUT)
-            .map_err(|e| anyhow::anyhow!("{e}\ncontainerd log:\n{}", self.log()))?;
+        cmd.args(["images", "pull", "--plain-http", "--snapshotter", SNAPSHOTTER, "--print-chainid", image]);
+        let out = run_bytes(cmd, PULL_TIMEOUT).map_err(|e| anyhow::anyhow!("{e}\ncontainerd log:\n{}", self.log()))?;
         let out = String::from_utf8_lossy(&out);
         out.lines()
             .find_map(|l| l.trim().strip_prefix("image chain ID: "))
@@ -155,9 +141,7 @@ impl Containerd {
         let ParsedManifest::Index(view) = ParsedManifest::parse(&index, Some(&media_type))? else {
             anyhow::bail!("{image}: target {target} is not an index");
         };
-        let d = view
-            .select(&Platform::host())
-            .ok_or_else(|| anyhow::anyhow!("{image}: no entry for this platform"))?;
+        let d = view.select(&Platform::host()).ok_or_else(|| anyhow::anyhow!("{image}: no entry for this platform"))?;
         Ok(d.digest.as_str().to_string())
     }
 
@@ -169,21 +153,11 @@ impl Containerd {
         static VIEWS: AtomicU64 = AtomicU64::new(0);
         let key = format!("rootfs-view-{}", VIEWS.fetch_add(1, Ordering::Relaxed));
         let mut cmd = self.ctr();
-        cmd.args([
-            "snapshots",
-            "--snapshotter",
-            SNAPSHOTTER,
-            "view",
-            "--mounts",
-            &key,
-            &chain_id,
-        ]);
+        cmd.args(["snapshots", "--snapshotter", SNAPSHOTTER, "view", "--mounts", &key, &chain_id]);
         let mounts: serde_json::Value = serde_json::from_slice(&run_bytes(cmd, CTR_TIMEOUT)?)?;
         let result = match mounts[0]["Source"].as_str() {
             Some(src) if mounts[0]["Type"] == "bind" => read_tree(Path::new(src)),
-            _ => Err(anyhow::anyhow!(
-                "unexpected mounts for the {SNAPSHOTTER} snapshotter: {mounts}"
-            )),
+            _ => Err(anyhow::anyhow!("unexpected mounts for the {SNAPSHOTTER} snapshotter: {mounts}")),
         };
         let mut cmd = self.ctr();
         cmd.args(["snapshots", "--snapshotter", SNAPSHOTTER, "rm", &key]);
@@ -239,12 +213,7 @@ fn is_root() -> bool {
     // No libc dependency for geteuid: /proc/self/status has "Uid: real effective saved fs".
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("Uid:")
-                    .map(|r| r.split_whitespace().nth(1) == Some("0"))
-            })
-        })
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Uid:").map(|r| r.split_whitespace().nth(1) == Some("0"))))
         .unwrap_or(false)
 }
 
@@ -280,11 +249,7 @@ pub fn read_tree(root: &Path) -> anyhow::Result<BTreeMap<String, Vec<u8>>> {
             if ty.is_dir() {
                 stack.push(entry.path());
             } else if ty.is_file() {
-                let rel = entry
-                    .path()
-                    .strip_prefix(root)?
-                    .to_string_lossy()
-                    .into_owned();
+                let rel = entry.path().strip_prefix(root)?.to_string_lossy().into_owned();
                 files.insert(rel, std::fs::read(entry.path())?);
             }
         }

@@ -201,19 +201,20 @@ async fn handle(client: TcpStream, target: SocketAddr, sh: Arc<Shared>, mut stop
                     tokio::time::sleep(d).await;
                 }
             }
-            if let Some(at) = faults.corrupt_at {
-                if at >= sent && at < sent + n as u64 {
-                    buf[(at - sent) as usize] ^= 0xff;
-                }
+            if let Some(at) = faults.corrupt_at
+                && at >= sent
+                && at < sent + n as u64
+            {
+                buf[(at - sent) as usize] ^= 0xff;
             }
             let mut limit_hit = None;
             for (limit, what) in [(faults.cut_after, "cut"), (faults.stall_after, "stall")] {
-                if let Some(l) = limit {
-                    if sent + n as u64 >= l {
-                        n = (l.saturating_sub(sent)) as usize;
-                        limit_hit = Some(what);
-                        break;
-                    }
+                if let Some(l) = limit
+                    && sent + n as u64 >= l
+                {
+                    n = (l.saturating_sub(sent)) as usize;
+                    limit_hit = Some(what);
+                    break;
                 }
             }
             if n > 0 {
@@ -253,10 +254,8 @@ fn record_request_lines(sh: &Shared, pending: &mut Vec<u8>, data: &[u8]) {
         pending.drain(..pos + 2);
         let is_request = ["GET ", "HEAD ", "POST ", "PUT ", "PATCH ", "DELETE "].iter().any(|m| line.starts_with(m))
             && line.ends_with("HTTP/1.1");
-        if is_request {
-            if let Ok(mut r) = sh.requests.lock() {
-                r.push(line);
-            }
+        if is_request && let Ok(mut r) = sh.requests.lock() {
+            r.push(line);
         }
     }
     // Bodies without line breaks must not grow this without bound.

@@ -3,10 +3,12 @@
 //! injects faults. Every process is killed on `Drop` and every wait is bounded.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-pub mod fault_proxy;
-pub mod proc;
-pub mod registry;
-pub mod token_server;
-pub mod image;
-pub mod skopeo;
 pub mod containerd;
+pub mod fault_proxy;
+pub mod image;
+pub mod ipfs;
+pub mod proc;
+pub mod redis;
+pub mod registry;
+pub mod skopeo;
+pub mod token_server;

@@ -17,12 +17,8 @@ use crate::image::{REF_NAME_ANNOTATION, SKOPEO_TIMEOUT, sha256_digest};
 /// Both pipes are drained by threads while waiting, so a large output cannot block the child.
 pub(crate) fn run_bytes(mut cmd: Command, timeout: Duration) -> anyhow::Result<Vec<u8>> {
     let desc = format!("{cmd:?}");
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| anyhow::anyhow!("cannot run {desc}: {e}"))?;
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().map_err(|e| anyhow::anyhow!("cannot run {desc}: {e}"))?;
     let drain = |r: Option<Box<dyn Read + Send>>| {
         std::thread::spawn(move || {
             let mut buf = Vec::new();
@@ -32,18 +28,8 @@ pub(crate) fn run_bytes(mut cmd: Command, timeout: Duration) -> anyhow::Result<V
             buf
         })
     };
-    let out = drain(
-        child
-            .stdout
-            .take()
-            .map(|s| Box::new(s) as Box<dyn Read + Send>),
-    );
-    let err = drain(
-        child
-            .stderr
-            .take()
-            .map(|s| Box::new(s) as Box<dyn Read + Send>),
-    );
+    let out = drain(child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>));
+    let err = drain(child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>));
     let deadline = Instant::now() + timeout;
     let status = loop {
         if let Some(status) = child.try_wait()? {
@@ -53,10 +39,7 @@ pub(crate) fn run_bytes(mut cmd: Command, timeout: Duration) -> anyhow::Result<V
             let _ = child.kill();
             let _ = child.wait();
             let stderr = err.join().unwrap_or_default();
-            anyhow::bail!(
-                "{desc} did not finish within {timeout:?}: {}",
-                String::from_utf8_lossy(&stderr)
-            );
+            anyhow::bail!("{desc} did not finish within {timeout:?}: {}", String::from_utf8_lossy(&stderr));
         }
         std::thread::sleep(Duration::from_millis(20));
     };
@@ -165,14 +148,8 @@ pub fn apply_layers(layers: &[BTreeMap<String, Vec<u8>>]) -> BTreeMap<String, Ve
     let mut fs: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     for layer in layers {
         for path in layer.keys() {
-            let (dir, name) = path
-                .rsplit_once('/')
-                .map_or(("", path.as_str()), |(d, n)| (d, n));
-            let prefix = if dir.is_empty() {
-                String::new()
-            } else {
-                format!("{dir}/")
-            };
+            let (dir, name) = path.rsplit_once('/').map_or(("", path.as_str()), |(d, n)| (d, n));
+            let prefix = if dir.is_empty() { String::new() } else { format!("{dir}/") };
             if name == ".wh..wh..opq" {
                 fs.retain(|p, _| !p.starts_with(&prefix));
             } else if let Some(gone) = name.strip_prefix(".wh.") {
@@ -197,19 +174,14 @@ pub fn read_oci_layout(dir: &Path, tag: &str) -> anyhow::Result<PulledImage> {
     let index: Value = serde_json::from_slice(&std::fs::read(dir.join("index.json"))?)?;
     let entry = index["manifests"]
         .as_array()
-        .and_then(|m| {
-            m.iter()
-                .find(|e| e["annotations"][REF_NAME_ANNOTATION].as_str() == Some(tag))
-        })
+        .and_then(|m| m.iter().find(|e| e["annotations"][REF_NAME_ANNOTATION].as_str() == Some(tag)))
         .ok_or_else(|| anyhow::anyhow!("no manifest tagged {tag:?} in {}", dir.display()))?;
     let mut desc = entry.clone();
     let mut manifest_bytes = read_blob(dir, &desc)?;
     if mt::is_index(desc["mediaType"].as_str().unwrap_or("")) {
         let view = IndexView {
             media_type: mt::OCI_INDEX.into(),
-            manifests: serde_json::from_value(
-                serde_json::from_slice::<Value>(&manifest_bytes)?["manifests"].clone(),
-            )?,
+            manifests: serde_json::from_value(serde_json::from_slice::<Value>(&manifest_bytes)?["manifests"].clone())?,
         };
         let chosen = view
             .select(&Platform::host())
@@ -222,40 +194,20 @@ pub fn read_oci_layout(dir: &Path, tag: &str) -> anyhow::Result<PulledImage> {
     let mut layer_files = Vec::new();
     for layer in manifest["layers"].as_array().into_iter().flatten() {
         let bytes = read_blob(dir, layer)?;
-        layer_files.push(layer_files_of(
-            &bytes,
-            layer["mediaType"].as_str().unwrap_or(""),
-        )?);
+        layer_files.push(layer_files_of(&bytes, layer["mediaType"].as_str().unwrap_or(""))?);
     }
-    Ok(PulledImage {
-        manifest,
-        manifest_bytes,
-        config,
-        layer_files,
-    })
+    Ok(PulledImage { manifest, manifest_bytes, config, layer_files })
 }
 
 fn read_blob(dir: &Path, desc: &Value) -> anyhow::Result<Vec<u8>> {
-    let digest = desc["digest"]
-        .as_str()
-        .ok_or_else(|| anyhow::anyhow!("descriptor without digest: {desc}"))?;
-    let hex = digest
-        .strip_prefix("sha256:")
-        .ok_or_else(|| anyhow::anyhow!("not a sha256 digest: {digest}"))?;
+    let digest = desc["digest"].as_str().ok_or_else(|| anyhow::anyhow!("descriptor without digest: {desc}"))?;
+    let hex = digest.strip_prefix("sha256:").ok_or_else(|| anyhow::anyhow!("not a sha256 digest: {digest}"))?;
     let path = dir.join("blobs").join("sha256").join(hex);
     let bytes = std::fs::read(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let actual = sha256_digest(&bytes);
-    anyhow::ensure!(
-        actual == digest,
-        "blob {} hashes to {actual}",
-        path.display()
-    );
+    anyhow::ensure!(actual == digest, "blob {} hashes to {actual}", path.display());
     if let Some(size) = desc["size"].as_u64() {
-        anyhow::ensure!(
-            size == bytes.len() as u64,
-            "blob {digest} has {} bytes, descriptor says {size}",
-            bytes.len()
-        );
+        anyhow::ensure!(size == bytes.len() as u64, "blob {digest} has {} bytes, descriptor says {size}", bytes.len());
     }
     Ok(bytes)
 }
@@ -284,12 +236,7 @@ pub fn tar_files(tar: &[u8]) -> anyhow::Result<BTreeMap<String, Vec<u8>>> {
         if entry.header().entry_type() != tar::EntryType::Regular {
             continue;
         }
-        let path = entry
-            .path()?
-            .to_string_lossy()
-            .trim_start_matches("./")
-            .trim_start_matches('/')
-            .to_string();
+        let path = entry.path()?.to_string_lossy().trim_start_matches("./").trim_start_matches('/').to_string();
         let mut data = Vec::new();
         entry.read_to_end(&mut data)?;
         files.insert(path, data);
@@ -302,21 +249,13 @@ mod tests {
     use super::*;
 
     fn layer(files: &[(&str, &str)]) -> BTreeMap<String, Vec<u8>> {
-        files
-            .iter()
-            .map(|(p, c)| (p.to_string(), c.as_bytes().to_vec()))
-            .collect()
+        files.iter().map(|(p, c)| (p.to_string(), c.as_bytes().to_vec())).collect()
     }
 
     #[test]
     fn whiteouts_remove_lower_files() {
         let lower = layer(&[("a/x", "1"), ("a/y", "2"), ("b/z", "3"), ("c", "4")]);
-        let upper = layer(&[
-            ("a/.wh..wh..opq", ""),
-            ("a/n", "5"),
-            (".wh.b", ""),
-            (".wh.c", ""),
-        ]);
+        let upper = layer(&[("a/.wh..wh..opq", ""), ("a/n", "5"), (".wh.b", ""), (".wh.c", "")]);
         let fs = apply_layers(&[lower, upper]);
         assert_eq!(fs, layer(&[("a/n", "5")]));
     }
@@ -324,22 +263,12 @@ mod tests {
     #[test]
     fn reads_layers_by_media_type() {
         use crate::image::{FileEntry, LayerCompression, build_layer};
-        for c in [
-            LayerCompression::None,
-            LayerCompression::Gzip,
-            LayerCompression::Zstd,
-        ] {
+        for c in [LayerCompression::None, LayerCompression::Gzip, LayerCompression::Zstd] {
             let l = build_layer(&[FileEntry::file("d/f", "hi")], c);
-            assert_eq!(
-                layer_files_of(&l.bytes, &l.media_type).unwrap(),
-                layer(&[("d/f", "hi")])
-            );
+            assert_eq!(layer_files_of(&l.bytes, &l.media_type).unwrap(), layer(&[("d/f", "hi")]));
         }
         let l = build_layer(&[FileEntry::file("f", "x")], LayerCompression::Gzip);
-        assert_eq!(
-            layer_files_of(&l.bytes, mt::DOCKER_LAYER_GZIP).unwrap(),
-            layer(&[("f", "x")])
-        );
+        assert_eq!(layer_files_of(&l.bytes, mt::DOCKER_LAYER_GZIP).unwrap(), layer(&[("f", "x")]));
         assert!(layer_files_of(&l.bytes, "application/json").is_err());
     }
 }

@@ -4,8 +4,7 @@
 use facade_oci::{Digest, Platform};
 use test_support::containerd::{Containerd, chain_id};
 use test_support::image::{
-    BuiltImage, FileEntry, ImageBuilder, LayerCompression, PushFormat, build_layer, push_image,
-    push_index,
+    BuiltImage, FileEntry, ImageBuilder, LayerCompression, PushFormat, build_layer, push_image, push_index,
 };
 use test_support::registry::Registry;
 
@@ -34,11 +33,7 @@ fn image() -> BuiltImage {
         ],
         LayerCompression::None,
     );
-    ImageBuilder::new()
-        .layer(base)
-        .layer(top)
-        .env(["A=1"])
-        .build()
+    ImageBuilder::new().layer(base).layer(top).env(["A=1"]).build()
 }
 
 fn expected_rootfs() -> Vec<(&'static str, Vec<u8>)> {
@@ -54,20 +49,11 @@ fn pulls_and_unpacks_oci_and_docker_images() {
     let Some(ctrd) = containerd() else { return };
     let reg = Registry::start().unwrap();
     let image = image();
-    let diff_ids: Vec<Digest> = image
-        .layers
-        .iter()
-        .map(|l| Digest::parse(&l.diff_id).unwrap())
-        .collect();
-    let expected: std::collections::BTreeMap<String, Vec<u8>> = expected_rootfs()
-        .into_iter()
-        .map(|(p, c)| (p.to_string(), c))
-        .collect();
+    let diff_ids: Vec<Digest> = image.layers.iter().map(|l| Digest::parse(&l.diff_id).unwrap()).collect();
+    let expected: std::collections::BTreeMap<String, Vec<u8>> =
+        expected_rootfs().into_iter().map(|(p, c)| (p.to_string(), c)).collect();
 
-    for (repo, format) in [
-        ("remote/oci:latest", PushFormat::Oci),
-        ("remote/docker:latest", PushFormat::DockerV2S2),
-    ] {
+    for (repo, format) in [("remote/oci:latest", PushFormat::Oci), ("remote/docker:latest", PushFormat::DockerV2S2)] {
         let stored = push_image(&reg, repo, &image, format).unwrap();
         let r = format!("{}/{repo}", reg.host());
         let chain = ctrd.pull(&r).unwrap();
@@ -85,22 +71,13 @@ fn picks_the_host_platform_past_an_attestation_entry() {
     let reg = Registry::start().unwrap();
     let mine = ImageBuilder::new()
         .platform(&host.os, &host.architecture, host.variant.as_deref())
-        .layer(build_layer(
-            &[FileEntry::file("arch", "mine")],
-            LayerCompression::Gzip,
-        ))
+        .layer(build_layer(&[FileEntry::file("arch", "mine")], LayerCompression::Gzip))
         .build();
     let other = ImageBuilder::new()
         .platform("linux", "s390x", None)
-        .layer(build_layer(
-            &[FileEntry::file("arch", "other")],
-            LayerCompression::Gzip,
-        ))
+        .layer(build_layer(&[FileEntry::file("arch", "other")], LayerCompression::Gzip))
         .build();
-    let plats = [
-        (Platform::parse("linux/s390x").unwrap(), &other),
-        (host, &mine),
-    ];
+    let plats = [(Platform::parse("linux/s390x").unwrap(), &other), (host, &mine)];
     push_index(&reg, "remote/multi:latest", &plats, true, PushFormat::Oci).unwrap();
     let r = format!("{}/remote/multi:latest", reg.host());
     ctrd.pull(&r).unwrap();

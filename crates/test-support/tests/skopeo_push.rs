@@ -7,21 +7,17 @@ use facade_oci::Platform;
 use facade_oci::media_types as mt;
 use serde_json::{Value, json};
 use test_support::image::{
-    BuiltImage, FileEntry, ImageBuilder, LayerCompression, PushFormat, build_layer, push,
-    push_image, push_index, sha256_digest, write_index_layout, write_layout,
+    BuiltImage, FileEntry, ImageBuilder, LayerCompression, PushFormat, build_layer, push, push_image, push_index,
+    sha256_digest, write_index_layout, write_layout,
 };
 use test_support::registry::Registry;
 use test_support::skopeo::{
-    copy_to_oci, copy_to_oci_preserving_digests, inspect_config, inspect_config_raw, inspect_raw,
-    read_oci_layout,
+    copy_to_oci, copy_to_oci_preserving_digests, inspect_config, inspect_config_raw, inspect_raw, read_oci_layout,
 };
 
 fn two_layer_image() -> BuiltImage {
     let gz = build_layer(
-        &[
-            FileEntry::file("etc/motd", "hello from layer 0\n"),
-            FileEntry::exec("usr/bin/tool", "#!/bin/sh\necho hi\n"),
-        ],
+        &[FileEntry::file("etc/motd", "hello from layer 0\n"), FileEntry::exec("usr/bin/tool", "#!/bin/sh\necho hi\n")],
         LayerCompression::Gzip,
     );
     let plain = build_layer(
@@ -36,10 +32,7 @@ fn two_layer_image() -> BuiltImage {
         .layer(plain)
         .env(["PATH=/usr/local/bin:/usr/bin:/bin", "FOO=bar"])
         .label("org.example.kind", "test")
-        .run_config_extra(
-            "Healthcheck",
-            json!({ "Test": ["CMD", "true"], "Interval": 1_000_000_000u64 }),
-        )
+        .run_config_extra("Healthcheck", json!({ "Test": ["CMD", "true"], "Interval": 1_000_000_000u64 }))
         .config_extra("docker_version", json!("24.0.7"))
         .build()
 }
@@ -51,24 +44,15 @@ fn manifest(bytes: &[u8]) -> Value {
 fn check_files(pulled: &test_support::skopeo::PulledImage) {
     assert_eq!(pulled.layer_files.len(), 2);
     assert_eq!(pulled.layer_files[0]["etc/motd"], b"hello from layer 0\n");
-    assert_eq!(
-        pulled.layer_files[0]["usr/bin/tool"],
-        b"#!/bin/sh\necho hi\n"
-    );
-    assert_eq!(
-        pulled.layer_files[1]["workspace/deep/dir/file.txt"],
-        vec![42u8; 3000]
-    );
+    assert_eq!(pulled.layer_files[0]["usr/bin/tool"], b"#!/bin/sh\necho hi\n");
+    assert_eq!(pulled.layer_files[1]["workspace/deep/dir/file.txt"], vec![42u8; 3000]);
     let rootfs = pulled.rootfs();
     assert_eq!(rootfs["etc/motd"], b"overridden\n");
     assert_eq!(rootfs.len(), 3);
 }
 
 fn check_config(cfg: &Value) {
-    assert_eq!(
-        cfg["config"]["Env"],
-        json!(["PATH=/usr/local/bin:/usr/bin:/bin", "FOO=bar"])
-    );
+    assert_eq!(cfg["config"]["Env"], json!(["PATH=/usr/local/bin:/usr/bin:/bin", "FOO=bar"]));
     assert_eq!(cfg["config"]["Labels"]["org.example.kind"], "test");
     assert_eq!(cfg["config"]["Healthcheck"]["Test"], json!(["CMD", "true"]));
     assert_eq!(cfg["docker_version"], "24.0.7");
@@ -92,18 +76,9 @@ fn oci_push_keeps_every_byte_and_pulls_back() {
     check_files(&pulled);
     check_config(&pulled.config);
     // The OCI layout destination gzips the uncompressed layer; everything else is kept.
-    assert_eq!(
-        pulled.manifest["layers"][0],
-        manifest(&image.manifest)["layers"][0]
-    );
-    assert_eq!(
-        pulled.manifest["layers"][1]["mediaType"],
-        mt::OCI_LAYER_GZIP
-    );
-    assert_eq!(
-        pulled.manifest["config"]["digest"],
-        image.config_digest.as_str()
-    );
+    assert_eq!(pulled.manifest["layers"][0], manifest(&image.manifest)["layers"][0]);
+    assert_eq!(pulled.manifest["layers"][1]["mediaType"], mt::OCI_LAYER_GZIP);
+    assert_eq!(pulled.manifest["config"]["digest"], image.config_digest.as_str());
 
     copy_to_oci_preserving_digests(&src, out.path(), "exact").unwrap();
     let exact = read_oci_layout(out.path(), "exact").unwrap();
@@ -139,24 +114,12 @@ fn v2s2_push_converts_types_and_compresses_plain_layers() {
     let pulled = read_oci_layout(out.path(), "pulled").unwrap();
     // An OCI layout only holds OCI manifests: skopeo converts back on the way down.
     assert_eq!(pulled.manifest["mediaType"], mt::OCI_MANIFEST);
-    assert_eq!(
-        pulled.manifest["layers"][1]["mediaType"],
-        mt::OCI_LAYER_GZIP
-    );
-    assert_eq!(
-        pulled.manifest["layers"][1]["digest"],
-        m["layers"][1]["digest"]
-    );
+    assert_eq!(pulled.manifest["layers"][1]["mediaType"], mt::OCI_LAYER_GZIP);
+    assert_eq!(pulled.manifest["layers"][1]["digest"], m["layers"][1]["digest"]);
     check_files(&pulled);
     // The Docker → OCI conversion re-serializes the config through the OCI config type.
-    assert_eq!(
-        pulled.config["config"]["Env"],
-        image.config_json()["config"]["Env"]
-    );
-    assert_eq!(
-        pulled.config["config"]["Labels"],
-        image.config_json()["config"]["Labels"]
-    );
+    assert_eq!(pulled.config["config"]["Env"], image.config_json()["config"]["Env"]);
+    assert_eq!(pulled.config["config"]["Labels"], image.config_json()["config"]["Labels"]);
     assert_eq!(pulled.config["rootfs"], image.config_json()["rootfs"]);
     assert!(pulled.config["config"].get("Healthcheck").is_none());
     assert!(pulled.config.get("docker_version").is_none());
@@ -175,15 +138,7 @@ fn plain_oci_push_compresses_uncompressed_layers() {
     let image = two_layer_image();
     let dir = tempfile::tempdir().unwrap();
     write_layout(dir.path(), "v1", &image).unwrap();
-    push(
-        dir.path(),
-        "v1",
-        &reg.host(),
-        "base/plain:v1",
-        PushFormat::Oci,
-        false,
-    )
-    .unwrap();
+    push(dir.path(), "v1", &reg.host(), "base/plain:v1", PushFormat::Oci, false).unwrap();
     let m = manifest(&inspect_raw(&format!("{}/base/plain:v1", reg.host())).unwrap());
     assert_eq!(m["mediaType"], mt::OCI_MANIFEST);
     assert_eq!(m["layers"][0]["digest"], image.layers[0].digest.as_str());
@@ -196,22 +151,12 @@ fn plain_oci_push_compresses_uncompressed_layers() {
 fn zstd_layers_stay_oci() {
     let reg = Registry::start().unwrap();
     let image = ImageBuilder::new()
-        .layer(build_layer(
-            &[FileEntry::file("z/data", vec![1u8; 50_000])],
-            LayerCompression::Zstd,
-        ))
+        .layer(build_layer(&[FileEntry::file("z/data", vec![1u8; 50_000])], LayerCompression::Zstd))
         .build();
     let err = push_image(&reg, "base/zstd:docker", &image, PushFormat::DockerV2S2).unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("zstd compression is not supported for docker images"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("zstd compression is not supported for docker images"), "{err}");
 
-    assert_eq!(
-        push_image(&reg, "base/zstd:oci", &image, PushFormat::Oci).unwrap(),
-        image.manifest_digest
-    );
+    assert_eq!(push_image(&reg, "base/zstd:oci", &image, PushFormat::Oci).unwrap(), image.manifest_digest);
     let out = tempfile::tempdir().unwrap();
     copy_to_oci(&format!("{}/base/zstd:oci", reg.host()), out.path(), "z").unwrap();
     let pulled = read_oci_layout(out.path(), "z").unwrap();
@@ -222,29 +167,16 @@ fn zstd_layers_stay_oci() {
 #[test]
 fn multi_arch_index_with_attestation_first() {
     let reg = Registry::start().unwrap();
-    let amd = ImageBuilder::new()
-        .layer(build_layer(
-            &[FileEntry::file("arch", "amd64")],
-            LayerCompression::Gzip,
-        ))
-        .build();
+    let amd =
+        ImageBuilder::new().layer(build_layer(&[FileEntry::file("arch", "amd64")], LayerCompression::Gzip)).build();
     let arm = ImageBuilder::new()
         .platform("linux", "arm64", Some("v8"))
-        .layer(build_layer(
-            &[FileEntry::file("arch", "arm64")],
-            LayerCompression::Gzip,
-        ))
+        .layer(build_layer(&[FileEntry::file("arch", "arm64")], LayerCompression::Gzip))
         .build();
-    let plats = [
-        (Platform::parse("linux/amd64").unwrap(), &amd),
-        (Platform::parse("linux/arm64/v8").unwrap(), &arm),
-    ];
+    let plats = [(Platform::parse("linux/amd64").unwrap(), &amd), (Platform::parse("linux/arm64/v8").unwrap(), &arm)];
     let digest = push_index(&reg, "base/multi:latest", &plats, true, PushFormat::Oci).unwrap();
     let layout = tempfile::tempdir().unwrap();
-    assert_eq!(
-        write_index_layout(layout.path(), "t", &plats, true).unwrap(),
-        digest
-    );
+    assert_eq!(write_index_layout(layout.path(), "t", &plats, true).unwrap(), digest);
     let src = format!("{}/base/multi:latest", reg.host());
     let raw = inspect_raw(&src).unwrap();
     assert_eq!(sha256_digest(&raw), digest);
@@ -252,20 +184,12 @@ fn multi_arch_index_with_attestation_first() {
     assert_eq!(index["mediaType"], mt::OCI_INDEX);
     let entries = index["manifests"].as_array().unwrap();
     assert_eq!(entries.len(), 3);
-    assert_eq!(
-        entries[0]["platform"],
-        json!({ "architecture": "unknown", "os": "unknown" })
-    );
+    assert_eq!(entries[0]["platform"], json!({ "architecture": "unknown", "os": "unknown" }));
     assert_eq!(entries[1]["digest"], amd.manifest_digest.as_str());
     assert_eq!(entries[2]["platform"]["variant"], "v8");
     // Every child is stored too, by digest.
     for e in entries {
-        let child = inspect_raw(&format!(
-            "{}/base/multi@{}",
-            reg.host(),
-            e["digest"].as_str().unwrap()
-        ))
-        .unwrap();
+        let child = inspect_raw(&format!("{}/base/multi@{}", reg.host(), e["digest"].as_str().unwrap())).unwrap();
         assert_eq!(sha256_digest(&child), e["digest"].as_str().unwrap());
     }
 
@@ -281,47 +205,23 @@ fn multi_arch_index_with_attestation_first() {
 #[test]
 fn v2s2_index_becomes_manifest_list_unless_it_has_attestations() {
     let reg = Registry::start().unwrap();
-    let amd = ImageBuilder::new()
-        .layer(build_layer(
-            &[FileEntry::file("arch", "amd64")],
-            LayerCompression::Gzip,
-        ))
-        .build();
+    let amd =
+        ImageBuilder::new().layer(build_layer(&[FileEntry::file("arch", "amd64")], LayerCompression::Gzip)).build();
     let arm = ImageBuilder::new()
         .platform("linux", "arm64", Some("v8"))
-        .layer(build_layer(
-            &[FileEntry::file("arch", "arm64")],
-            LayerCompression::Gzip,
-        ))
+        .layer(build_layer(&[FileEntry::file("arch", "arm64")], LayerCompression::Gzip))
         .build();
-    let plats = [
-        (Platform::parse("linux/amd64").unwrap(), &amd),
-        (Platform::parse("linux/arm64/v8").unwrap(), &arm),
-    ];
+    let plats = [(Platform::parse("linux/amd64").unwrap(), &amd), (Platform::parse("linux/arm64/v8").unwrap(), &arm)];
     let err = push_index(&reg, "base/list:att", &plats, true, PushFormat::DockerV2S2).unwrap_err();
-    assert!(
-        err.to_string().contains("application/vnd.in-toto+json"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("application/vnd.in-toto+json"), "{err}");
 
-    let digest = push_index(
-        &reg,
-        "base/list:latest",
-        &plats,
-        false,
-        PushFormat::DockerV2S2,
-    )
-    .unwrap();
+    let digest = push_index(&reg, "base/list:latest", &plats, false, PushFormat::DockerV2S2).unwrap();
     let raw = inspect_raw(&format!("{}/base/list:latest", reg.host())).unwrap();
     assert_eq!(sha256_digest(&raw), digest);
     let list = manifest(&raw);
     assert_eq!(list["mediaType"], mt::DOCKER_MANIFEST_LIST);
     let entries = list["manifests"].as_array().unwrap();
     assert_eq!(entries.len(), 2);
-    assert!(
-        entries
-            .iter()
-            .all(|e| e["mediaType"] == mt::DOCKER_MANIFEST)
-    );
+    assert!(entries.iter().all(|e| e["mediaType"] == mt::DOCKER_MANIFEST));
     assert_eq!(entries[1]["platform"]["variant"], "v8");
 }

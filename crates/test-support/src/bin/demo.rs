@@ -58,7 +58,8 @@ fn main() -> anyhow::Result<()> {
     push_image(&reg, "demo/base:latest", &base, PushFormat::DockerV2S2).context("pushing the base image")?;
     push_image(&reg, "demo/ide:latest", &ide, PushFormat::Oci).context("pushing the IDE image")?;
 
-    let content = build_tar(&[FileEntry::file("workspace/README.md", "# Demo workspace\nComposed by registry-facade.\n")]);
+    let content =
+        build_tar(&[FileEntry::file("workspace/README.md", "# Demo workspace\nComposed by registry-facade.\n")]);
     let specs = serde_json::json!({
         "demo": {
             "baseRef": format!("{host}/demo/base:latest"),
@@ -84,7 +85,8 @@ fn main() -> anyhow::Result<()> {
         .arg(&config_path)
         .spawn()
         .with_context(|| format!("starting {}", facade.display()))?;
-    wait_for_tcp(([127, 0, 0, 1], port).into(), Duration::from_secs(20)).context("the facade did not start listening")?;
+    wait_for_tcp(([127, 0, 0, 1], port).into(), Duration::from_secs(20))
+        .context("the facade did not start listening")?;
 
     let image = format!("127.0.0.1:{port}/fixed/demo:latest");
     println!();
@@ -99,7 +101,11 @@ fn main() -> anyhow::Result<()> {
     println!("  curl -s http://127.0.0.1:{port}/v2/fixed/demo/manifests/latest");
     println!("  curl -s http://127.0.0.1:{metrics_port}/metrics | grep registry_facade_");
     println!();
-    println!("Config: {}  Specs: {}  (Ctrl-C stops the facade and the registry)", config_path.display(), work.join("specs.json").display());
+    println!(
+        "Config: {}  Specs: {}  (Ctrl-C stops the facade and the registry)",
+        config_path.display(),
+        work.join("specs.json").display()
+    );
 
     let started = Instant::now();
     let status = child.wait()?;

@@ -1,0 +1,359 @@
+//! Issue #5: the cluster cache. Facades on different "nodes" (each with its own local store)
+//! share a real `redis-server` (the index) and a real IPFS node (js-ipfs 0.66 speaking the Kubo
+//! RPC API, the content). Upstream is a real docker-registry behind a fault proxy that counts
+//! requests; IPFS sits behind a second fault proxy so its streams can be throttled.
+//!
+//! Shown here: a second node pulls an image another node pulled with zero upstream blob GETs;
+//! Redis or IPFS killed in the middle of a pull does not fail it, and after a restart the cache
+//! is used again; garbage in the cache never completes a wrong blob nor breaks a pull; a bounded
+//! local store evicts and pulls still succeed.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use e2e::Facade;
+use e2e::http::request;
+use serde_json::{Value, json};
+use test_support::fault_proxy::{FaultProxy, Faults};
+use test_support::image::{BuiltLayer, FileEntry, ImageBuilder, LayerCompression, PushFormat, build_layer, push_image};
+use test_support::ipfs::Ipfs;
+use test_support::redis::Redis;
+use test_support::registry::Registry;
+use test_support::skopeo;
+
+const MIB: usize = 1 << 20;
+
+struct World {
+    _reg: Registry,
+    upstream: FaultProxy,
+    redis: Redis,
+    ipfs: Ipfs,
+    ipfs_proxy: FaultProxy,
+    dir: tempfile::TempDir,
+    /// Workspace id → its upstream layers.
+    layers: BTreeMap<&'static str, Vec<BuiltLayer>>,
+}
+
+/// An upstream with two images of incompressible layers (`ws1`: three, `ws2`: two, each
+/// `layer_size` bytes of file content), Redis, and an IPFS node behind a proxy.
+fn world(layer_size: usize) -> World {
+    let reg = Registry::start().unwrap();
+    let upstream = FaultProxy::start(reg.addr).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut layers = BTreeMap::new();
+    let mut specs = serde_json::Map::new();
+    for (ws, repo, seeds) in [("ws1", "app:1", &[11u64, 12, 13][..]), ("ws2", "app:2", &[21u64, 22][..])] {
+        let mut b = ImageBuilder::new();
+        let mut built = Vec::new();
+        for &seed in seeds {
+            let l = build_layer(
+                &[FileEntry::file(format!("l{seed}.bin"), e2e::noise(layer_size, seed))],
+                LayerCompression::None,
+            );
+            built.push(l.clone());
+            b = b.layer(l);
+        }
+        push_image(&reg, repo, &b.build(), PushFormat::Oci).unwrap();
+        specs.insert(ws.into(), json!({"baseRef": format!("{}/{repo}", upstream.host())}));
+        layers.insert(ws, built);
+    }
+    std::fs::write(dir.path().join("specs.json"), Value::Object(specs).to_string()).unwrap();
+    let redis = Redis::start().unwrap();
+    let ipfs = Ipfs::start().unwrap();
+    let ipfs_proxy = FaultProxy::start(ipfs.api).unwrap();
+    World { _reg: reg, upstream, redis, ipfs, ipfs_proxy, dir, layers }
+}
+
+/// A facade ("node") with its own store, sharing the world's Redis and IPFS.
+fn node(w: &World, name: &str, facade_extra: Value) -> Facade {
+    node_with_specs(w, name, "specs.json", facade_extra)
+}
+
+fn node_with_specs(w: &World, name: &str, specs: &str, facade_extra: Value) -> Facade {
+    let mut facade = json!({"listenHost": "127.0.0.1", "upstreamReadTimeout": "3s"});
+    if let (Value::Object(f), Value::Object(extra)) = (&mut facade, facade_extra) {
+        f.extend(extra);
+    }
+    let cfg = json!({
+        "registry": {
+            "port": 0,
+            "fixedSpecFN": specs,
+            "store": format!("store-{name}"),
+            "redis": {"enabled": true, "singleHostAddr": w.redis.host(), "username": "", "useTLS": false},
+            "ipfs": {"enabled": true, "ipfsAddr": format!("/ip4/127.0.0.1/tcp/{}", w.ipfs_proxy.addr.port())},
+        },
+        "prometheusAddr": "127.0.0.1:0",
+        "facade": facade,
+    });
+    Facade::start(&cfg, w.dir.path()).unwrap()
+}
+
+/// Pulls `ws` from the facade at `host` with skopeo and checks every blob against its digest
+/// and the layers against `want` (the upstream image's).
+fn pull_from(host: &str, ws: &str, want: &[String]) {
+    let out = tempfile::tempdir().unwrap();
+    skopeo::copy_to_oci_preserving_digests(&format!("{host}/fixed/{ws}:latest"), out.path(), "latest").unwrap();
+    let img = skopeo::read_oci_layout(out.path(), "latest").unwrap();
+    let got: Vec<&str> =
+        img.manifest["layers"].as_array().unwrap().iter().map(|l| l["digest"].as_str().unwrap()).collect();
+    assert_eq!(got, want.iter().map(String::as_str).collect::<Vec<_>>());
+}
+
+fn want(w: &World, ws: &str) -> Vec<String> {
+    w.layers[ws].iter().map(|l| l.digest.clone()).collect()
+}
+
+fn pull(w: &World, f: &Facade, ws: &str) {
+    pull_from(&f.host(), ws, &want(w, ws));
+}
+
+/// Starts a pull in a thread (it owns what it needs, so the world can be changed meanwhile).
+fn pull_in_background(w: &World, f: &Facade, ws: &'static str) -> std::thread::JoinHandle<()> {
+    let (host, want) = (f.host(), want(w, ws));
+    std::thread::spawn(move || pull_from(&host, ws, &want))
+}
+
+fn layer_bytes(w: &World, ws: &str) -> u64 {
+    w.layers[ws].iter().map(|l| l.size).sum()
+}
+
+fn upstream_blob_gets(w: &World) -> usize {
+    w.upstream.count_requests("GET", "/blobs/")
+}
+
+fn indexed(w: &World, ws: &str) -> bool {
+    let keys = w.redis.keys("registry-facade:blob:*").unwrap_or_default();
+    w.layers[ws].iter().all(|l| keys.contains(&format!("registry-facade:blob:{}", l.digest)))
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The value of one series (`name{labels}`) on the facade's `/metrics`.
+fn metric(f: &Facade, series: &str) -> f64 {
+    let text = String::from_utf8(request(&f.admin[0].to_string(), "GET", "/metrics", &[], b"").body).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
+}
+
+fn stored(f_dir: &std::path::Path, digest: &str) -> bool {
+    f_dir.join("blobs/sha256").join(digest.trim_start_matches("sha256:")).is_file()
+}
+
+#[test]
+fn a_second_node_pulls_with_zero_upstream_blob_gets() {
+    let w = world(4 * MIB);
+    let a = node(&w, "a", json!({}));
+    pull(&w, &a, "ws1");
+    let a_gets = upstream_blob_gets(&w);
+    assert!(a_gets > w.layers["ws1"].len(), "node A fetched layers and config upstream: {:?}", w.upstream.requests());
+    let a_bytes = w.upstream.bytes_to_client();
+    wait_until("node A's IPFS adds and index entries", Duration::from_secs(60), || indexed(&w, "ws1"));
+    assert_eq!(metric(&a, r#"registry_facade_backfill_total{outcome="ok",store="ipfs"}"#), 3.0);
+    assert_eq!(metric(&a, r#"registry_facade_backfill_total{outcome="ok",store="local"}"#), 3.0);
+    assert!(w.ipfs.pins().unwrap().len() >= 3, "added blobs are pinned");
+
+    w.upstream.reset_counters();
+    let started = Instant::now();
+    let b = node(&w, "b", json!({}));
+    pull(&w, &b, "ws1");
+    let b_time = started.elapsed();
+    assert_eq!(upstream_blob_gets(&w), 0, "node B went upstream for blobs: {:?}", w.upstream.requests());
+    // Tags, manifests and configs came from Redis too: node B did not talk to upstream at all.
+    assert!(w.upstream.requests().is_empty(), "{:?}", w.upstream.requests());
+    assert_eq!(metric(&b, r#"registry_facade_cache_lookups_total{cache="cluster",result="hit"}"#), 3.0);
+    assert_eq!(metric(&b, r#"registry_facade_backfill_total{outcome="skipped",store="ipfs"}"#), 3.0);
+    // Back-filled into B's own store from the IPFS bytes: a second pull is local.
+    for l in &w.layers["ws1"] {
+        assert!(stored(&w.dir.path().join("store-b"), &l.digest));
+    }
+    pull(&w, &b, "ws1");
+    assert_eq!(metric(&b, r#"registry_facade_cache_lookups_total{cache="local",result="hit"}"#), 3.0);
+    eprintln!(
+        "two-node pull: node A {a_gets} upstream blob GETs, {a_bytes} upstream bytes; node B 0 GETs, {} bytes, {:?}",
+        w.upstream.bytes_to_client(),
+        b_time
+    );
+}
+
+#[test]
+fn redis_killed_mid_pull_then_the_cache_is_used_again() {
+    let mut w = world(6 * MIB);
+    // 4 MiB/s per upstream connection: the pull takes seconds, so the kill lands inside it.
+    w.upstream.set_faults(Faults { throttle_bytes_per_sec: Some(4 * MIB as u64), ..Faults::default() });
+    let a = node(&w, "a", json!({}));
+    let pulling = pull_in_background(&w, &a, "ws1");
+    wait_until("the pull to be under way", Duration::from_secs(60), || w.upstream.bytes_to_client() > 3 * MIB as u64);
+    w.redis.kill();
+    assert!(w.upstream.bytes_to_client() < layer_bytes(&w, "ws1"), "the kill came after the pull");
+    pulling.join().expect("the pull failed while Redis was down");
+    // The outage was noticed (the index writes after the fills failed) and counted.
+    wait_until("the Redis outage to be counted", Duration::from_secs(30), || {
+        metric(&a, r#"registry_facade_cluster_dependency_failures_total{dependency="redis"}"#) > 0.0
+    });
+    assert_eq!(metric(&a, r#"registry_facade_cluster_dependency_up{dependency="redis"}"#), 0.0);
+
+    // Redis comes back (empty: nothing was persisted); node A notices by itself.
+    w.redis.restart().unwrap();
+    w.upstream.clear_faults();
+    wait_until("node A to see Redis again", Duration::from_secs(60), || {
+        metric(&a, r#"registry_facade_cluster_dependency_up{dependency="redis"}"#) == 1.0
+    });
+    // Node A uses the cache again: what it pulls now is indexed, and node B gets it from IPFS.
+    pull(&w, &a, "ws2");
+    wait_until("node A's index entries after the outage", Duration::from_secs(60), || indexed(&w, "ws2"));
+    let b = node(&w, "b", json!({}));
+    w.upstream.reset_counters();
+    pull(&w, &b, "ws2");
+    assert_eq!(upstream_blob_gets(&w), 0, "{:?}", w.upstream.requests());
+}
+
+#[test]
+fn ipfs_killed_mid_pull_then_the_cache_is_used_again() {
+    let mut w = world(6 * MIB);
+    let a = node(&w, "a", json!({}));
+    pull(&w, &a, "ws1");
+    pull(&w, &a, "ws2");
+    wait_until("node A's index entries", Duration::from_secs(60), || indexed(&w, "ws1") && indexed(&w, "ws2"));
+
+    // Node B streams from IPFS at 2 MiB/s per connection; IPFS dies a few MiB in.
+    w.ipfs_proxy.set_faults(Faults { throttle_bytes_per_sec: Some(2 * MIB as u64), ..Faults::default() });
+    let b = node(&w, "b", json!({}));
+    w.upstream.reset_counters();
+    let pulling = pull_in_background(&w, &b, "ws1");
+    wait_until("the IPFS streams to be under way", Duration::from_secs(60), || {
+        w.ipfs_proxy.bytes_to_client() > 4 * MIB as u64
+    });
+    w.ipfs.kill();
+    let from_ipfs = w.ipfs_proxy.bytes_to_client();
+    pulling.join().expect("the pull failed while IPFS was down");
+    // The rest came from upstream, resumed at the offsets IPFS had reached: what IPFS delivered
+    // was not downloaded again.
+    let from_upstream = w.upstream.bytes_to_client();
+    assert!(upstream_blob_gets(&w) >= 1, "{:?}", w.upstream.requests());
+    assert!(
+        from_upstream + 2 * MIB as u64 <= layer_bytes(&w, "ws1"),
+        "upstream sent {from_upstream} bytes of {} after IPFS had sent {from_ipfs}",
+        layer_bytes(&w, "ws1")
+    );
+    assert!(w.upstream.requests().iter().all(|r| !r.contains("/manifests/")), "metadata still came from Redis");
+    assert_eq!(metric(&b, r#"registry_facade_cluster_dependency_up{dependency="ipfs"}"#), 0.0);
+
+    // IPFS comes back with its repo; node B notices by itself and serves ws2 from it.
+    w.ipfs.restart().unwrap();
+    w.ipfs_proxy.clear_faults();
+    wait_until("node B to see IPFS again", Duration::from_secs(60), || {
+        metric(&b, r#"registry_facade_cluster_dependency_up{dependency="ipfs"}"#) == 1.0
+    });
+    w.upstream.reset_counters();
+    pull(&w, &b, "ws2");
+    assert_eq!(upstream_blob_gets(&w), 0, "{:?}", w.upstream.requests());
+}
+
+#[test]
+fn garbage_in_the_cluster_cache_never_completes_a_wrong_blob_nor_breaks_a_pull() {
+    let w = world(2 * MIB);
+    let a = node(&w, "a", json!({}));
+    pull(&w, &a, "ws1");
+    wait_until("node A's index entries", Duration::from_secs(60), || indexed(&w, "ws1"));
+    let ws1 = &w.layers["ws1"];
+    let key = |l: &BuiltLayer| format!("registry-facade:blob:{}", l.digest);
+    let entry_of = |l: &BuiltLayer| -> Value {
+        let raw = w.redis.command(&["GET", &key(l)]).unwrap();
+        serde_json::from_str(raw.lines().nth(1).unwrap()).unwrap()
+    };
+    // Layer 0's entry: not JSON. Layer 1's: a CID of a blob the node does not have (it blocks
+    // until the node-side timeout). Layer 2's: a real CID of other content of the same size.
+    let other_cid = entry_of(&ws1[0])["cid"].as_str().unwrap().to_string();
+    let missing = "bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy";
+    let size_of = |l: &BuiltLayer| l.size.to_string();
+    w.redis.command(&["SET", &key(&ws1[0]), "{not json"]).unwrap();
+    let bogus = json!({"cid": missing, "mediaType": "x", "size": ws1[1].size}).to_string();
+    w.redis.command(&["SET", &key(&ws1[1]), &bogus]).unwrap();
+    let wrong = json!({"cid": other_cid, "mediaType": "x", "size": ws1[2].size}).to_string();
+    w.redis.command(&["SET", &key(&ws1[2]), &wrong]).unwrap();
+    assert_eq!(size_of(&ws1[0]), size_of(&ws1[2]), "the layers must be the same size for this test");
+
+    let b = node(&w, "b", json!({"clusterIPFSTimeout": "1s"}));
+    // The wrong content streams, but its last byte is never sent: the response is cut short,
+    // nothing enters B's store, and the entry is removed.
+    assert_eq!(request(&b.host(), "GET", "/v2/fixed/ws1/manifests/latest", &[], b"").status, 200);
+    let path = format!("/v2/fixed/ws1/blobs/{}", ws1[2].digest);
+    let got = e2e::stream::get(&b.host(), &path, &[], None).unwrap();
+    assert!(got.truncated, "a wrong blob was completed: {} of {} bytes", got.received, ws1[2].size);
+    assert!(!stored(&w.dir.path().join("store-b"), &ws1[2].digest));
+    wait_until("the wrong entry to be removed", Duration::from_secs(10), || {
+        !w.redis.keys("registry-facade:blob:*").unwrap().contains(&key(&ws1[2]))
+    });
+    // The client's retry (and a whole pull) now succeeds; the bad entries cost nothing else.
+    pull(&w, &b, "ws1");
+    assert!(metric(&b, r#"registry_facade_cache_lookups_total{cache="cluster",result="error"}"#) >= 1.0);
+}
+
+#[test]
+fn a_bounded_store_evicts_old_blobs_and_pulls_still_succeed() {
+    let w = world(4 * MIB);
+    // Room for about two of the five 4 MiB layers.
+    let a = node(&w, "a", json!({"storeMaxBytes": "9MiB"}));
+    let store = w.dir.path().join("store-a");
+    let total = || -> u64 {
+        std::fs::read_dir(store.join("blobs/sha256")).unwrap().flatten().map(|e| e.metadata().unwrap().len()).sum()
+    };
+    pull(&w, &a, "ws1");
+    pull(&w, &a, "ws2");
+    wait_until("the store to fit its limit", Duration::from_secs(30), || total() <= 9 * MIB as u64);
+    assert!(metric(&a, "registry_facade_store_evictions_total") >= 3.0);
+    assert!(metric(&a, "registry_facade_store_bytes") <= (9 * MIB) as f64);
+    // The most recently pulled image is what stayed.
+    assert!(w.layers["ws2"].iter().any(|l| stored(&store, &l.digest)));
+    // Evicted blobs come back (from IPFS, where node A put them) and the pull succeeds.
+    wait_until("node A's index entries", Duration::from_secs(60), || indexed(&w, "ws1"));
+    w.upstream.reset_counters();
+    pull(&w, &a, "ws1");
+    assert_eq!(upstream_blob_gets(&w), 0, "{:?}", w.upstream.requests());
+}
+
+#[test]
+fn a_composition_handed_out_by_one_node_is_served_by_digest_by_another() {
+    let w = world(MIB);
+    let a = node(&w, "a", json!({}));
+    let m = request(&a.host(), "GET", "/v2/fixed/ws1/manifests/latest", &[], b"");
+    assert_eq!(m.status, 200);
+    let digest = m.header("docker-content-digest").unwrap().to_string();
+    let manifest: Value = serde_json::from_slice(&m.body).unwrap();
+    let config = manifest["config"]["digest"].as_str().unwrap().to_string();
+    wait_until("the composition to be shared", Duration::from_secs(10), || {
+        !w.redis.keys("registry-facade:composed:fixed/ws1:*").unwrap().is_empty()
+    });
+
+    // Node B's spec for ws1 changed meanwhile (it now composes app:2): a pull that began on
+    // node A still gets exactly the bytes it was promised, config and layers included.
+    let specs_b = json!({"ws1": {"baseRef": format!("{}/app:2", w.upstream.host())}, "ws2": {"baseRef": format!("{}/app:2", w.upstream.host())}});
+    std::fs::write(w.dir.path().join("specs-b.json"), specs_b.to_string()).unwrap();
+    let b = node_with_specs(&w, "b", "specs-b.json", json!({}));
+    let current = request(&b.host(), "GET", "/v2/fixed/ws1/manifests/latest", &[], b"");
+    assert_ne!(current.header("docker-content-digest"), Some(digest.as_str()), "node B composes something else now");
+    let by_digest = request(&b.host(), "GET", &format!("/v2/fixed/ws1/manifests/{digest}"), &[], b"");
+    assert_eq!(by_digest.status, 200);
+    assert_eq!(by_digest.body, m.body, "served with exactly the bytes node A handed out");
+    let cfg = request(&b.host(), "GET", &format!("/v2/fixed/ws1/blobs/{config}"), &[], b"");
+    assert_eq!((cfg.status, e2e_sha256(&cfg.body)), (200, config.clone()));
+    let layer = &w.layers["ws1"][0].digest;
+    let got = e2e::stream::get(&b.host(), &format!("/v2/fixed/ws1/blobs/{layer}"), &[], None).unwrap();
+    assert_eq!((got.status, got.digest.as_str()), (200, layer.as_str()));
+
+    // Never across workspaces: ws2 cannot read ws1's composition.
+    let other = request(&b.host(), "GET", &format!("/v2/fixed/ws2/manifests/{digest}"), &[], b"");
+    assert_eq!(other.status, 404);
+}
+
+fn e2e_sha256(b: &[u8]) -> String {
+    test_support::image::sha256_digest(b)
+}
