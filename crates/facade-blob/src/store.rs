@@ -154,6 +154,28 @@ struct BlobFile {
     used: SystemTime,
 }
 
+/// Temp files untouched this long belong to no running fill (a fill writes continuously, and
+/// one stalled this long has given up): a crashed process's leftovers.
+const STALE_TEMP_AGE: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Removes leftover temp files. Only stale ones: during a restart hand-over the new process
+/// opens the store while the old one still fills into it (a regression seen in the restart
+/// test: the old process's fills lost their files and its clients their pulls).
+fn remove_stale_temp_files(tmp: &Path, max_age: std::time::Duration) {
+    let Ok(entries) = std::fs::read_dir(tmp) else { return };
+    for e in entries.flatten() {
+        let stale = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_none_or(|age| age >= max_age);
+        if stale {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 impl LocalStore {
     /// Opens (creating) an unbounded store at `root` and removes temp files a previous run left
     /// behind.
@@ -167,12 +189,7 @@ impl LocalStore {
         for dir in [root.join("blobs/sha256"), root.join("blobs/sha512"), root.join("tmp")] {
             std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         }
-        let tmp = root.join("tmp");
-        if let Ok(entries) = std::fs::read_dir(&tmp) {
-            for e in entries.flatten() {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
+        remove_stale_temp_files(&root.join("tmp"), STALE_TEMP_AGE);
         let store = LocalStore {
             inner: Arc::new(Inner {
                 root: root.to_path_buf(),
@@ -704,11 +721,18 @@ mod tests {
     }
 
     #[test]
-    fn stale_temp_files_are_removed_on_open() {
+    fn stale_temp_files_are_removed_on_open_and_live_ones_kept() {
         let dir = tempfile::tempdir().unwrap();
         LocalStore::open(dir.path()).unwrap();
-        std::fs::write(dir.path().join("tmp/leftover"), b"x").unwrap();
+        let old = dir.path().join("tmp/leftover");
+        std::fs::write(&old, b"x").unwrap();
+        let f = std::fs::File::options().write(true).open(&old).unwrap();
+        f.set_modified(std::time::SystemTime::now() - STALE_TEMP_AGE - std::time::Duration::from_secs(1)).unwrap();
+        // A fill of another facade process sharing the store (a restart hand-over) is writing.
+        let live = dir.path().join("tmp/in-flight");
+        std::fs::write(&live, b"y").unwrap();
         LocalStore::open(dir.path()).unwrap();
-        assert!(!dir.path().join("tmp/leftover").exists());
+        assert!(!old.exists());
+        assert!(live.exists(), "another process's in-flight fill was deleted");
     }
 }

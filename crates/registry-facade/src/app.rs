@@ -11,7 +11,7 @@ use facade_blob::{
     BlobChain, ClusterCache, ClusterConfig, ClusterMetrics, FetchConfig, FillConfig, Fills, ImageFetcher, Images,
     ImagesConfig, LocalStore, StoreConfig, StoreMetrics,
 };
-use facade_server::{Readiness, ServerConfig, ServerMetrics};
+use facade_server::{AuthFile, Readiness, ServerConfig, ServerMetrics, TlsFiles};
 use facade_spec::{
     CacheConfig, CachedSpecProvider, ClientTls, FixedSpecProvider, GrpcConfig, GrpcEndpoint, GrpcSpecProvider,
     Providers, SpecMetrics,
@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::Engine;
 use crate::config::Config;
+use crate::reload::{ProviderFactory, Reloader};
 
 /// A facade with its listeners bound.
 pub struct App {
@@ -32,11 +33,22 @@ pub struct App {
     readiness: Readiness,
     grace: std::time::Duration,
     store: Option<LocalStore>,
+    reloader: Option<Reloader>,
+    parts: Parts,
+}
+
+/// What a config reload swaps things in.
+struct Parts {
+    config: Config,
+    engine: Arc<Engine>,
+    upstream: facade_upstream::Client,
+    providers: ProviderFactory,
 }
 
 impl App {
     /// Builds every component and binds the listeners.
     pub async fn build(config: Config) -> anyhow::Result<App> {
+        let metrics = prometheus::Registry::new();
         let auth = match &config.docker_auth {
             Some(p) => {
                 let text =
@@ -46,7 +58,7 @@ impl App {
             None => DockerAuth::empty(),
         };
         let (connect, metadata, read) = config.upstream_timeouts;
-        let upstream = facade_upstream::Client::new(
+        let upstream = facade_upstream::Client::with_metrics(
             facade_upstream::Config {
                 plain_http_hosts: config.plain_http_hosts.clone(),
                 connect_timeout: connect,
@@ -55,6 +67,7 @@ impl App {
                 ..facade_upstream::Config::default()
             },
             auth,
+            Some(facade_upstream::UpstreamMetrics::register(&metrics).context("metrics")?),
         )
         .context("upstream client")?;
 
@@ -74,17 +87,9 @@ impl App {
                 .context("static layers")?
                 .context("registry.staticLayer")?
         };
-        let metrics = prometheus::Registry::new();
-        let mut providers = Providers::new();
-        if let Some(f) = &config.fixed_spec_file {
-            let fixed = FixedSpecProvider::load(f).context("registry.fixedSpecFN")?;
-            tracing::info!(file = %f.display(), workspaces = fixed.len(), "loaded fixed specs");
-            providers.insert("fixed", Arc::new(fixed));
-        }
-        if !config.remote_spec_providers.is_empty() {
-            let spec_metrics = SpecMetrics::register(&metrics).context("metrics")?;
-            providers.insert("remote", Arc::new(remote_provider(&config, spec_metrics)?));
-        }
+        let spec_metrics = SpecMetrics::register(&metrics).context("metrics")?;
+        let provider_factory: ProviderFactory = Arc::new(move |c: &Config| build_providers(c, spec_metrics.clone()));
+        let providers = provider_factory(&config)?;
 
         let cluster_metrics = ClusterMetrics::register(&metrics).context("metrics")?;
         if let Some(s) = &store {
@@ -103,23 +108,33 @@ impl App {
             static_layers,
         )
         .with_cluster(cluster.clone());
-        let fills =
-            Fills::with_cluster(FillConfig::default(), store.clone(), upstream, cluster, cluster_metrics.clone())
-                .context("blob fills")?;
+        let fills = Fills::with_cluster(
+            FillConfig::default(),
+            store.clone(),
+            upstream.clone(),
+            cluster,
+            cluster_metrics.clone(),
+        )
+        .context("blob fills")?;
         let gc_store = store.clone();
         let chain = Arc::new(BlobChain::with_metrics(store, fills, cluster_metrics));
         let engine = Arc::new(Engine { images, chain });
 
         let server_metrics = ServerMetrics::register(&metrics).context("metrics")?;
-        let app = Arc::new(facade_server::App::new(
-            ServerConfig { prefix: config.prefix.clone(), ..ServerConfig::default() },
-            engine,
-            server_metrics,
-        ));
+        let server_config = ServerConfig {
+            prefix: config.prefix.clone(),
+            tls: config.tls.as_ref().map(|(cert, key)| TlsFiles { cert: cert.clone(), key: key.clone() }),
+            auth: config.htpasswd.as_ref().map(|p| AuthFile { htpasswd: p.clone() }),
+            ..ServerConfig::default()
+        };
+        let app = Arc::new(
+            facade_server::App::try_new(server_config, engine.clone(), server_metrics)
+                .map_err(|e| anyhow::anyhow!("{e:#}"))
+                .context("registry.tls / facade.htpasswd")?,
+        );
 
-        let registry_listener = TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("registry.port: cannot listen on {}", config.listen))?;
+        let registry_listener =
+            bind_shared(config.listen).with_context(|| format!("registry.port: cannot listen on {}", config.listen))?;
         let mut admin_listeners = Vec::new();
         let mut admin_addrs: Vec<SocketAddr> = Vec::new();
         for (key, addr) in [("prometheusAddr", config.prometheus_addr), ("readinessProbeAddr", config.readiness_addr)] {
@@ -127,7 +142,7 @@ impl App {
                 if admin_addrs.contains(&addr) {
                     continue;
                 }
-                let l = TcpListener::bind(addr).await.with_context(|| format!("{key}: cannot listen on {addr}"))?;
+                let l = bind_shared(addr).with_context(|| format!("{key}: cannot listen on {addr}"))?;
                 admin_addrs.push(addr);
                 admin_listeners.push(l);
             }
@@ -140,7 +155,21 @@ impl App {
             readiness: Readiness::new(),
             grace: config.shutdown_grace,
             store: gc_store,
+            reloader: None,
+            parts: Parts { config, engine, upstream, providers: provider_factory },
         })
+    }
+
+    /// Reloads the configuration from `path` whenever it (or a file it names) changes.
+    pub fn watch_config(&mut self, path: std::path::PathBuf, interval: std::time::Duration) {
+        self.reloader = Some(Reloader {
+            path,
+            current: self.parts.config.clone(),
+            engine: self.parts.engine.clone(),
+            upstream: self.parts.upstream.clone(),
+            providers: self.parts.providers.clone(),
+            interval,
+        });
     }
 
     /// The registry's bound address.
@@ -165,9 +194,19 @@ impl App {
             let (reg, ready, stop) = (self.metrics.clone(), self.readiness.clone(), serving.clone());
             tasks.spawn(async move { facade_server::serve_admin(l, reg, ready, stop).await });
         }
+        if let Some(r) = self.reloader {
+            tasks.spawn({
+                let stop = serving.clone();
+                async move {
+                    r.run(stop).await;
+                    Ok(())
+                }
+            });
+        }
+        let tls = self.app.is_tls();
         let server = tokio::spawn(facade_server::serve(self.registry_listener, self.app, serving.clone()));
         self.readiness.set_ready(true);
-        tracing::info!(%addr, "registry-facade serving");
+        tracing::info!(%addr, tls, "registry-facade serving");
         shutdown.cancelled().await;
         tracing::info!(grace_seconds = self.grace.as_secs(), "shutting down: draining in-flight pulls");
         self.readiness.set_ready(false);
@@ -181,6 +220,34 @@ impl App {
         tasks.abort_all();
         Ok(())
     }
+}
+
+/// Binds the registry port with SO_REUSEPORT, so a new facade process can take the port over
+/// while the old one drains its pulls (zero-downtime restart): the kernel spreads new
+/// connections over every open listener of the port, and the old one closes its own on SIGTERM.
+fn bind_shared(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// The spec providers of a configuration: `fixed` from its file, `remote` from the spec servers.
+fn build_providers(config: &Config, spec_metrics: SpecMetrics) -> anyhow::Result<Providers> {
+    let mut providers = Providers::new();
+    if let Some(f) = &config.fixed_spec_file {
+        let fixed = FixedSpecProvider::load(f).context("registry.fixedSpecFN")?;
+        tracing::info!(file = %f.display(), workspaces = fixed.len(), "loaded fixed specs");
+        providers.insert("fixed", Arc::new(fixed));
+    }
+    if !config.remote_spec_providers.is_empty() {
+        providers.insert("remote", Arc::new(remote_provider(config, spec_metrics)?));
+    }
+    Ok(providers)
 }
 
 /// The `remote` provider: the configured spec servers in order, behind the spec cache. Reads

@@ -191,6 +191,9 @@ pub struct FacadeSection {
     /// Deadline for IPFS's first byte of a blob (default "3s").
     #[serde(rename = "clusterIPFSTimeout", default)]
     pub cluster_ipfs_timeout: Option<String>,
+    /// bcrypt htpasswd file of the users allowed to pull when `registry.requireAuth` is on.
+    #[serde(default)]
+    pub htpasswd: Option<String>,
     /// Grace period for in-flight pulls on SIGTERM (default 30s).
     #[serde(rename = "shutdownGrace", default)]
     pub shutdown_grace: Option<String>,
@@ -220,6 +223,10 @@ pub struct FacadeSection {
 pub struct Config {
     /// Registry listener.
     pub listen: SocketAddr,
+    /// TLS certificate and key files of the registry listener.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// htpasswd file clients authenticate against (`registry.requireAuth`).
+    pub htpasswd: Option<PathBuf>,
     /// URL prefix.
     pub prefix: String,
     /// Local store.
@@ -560,14 +567,38 @@ pub fn parse(text: &str, base_dir: &std::path::Path, env: &dyn Env) -> Result<Co
     {
         errs.push(format!("registry.prefix: {:?} must start with '/' and contain no spaces", r.prefix));
     }
-    if let Some(tls) = &r.tls
-        && (!tls.crt.is_empty() || !tls.key.is_empty())
-    {
-        errs.push("registry.tls: serving TLS is not built yet in this version (see README); terminate TLS in front of the facade or leave registry.tls empty".into());
-    }
-    if r.require_auth {
-        errs.push("registry.requireAuth: client authentication is not built yet in this version (see README); refusing to start open".into());
-    }
+    let tls = match &r.tls {
+        Some(t) if !t.crt.is_empty() || !t.key.is_empty() => {
+            if t.crt.is_empty() || t.key.is_empty() {
+                errs.push("registry.tls: crt and key go together".into());
+                None
+            } else {
+                match (
+                    check_file("registry.tls.crt", &t.crt, &mut errs),
+                    check_file("registry.tls.key", &t.key, &mut errs),
+                ) {
+                    (Some(crt), Some(key)) => Some((crt, key)),
+                    _ => None,
+                }
+            }
+        }
+        _ => None,
+    };
+    let htpasswd = match (&file.facade.htpasswd, r.require_auth) {
+        (Some(p), true) => check_file("facade.htpasswd", p, &mut errs),
+        (None, true) => {
+            errs.push(
+                "registry.requireAuth: needs facade.htpasswd, the bcrypt htpasswd file of the users allowed to pull"
+                    .into(),
+            );
+            None
+        }
+        (Some(_), false) => {
+            errs.push("facade.htpasswd: set, but registry.requireAuth is false; refusing to guess whether pulls should be authenticated".into());
+            None
+        }
+        (None, false) => None,
+    };
     let remote_spec_providers = parse_remote_providers(&r.remote_spec_provider, &check_file, &mut errs);
     let (store_max_bytes, store_ttl, cluster) = parse_cluster(&file, env, &mut errs);
 
@@ -657,6 +688,8 @@ pub fn parse(text: &str, base_dir: &std::path::Path, env: &dyn Env) -> Result<Co
     }
     Ok(Config {
         listen,
+        tls,
+        htpasswd,
         prefix,
         store,
         store_max_bytes,

@@ -33,6 +33,22 @@ enum Command {
         /// The configuration file.
         config: PathBuf,
     },
+    /// Point this node's containerd at the facade: write
+    /// `<hostfs>/etc/containerd/certs.d/<hostname>:<port>/hosts.toml` (and the CA with --ca).
+    Setup {
+        /// Host name or IP the node's containerd reaches the facade at.
+        #[arg(long)]
+        hostname: String,
+        /// The facade's registry port.
+        #[arg(long, default_value_t = 31750)]
+        port: u16,
+        /// The node's root filesystem as mounted here (`/` when run on the node itself).
+        #[arg(long)]
+        hostfs: PathBuf,
+        /// PEM CA of the facade's serving certificate (when it serves TLS).
+        #[arg(long)]
+        ca: Option<PathBuf>,
+    },
     /// Serve image specs from a JSON file over gRPC (`registryfacade.SpecProvider`), for
     /// development and tests of the `remote` provider. Prints `listening on ADDR` on stdout.
     SpecServer {
@@ -69,6 +85,18 @@ fn main() -> ExitCode {
     init_tracing(cli.log_format, &cli.log_level);
     match cli.command {
         Command::Run { config } => run(config),
+        Command::Setup { hostname, port, hostfs, ca } => {
+            match registry_facade::setup::run(&registry_facade::setup::SetupOptions { hostname, port, hostfs, ca }) {
+                Ok(path) => {
+                    println!("wrote {}", path.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("registry-facade setup: {e:#}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::SpecServer { file, listen, tls_crt, tls_key, tls_client_ca } => {
             spec_server(&file, listen, tls_crt.zip(tls_key), tls_client_ca)
         }
@@ -99,13 +127,14 @@ fn run(path: PathBuf) -> ExitCode {
         }
     };
     rt.block_on(async move {
-        let app = match registry_facade::App::build(cfg).await {
+        let mut app = match registry_facade::App::build(cfg).await {
             Ok(a) => a,
             Err(e) => {
                 eprintln!("registry-facade: {e:#}");
                 return ExitCode::from(2);
             }
         };
+        app.watch_config(path, std::time::Duration::from_secs(2));
         let shutdown = CancellationToken::new();
         let signal = shutdown.clone();
         tokio::spawn(async move {
