@@ -22,6 +22,7 @@ use crate::cluster::{CacheName, ClusterMetrics, LookupResult};
 use crate::error::{Error, Result};
 use crate::fill::Fills;
 use crate::images::{BlobEntry, BlobOrigin};
+use crate::metrics::{ChainMetrics, Source};
 use crate::read::{bytes_range_stream, file_range_stream};
 use crate::store::LocalStore;
 
@@ -33,6 +34,7 @@ pub struct BlobChain {
     store: Option<LocalStore>,
     fills: Arc<Fills>,
     metrics: ClusterMetrics,
+    chain_metrics: ChainMetrics,
 }
 
 impl BlobChain {
@@ -43,7 +45,14 @@ impl BlobChain {
 
     /// A chain that counts local-store lookups into `metrics` (the fills count the cluster's).
     pub fn with_metrics(store: Option<LocalStore>, fills: Arc<Fills>, metrics: ClusterMetrics) -> Self {
-        BlobChain { store, fills, metrics }
+        BlobChain { store, fills, metrics, chain_metrics: ChainMetrics::unregistered() }
+    }
+
+    /// Counts reads, first bytes and fills into `metrics` (shared with the fills).
+    pub fn with_chain_metrics(mut self, metrics: ChainMetrics) -> Self {
+        self.fills.set_chain_metrics(metrics.clone());
+        self.chain_metrics = metrics;
+        self
     }
 
     /// The local store, if configured.
@@ -61,6 +70,17 @@ impl BlobChain {
 
     /// The bytes `[start, end_exclusive)` of blob `digest`.
     pub async fn open(&self, digest: &Digest, entry: &BlobEntry, start: u64, end_exclusive: u64) -> Result<BlobStream> {
+        let (source, stream) = self.open_source(digest, entry, start, end_exclusive)?;
+        Ok(Box::pin(self.chain_metrics.meter(source, end_exclusive.saturating_sub(start), stream)))
+    }
+
+    fn open_source(
+        &self,
+        digest: &Digest,
+        entry: &BlobEntry,
+        start: u64,
+        end_exclusive: u64,
+    ) -> Result<(Source, BlobStream)> {
         if let Some(store) = &self.store
             && let Some(blob) = store.open_blob(digest, entry.size)
         {
@@ -69,10 +89,13 @@ impl BlobChain {
                 self.metrics.lookup(CacheName::Local, LookupResult::Hit);
             }
             let guard: Box<dyn Send + Sync> = Box::new(blob.guard);
-            return Ok(file_range_stream(Arc::new(blob.file), start, end_exclusive, entry.size, None, Some(guard)));
+            return Ok((
+                Source::Store,
+                file_range_stream(Arc::new(blob.file), start, end_exclusive, entry.size, None, Some(guard)),
+            ));
         }
         match &entry.origin {
-            BlobOrigin::Bytes(b) => Ok(bytes_range_stream(b.clone(), start, end_exclusive)),
+            BlobOrigin::Bytes(b) => Ok((Source::Memory, bytes_range_stream(b.clone(), start, end_exclusive))),
             BlobOrigin::Upstream(from) => {
                 if self.store.is_some() {
                     self.metrics.lookup(CacheName::Local, LookupResult::Miss);
@@ -81,7 +104,10 @@ impl BlobChain {
                 tracing::debug!(%digest, started, start, "serving from an upstream fill");
                 let file = fill.file();
                 let progress = fill.progress();
-                Ok(file_range_stream(file, start, end_exclusive, entry.size, Some(progress), Some(Box::new(fill))))
+                Ok((
+                    Source::Fill,
+                    file_range_stream(file, start, end_exclusive, entry.size, Some(progress), Some(Box::new(fill))),
+                ))
             }
             BlobOrigin::Stored => Err(Error::io(
                 format!("static layer {digest} is missing from the local store"),

@@ -26,6 +26,7 @@ use tokio::sync::watch;
 
 use crate::cluster::{BackfillOutcome, BackfillStore, ClusterCache, ClusterMetrics, IndexEntry};
 use crate::error::{Error, Result};
+use crate::metrics::{ChainMetrics, RetryReason};
 use crate::read::Progress;
 use crate::store::{InUse, LocalStore, TempBlob};
 
@@ -99,6 +100,7 @@ pub struct Fills {
     upstream: facade_upstream::Client,
     cluster: Option<Arc<ClusterCache>>,
     metrics: ClusterMetrics,
+    chain_metrics: std::sync::OnceLock<ChainMetrics>,
     inflight: Mutex<HashMap<Digest, Weak<Fill>>>,
 }
 
@@ -129,7 +131,24 @@ impl Fills {
             std::fs::create_dir_all(&config.spool_dir)
                 .map_err(|e| Error::io(format!("creating spool dir {}", config.spool_dir.display()), e))?;
         }
-        Ok(Arc::new(Fills { config, store, upstream, cluster, metrics, inflight: Mutex::new(HashMap::new()) }))
+        Ok(Arc::new(Fills {
+            config,
+            store,
+            upstream,
+            cluster,
+            metrics,
+            chain_metrics: std::sync::OnceLock::new(),
+            inflight: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// Counts joins, retries and mismatches into `metrics` (once; later calls are ignored).
+    pub fn set_chain_metrics(&self, metrics: ChainMetrics) {
+        let _ = self.chain_metrics.set(metrics);
+    }
+
+    fn chain_metrics(&self) -> Option<&ChainMetrics> {
+        self.chain_metrics.get()
     }
 
     /// Number of fills in flight.
@@ -151,6 +170,9 @@ impl Fills {
         if let Some(existing) = map.get(digest).and_then(Weak::upgrade)
             && !matches!(*existing.progress.borrow(), Progress::Failed(_))
         {
+            if let Some(m) = self.chain_metrics() {
+                m.joined();
+            }
             return Ok((existing, false));
         }
         let temp = match &self.store {
@@ -179,7 +201,13 @@ impl Fills {
         tx: watch::Sender<Progress>,
     ) {
         let started = Instant::now();
+        if let Some(m) = self.chain_metrics() {
+            m.fill_started();
+        }
         let result = self.run(&fill, temp, &from, &tx).await;
+        if let Some(m) = self.chain_metrics() {
+            m.fill_ended();
+        }
         let local = if self.store.is_some() { Some(BackfillStore::Local) } else { None };
         match &result {
             Ok(came) => {
@@ -239,6 +267,9 @@ impl Fills {
             }
         }
         let result = self.fill_from_upstream(fill, temp, from, tx).await;
+        if let (Err(Error::DigestMismatch { .. }), Some(m)) = (&result, self.chain_metrics()) {
+            m.mismatch(came == Came::Cluster);
+        }
         if came == Came::Cluster
             && let (Err(Error::DigestMismatch { .. }), Some(cluster)) = (&result, &self.cluster)
         {
@@ -384,6 +415,9 @@ impl Fills {
                                     return Err(err);
                                 }
                                 tracing::debug!(%digest, offset = temp.written(), error = %err, "upstream body broke; resuming");
+                                if let Some(m) = self.chain_metrics() {
+                                    m.retry(RetryReason::Body);
+                                }
                                 last_err = Some(err);
                                 break;
                             }
@@ -396,6 +430,9 @@ impl Fills {
                     let err = Error::upstream(format!("{}/{}@{digest}", from.registry, from.repo), e);
                     if !retry {
                         return Err(err);
+                    }
+                    if let Some(m) = self.chain_metrics() {
+                        m.retry(RetryReason::Request);
                     }
                     last_err = Some(err);
                 }

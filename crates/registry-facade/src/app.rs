@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use facade_blob::{
-    BlobChain, ClusterCache, ClusterConfig, ClusterMetrics, FetchConfig, FillConfig, Fills, ImageFetcher, Images,
-    ImagesConfig, LocalStore, StoreConfig, StoreMetrics,
+    BlobChain, ChainMetrics, ClusterCache, ClusterConfig, ClusterMetrics, FetchConfig, FillConfig, Fills, ImageFetcher,
+    Images, ImagesConfig, LocalStore, StoreConfig, StoreMetrics,
 };
 use facade_server::{AuthFile, Readiness, ServerConfig, ServerMetrics, TlsFiles};
 use facade_spec::{
@@ -117,7 +117,10 @@ impl App {
         )
         .context("blob fills")?;
         let gc_store = store.clone();
-        let chain = Arc::new(BlobChain::with_metrics(store, fills, cluster_metrics));
+        let chain = Arc::new(
+            BlobChain::with_metrics(store, fills, cluster_metrics)
+                .with_chain_metrics(ChainMetrics::register(&metrics).context("metrics")?),
+        );
         let engine = Arc::new(Engine { images, chain });
 
         let server_metrics = ServerMetrics::register(&metrics).context("metrics")?;

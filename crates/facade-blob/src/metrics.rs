@@ -1,0 +1,241 @@
+//! `ChainMetrics`: where blob bytes come from and how fast the first one goes out — the number
+//! containerd's 30 s header and 60 s progress windows are about — plus single-flight joins,
+//! upstream retries and digest mismatches. Labels are bounded: `source` is `store` (local
+//! content store), `fill` (a single-flight download from the cluster cache or upstream) or
+//! `memory` (synthesized config, direct content layers, static files without a store).
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures::Stream;
+use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+/// Where a response's bytes are read from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// The local content store.
+    Store,
+    /// A single-flight fill.
+    Fill,
+    /// Bytes in memory.
+    Memory,
+}
+
+impl Source {
+    fn label(self) -> &'static str {
+        match self {
+            Source::Store => "store",
+            Source::Fill => "fill",
+            Source::Memory => "memory",
+        }
+    }
+}
+
+/// Why a fill asked upstream again.
+#[derive(Clone, Copy, Debug)]
+pub enum RetryReason {
+    /// The body broke (reset, stall, short) and is resumed at its offset.
+    Body,
+    /// The request itself failed (connect, 5xx, 429).
+    Request,
+}
+
+/// The chain's metrics. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct ChainMetrics {
+    first_byte: HistogramVec,
+    bytes: IntCounterVec,
+    outcomes: IntCounterVec,
+    joins: IntCounter,
+    fills: IntGauge,
+    retries: IntCounterVec,
+    mismatches: IntCounterVec,
+}
+
+impl ChainMetrics {
+    /// Creates the metrics and registers them into `registry`.
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let m = Self::unregistered_inner()?;
+        registry.register(Box::new(m.first_byte.clone()))?;
+        registry.register(Box::new(m.bytes.clone()))?;
+        registry.register(Box::new(m.outcomes.clone()))?;
+        registry.register(Box::new(m.joins.clone()))?;
+        registry.register(Box::new(m.fills.clone()))?;
+        registry.register(Box::new(m.retries.clone()))?;
+        registry.register(Box::new(m.mismatches.clone()))?;
+        Ok(m)
+    }
+
+    fn unregistered_inner() -> prometheus::Result<Self> {
+        let m = ChainMetrics {
+            first_byte: HistogramVec::new(
+                HistogramOpts::new(
+                    "registry_facade_blob_first_byte_seconds",
+                    "Time from opening a blob source to its first byte being ready",
+                )
+                .buckets(vec![0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+                &["source"],
+            )?,
+            bytes: IntCounterVec::new(
+                Opts::new("registry_facade_blob_bytes_total", "Blob bytes handed to responses, by source"),
+                &["source"],
+            )?,
+            outcomes: IntCounterVec::new(
+                Opts::new(
+                    "registry_facade_blob_source_requests_total",
+                    "Blob reads by source and how they ended (ok, error, cancelled)",
+                ),
+                &["source", "outcome"],
+            )?,
+            joins: IntCounter::new(
+                "registry_facade_singleflight_joins_total",
+                "Blob requests that joined a download already under way instead of starting one",
+            )?,
+            fills: IntGauge::new("registry_facade_inflight_fills", "Single-flight blob downloads under way")?,
+            retries: IntCounterVec::new(
+                Opts::new("registry_facade_upstream_retries_total", "Upstream blob requests repeated or resumed"),
+                &["reason"],
+            )?,
+            mismatches: IntCounterVec::new(
+                Opts::new(
+                    "registry_facade_digest_mismatches_total",
+                    "Downloads whose bytes did not match their digest (discarded, never cached)",
+                ),
+                &["source"],
+            )?,
+        };
+        for s in ["store", "fill", "memory"] {
+            m.bytes.with_label_values(&[s]);
+            for o in ["ok", "error", "cancelled"] {
+                m.outcomes.with_label_values(&[s, o]);
+            }
+        }
+        for r in ["body", "request"] {
+            m.retries.with_label_values(&[r]);
+        }
+        for s in ["upstream", "cluster"] {
+            m.mismatches.with_label_values(&[s]);
+        }
+        Ok(m)
+    }
+
+    /// Metrics that go nowhere (components built without a registry).
+    pub fn unregistered() -> Self {
+        // Creating metrics with fixed valid names and labels cannot fail.
+        #[allow(clippy::expect_used)]
+        Self::unregistered_inner().expect("static metric definitions are valid")
+    }
+
+    pub(crate) fn joined(&self) {
+        self.joins.inc();
+    }
+
+    pub(crate) fn fill_started(&self) {
+        self.fills.inc();
+    }
+
+    pub(crate) fn fill_ended(&self) {
+        self.fills.dec();
+    }
+
+    pub(crate) fn retry(&self, reason: RetryReason) {
+        let r = match reason {
+            RetryReason::Body => "body",
+            RetryReason::Request => "request",
+        };
+        self.retries.with_label_values(&[r]).inc();
+    }
+
+    pub(crate) fn mismatch(&self, from_cluster: bool) {
+        self.mismatches.with_label_values(&[if from_cluster { "cluster" } else { "upstream" }]).inc();
+    }
+
+    /// Wraps a response stream of `len` bytes so its first byte, bytes and outcome are counted.
+    /// It is `ok` once all `len` bytes went out (the server stops polling then), `cancelled` when
+    /// dropped before, `error` when it failed.
+    pub fn meter<S>(&self, source: Source, len: u64, inner: S) -> Metered<S> {
+        Metered { inner, metrics: self.clone(), source, opened: Instant::now(), first: true, done: false, left: len }
+    }
+}
+
+/// A counted blob stream; see [`ChainMetrics::meter`].
+pub struct Metered<S> {
+    inner: S,
+    metrics: ChainMetrics,
+    source: Source,
+    opened: Instant,
+    first: bool,
+    done: bool,
+    left: u64,
+}
+
+impl<S: Stream<Item = std::io::Result<Bytes>> + Unpin> Stream for Metered<S> {
+    type Item = std::io::Result<Bytes>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let polled = Pin::new(&mut self.inner).poll_next(cx);
+        let label = self.source.label();
+        match &polled {
+            Poll::Ready(Some(Ok(b))) => {
+                if self.first {
+                    self.first = false;
+                    self.metrics.first_byte.with_label_values(&[label]).observe(self.opened.elapsed().as_secs_f64());
+                }
+                self.metrics.bytes.with_label_values(&[label]).inc_by(b.len() as u64);
+                self.left = self.left.saturating_sub(b.len() as u64);
+                if self.left == 0 && !self.done {
+                    self.done = true;
+                    self.metrics.outcomes.with_label_values(&[label, "ok"]).inc();
+                }
+            }
+            Poll::Ready(Some(Err(_))) if !self.done => {
+                self.done = true;
+                self.metrics.outcomes.with_label_values(&[label, "error"]).inc();
+            }
+            Poll::Ready(None) if !self.done => {
+                self.done = true;
+                self.metrics.outcomes.with_label_values(&[label, "ok"]).inc();
+            }
+            _ => {}
+        }
+        polled
+    }
+}
+
+impl<S> Drop for Metered<S> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.metrics.outcomes.with_label_values(&[self.source.label(), "cancelled"]).inc();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+
+    #[tokio::test]
+    async fn counts_bytes_first_byte_and_outcomes() {
+        let r = Registry::new();
+        let m = ChainMetrics::register(&r).unwrap();
+        let s = futures::stream::iter(vec![Ok(Bytes::from_static(b"abc")), Ok(Bytes::from_static(b"de"))]);
+        let got: Vec<_> = m.meter(Source::Store, 5, s).collect().await;
+        assert_eq!(got.len(), 2);
+        assert_eq!(m.bytes.with_label_values(&["store"]).get(), 5);
+        assert_eq!(m.outcomes.with_label_values(&["store", "ok"]).get(), 1);
+        assert_eq!(m.first_byte.with_label_values(&["store"]).get_sample_count(), 1);
+
+        let s = futures::stream::iter(vec![Ok(Bytes::from_static(b"x")), Ok(Bytes::from_static(b"y"))]);
+        let mut metered = m.meter(Source::Fill, 2, s);
+        let _ = metered.next().await;
+        drop(metered);
+        assert_eq!(m.outcomes.with_label_values(&["fill", "cancelled"]).get(), 1);
+
+        let s = futures::stream::iter(vec![Err(std::io::Error::other("boom"))]);
+        let _: Vec<_> = m.meter(Source::Memory, 1, s).collect().await;
+        assert_eq!(m.outcomes.with_label_values(&["memory", "error"]).get(), 1);
+    }
+}
