@@ -104,6 +104,38 @@ pub struct Fills {
     inflight: Mutex<HashMap<Digest, Weak<Fill>>>,
 }
 
+/// Batches progress notifications: every send wakes every reader, and per-chunk wake-ups of
+/// many readers cost more than the copying. Readers are told after each 256 KiB, after 20 ms
+/// (so a slow trickle still flows to clients), and of the first bytes at once.
+#[derive(Default)]
+struct Notifier {
+    sent: u64,
+    at: Option<Instant>,
+}
+
+impl Notifier {
+    const BYTES: u64 = 256 * 1024;
+    const EVERY: std::time::Duration = std::time::Duration::from_millis(20);
+
+    fn progress(&mut self, tx: &watch::Sender<Progress>, written: u64) {
+        let due =
+            self.sent == 0 || written - self.sent >= Self::BYTES || self.at.is_none_or(|t| t.elapsed() >= Self::EVERY);
+        if due && written > self.sent {
+            self.sent = written;
+            self.at = Some(Instant::now());
+            let _ = tx.send(Progress::Running { written });
+        }
+    }
+
+    fn flush(&mut self, tx: &watch::Sender<Progress>, written: u64) {
+        if written > self.sent {
+            self.sent = written;
+            self.at = Some(Instant::now());
+            let _ = tx.send(Progress::Running { written });
+        }
+    }
+}
+
 /// Where the bytes of a finished fill came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Came {
@@ -232,7 +264,11 @@ impl Fills {
                 if let Some(store) = local {
                     self.metrics.backfill(store, BackfillOutcome::Failed);
                 }
-                let _ = tx.send(Progress::Failed(e.to_string().into()));
+                // A fill whose bytes were verified but could not be stored still served them:
+                // readers that saw `Verified` keep it (read.rs), new ones must not see a failure.
+                if !matches!(*tx.borrow(), Progress::Verified) {
+                    let _ = tx.send(Progress::Failed(e.to_string().into()));
+                }
             }
         }
         if let Ok(came) = result {
@@ -291,6 +327,7 @@ impl Fills {
         tx: &watch::Sender<Progress>,
     ) -> Result<()> {
         let mut resumes = 0usize;
+        let mut notify = Notifier::default();
         loop {
             let offset = temp.written();
             if offset == fill.size {
@@ -311,7 +348,7 @@ impl Fills {
                             });
                         }
                         temp.write_all(&bytes)?;
-                        let _ = tx.send(Progress::Running { written: temp.written() });
+                        notify.progress(tx, temp.written());
                         if self.store.is_none() && Arc::strong_count(fill) <= 1 {
                             return Err(Error::io(
                                 "fill cancelled: no readers left",
@@ -366,6 +403,7 @@ impl Fills {
         let digest = &fill.digest;
         let mut backoff = self.backoff();
         let mut resumes = 0usize;
+        let mut notify = Notifier::default();
         let mut last_err: Option<Error> = None;
         loop {
             let offset = temp.written();
@@ -398,7 +436,7 @@ impl Fills {
                                     });
                                 }
                                 temp.write_all(&bytes)?;
-                                let _ = tx.send(Progress::Running { written: temp.written() });
+                                notify.progress(tx, temp.written());
                                 // Readers hold the fill (as the guard of their stream); the task holds one reference.
                                 if self.store.is_none() && Arc::strong_count(fill) <= 1 {
                                     // Nobody reads and nothing caches: stop downloading.
@@ -418,6 +456,8 @@ impl Fills {
                                 if let Some(m) = self.chain_metrics() {
                                     m.retry(RetryReason::Body);
                                 }
+                                // Readers get what arrived before the break while we resume.
+                                notify.flush(tx, temp.written());
                                 last_err = Some(err);
                                 break;
                             }
@@ -455,6 +495,10 @@ impl Fills {
         }
         let size = fill.size;
         let digest = digest.clone();
+        // Readers get the last byte as soon as the digest checks out; syncing and renaming into
+        // the store (slow for a large blob) happens after.
+        temp.check(&digest, size)?;
+        let _ = tx.send(Progress::Verified);
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || match store {
             Some(store) => temp.commit(&store, &digest, size),

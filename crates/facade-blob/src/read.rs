@@ -46,59 +46,87 @@ pub fn file_range_stream(
         pos: u64,
         end: u64,
         size: u64,
+        /// `None` once the content is known complete and verified (a stored file, or a fill
+        /// that reported `Verified`: that is final, whatever the fill does afterwards).
         progress: Option<watch::Receiver<Progress>>,
+        /// The next chunk, read ahead while the previous one is being sent, so disk reads and
+        /// socket writes overlap.
+        ahead: Option<(u64, tokio::task::JoinHandle<std::io::Result<Bytes>>)>,
         _guard: Option<Box<dyn Send + Sync>>,
     }
-    let state = State { file, pos: start, end: end_exclusive, size, progress, _guard: guard };
+    impl State {
+        /// How far may be read without waiting.
+        fn readable_now(&mut self) -> std::io::Result<Option<u64>> {
+            let Some(rx) = self.progress.as_mut() else { return Ok(Some(self.end)) };
+            let p = rx.borrow_and_update().clone();
+            match p {
+                Progress::Verified => {
+                    self.progress = None;
+                    Ok(Some(self.end))
+                }
+                Progress::Failed(reason) => Err(std::io::Error::other(format!("blob fill failed: {reason}"))),
+                Progress::Running { written } => {
+                    // Hold back the final byte until the digest is verified.
+                    let allowed = written.min(self.size.saturating_sub(1)).min(self.end);
+                    Ok((allowed > self.pos).then_some(allowed))
+                }
+            }
+        }
+
+        /// How far may be read, waiting for the fill if needed.
+        async fn readable(&mut self) -> std::io::Result<u64> {
+            loop {
+                if let Some(r) = self.readable_now()? {
+                    return Ok(r);
+                }
+                let Some(rx) = self.progress.as_mut() else { return Ok(self.end) };
+                if rx.changed().await.is_err() {
+                    // The fill task ended without a final state: treat as failure.
+                    return Err(std::io::Error::other("blob fill ended unexpectedly"));
+                }
+            }
+        }
+
+        fn spawn_read(&self, pos: u64, readable: u64) -> tokio::task::JoinHandle<std::io::Result<Bytes>> {
+            let want = (readable - pos).min(CHUNK as u64) as usize;
+            let file = self.file.clone();
+            tokio::task::spawn_blocking(move || read_exact_at(&file, pos, want))
+        }
+    }
+    let state = State { file, pos: start, end: end_exclusive, size, progress, ahead: None, _guard: guard };
     Box::pin(futures::stream::try_unfold(state, |mut st| async move {
         if st.pos >= st.end {
             return Ok(None);
         }
-        // How far we may read now.
-        let readable = loop {
-            let Some(rx) = st.progress.as_mut() else { break st.end };
-            let p = rx.borrow_and_update().clone();
-            match p {
-                Progress::Verified => break st.end,
-                Progress::Failed(reason) => {
-                    return Err(std::io::Error::other(format!("blob fill failed: {reason}")));
-                }
-                Progress::Running { written } => {
-                    // Hold back the final byte until the digest is verified.
-                    let allowed = written.min(st.size.saturating_sub(1)).min(st.end);
-                    if allowed > st.pos {
-                        break allowed;
-                    }
-                }
-            }
-            if rx.changed().await.is_err() {
-                // The fill task ended without a final state: treat as failure.
-                return Err(std::io::Error::other("blob fill ended unexpectedly"));
+        let task = match st.ahead.take() {
+            Some((at, task)) if at == st.pos => task,
+            _ => {
+                let readable = st.readable().await?;
+                st.spawn_read(st.pos, readable)
             }
         };
-        let want = (readable - st.pos).min(CHUNK as u64) as usize;
-        let file = st.file.clone();
-        let pos = st.pos;
-        let buf = tokio::task::spawn_blocking(move || -> std::io::Result<Bytes> {
-            let mut buf = BytesMut::zeroed(want);
-            let mut filled = 0;
-            while filled < want {
-                let n = file.read_at(&mut buf[filled..], pos + filled as u64)?;
-                if n == 0 {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "blob file shorter than expected",
-                    ));
-                }
-                filled += n;
-            }
-            Ok(buf.freeze())
-        })
-        .await
-        .map_err(std::io::Error::other)??;
+        let buf = task.await.map_err(std::io::Error::other)??;
         st.pos += buf.len() as u64;
+        if st.pos < st.end
+            && let Some(readable) = st.readable_now()?
+        {
+            st.ahead = Some((st.pos, st.spawn_read(st.pos, readable)));
+        }
         Ok(Some((buf, st)))
     }))
+}
+
+fn read_exact_at(file: &std::fs::File, pos: u64, want: usize) -> std::io::Result<Bytes> {
+    let mut buf = BytesMut::zeroed(want);
+    let mut filled = 0;
+    while filled < want {
+        let n = file.read_at(&mut buf[filled..], pos + filled as u64)?;
+        if n == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "blob file shorter than expected"));
+        }
+        filled += n;
+    }
+    Ok(buf.freeze())
 }
 
 /// A stream of one in-memory slice.
@@ -111,7 +139,7 @@ pub fn bytes_range_stream(bytes: Bytes, start: u64, end_exclusive: u64) -> BoxSt
 #[cfg(test)]
 mod tests {
     use super::*;
-    use futures::TryStreamExt;
+    use futures::{StreamExt, TryStreamExt};
     use std::io::Write;
 
     async fn collect(s: BoxStream<'static, std::io::Result<Bytes>>) -> std::io::Result<Vec<u8>> {
@@ -138,6 +166,26 @@ mod tests {
         assert!(!reader.is_finished(), "completed before verification");
         tx.send(Progress::Verified).unwrap();
         assert_eq!(&reader.await.unwrap().unwrap()[..], b"abcdef");
+    }
+
+    #[tokio::test]
+    async fn verification_is_final_for_a_reader() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let data = vec![7u8; 3 * CHUNK];
+        std::fs::write(&path, &data).unwrap();
+        let file = Arc::new(std::fs::File::open(&path).unwrap());
+        let (tx, rx) = watch::channel(Progress::Verified);
+        let mut s = file_range_stream(file, 0, data.len() as u64, data.len() as u64, Some(rx), None);
+        let first = s.next().await.unwrap().unwrap();
+        // A later failure (say, the store commit) must not break a read of verified content.
+        // (The reader may already have dropped its receiver: verification is final.)
+        let _ = tx.send(Progress::Failed("commit failed".into()));
+        let mut got = first.len();
+        while let Some(b) = s.next().await {
+            got += b.unwrap().len();
+        }
+        assert_eq!(got, data.len());
     }
 
     #[tokio::test]

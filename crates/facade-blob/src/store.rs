@@ -449,6 +449,7 @@ pub struct TempBlob {
     file: Option<std::fs::File>,
     hasher: Option<DigestHasher>,
     written: u64,
+    verified: Option<Digest>,
 }
 
 impl TempBlob {
@@ -465,7 +466,7 @@ impl TempBlob {
         );
         let path = dir.join(name);
         let file = std::fs::File::create(&path).map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
-        Ok(TempBlob { path, file: Some(file), hasher: Some(hasher), written: 0 })
+        Ok(TempBlob { path, file: Some(file), hasher: Some(hasher), written: 0, verified: None })
     }
 
     /// The temp file's path (readers of an in-flight fill open it themselves).
@@ -495,10 +496,7 @@ impl TempBlob {
     /// Checks size and digest of what was written and, only if both match, syncs and renames
     /// it into the store. On a mismatch the file is removed and nothing enters the store.
     pub fn commit(mut self, store: &LocalStore, digest: &Digest, size: u64) -> Result<()> {
-        let actual = self.finish_hash();
-        if self.written != size || actual != *digest {
-            return Err(Error::DigestMismatch { expected: digest.clone(), actual, size: self.written });
-        }
+        self.check(digest, size)?;
         let dest = store
             .path_of(digest)
             .ok_or_else(|| Error::io(format!("cannot store {digest}"), std::io::ErrorKind::InvalidInput.into()))?;
@@ -527,10 +525,25 @@ impl TempBlob {
 
     /// Verifies what was written without storing it (for spools that are not kept).
     pub fn verify(mut self, digest: &Digest, size: u64) -> Result<()> {
+        self.check(digest, size)
+    }
+
+    /// Checks size and digest of everything written (once; later calls answer the same). A fill
+    /// releases the last byte to its readers right after this, before the slower sync and
+    /// rename of [`TempBlob::commit`].
+    pub fn check(&mut self, digest: &Digest, size: u64) -> Result<()> {
+        if let Some(verified) = &self.verified {
+            return if verified == digest && self.written == size {
+                Ok(())
+            } else {
+                Err(Error::DigestMismatch { expected: digest.clone(), actual: verified.clone(), size: self.written })
+            };
+        }
         let actual = self.finish_hash();
         if self.written != size || actual != *digest {
             return Err(Error::DigestMismatch { expected: digest.clone(), actual, size: self.written });
         }
+        self.verified = Some(actual);
         Ok(())
     }
 }
