@@ -1,7 +1,9 @@
 //! Checks `deploy/` against the code it deploys: the Kubernetes manifests agree with each other
-//! and with the config they carry, that config is accepted by the binary's own parser, and the
-//! Grafana dashboard only queries metrics (and labels) the facade exports. A deployment that
-//! drifts from the binary fails here instead of in a cluster.
+//! and with the config they carry, that config is accepted by the binary's own parser, the
+//! containerd-setup init container writes where containerd reads, the host-network overlay
+//! changes only what it means to, and the Grafana dashboard only queries metrics (and labels)
+//! the facade exports. A deployment that drifts from the binary fails here instead of in a
+//! cluster.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -718,20 +720,19 @@ fn grafana_dashboard_queries_only_exported_metrics() {
     assert!(missing.is_empty(), "metrics with no panel: {missing:?}");
 }
 
-/// `kubectl kustomize` (when kubectl is installed) builds the same objects this test read: it
-/// catches kustomization mistakes and any YAML that Go's parser reads differently.
-#[test]
-fn kubectl_kustomize_builds_the_same_objects() {
+/// The objects `kubectl kustomize <dir>` builds, or `None` when kubectl is not installed.
+fn kubectl_kustomize(dir: &Path) -> Option<Vec<Value>> {
     let Ok(mut child) = std::process::Command::new("kubectl")
         .arg("kustomize")
-        .arg(k8s_dir())
+        .arg(dir)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
     else {
-        eprintln!("kubectl is not installed; skipping the kustomize build");
-        return;
+        eprintln!("kubectl is not installed; skipping the kustomize build of {}", dir.display());
+        return None;
     };
+    // The output (a few KiB) fits the pipe buffer, so waiting before reading cannot block it.
     let deadline = Instant::now() + Duration::from_secs(60);
     let output = loop {
         if child.try_wait().unwrap().is_some() {
@@ -740,12 +741,31 @@ fn kubectl_kustomize_builds_the_same_objects() {
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("kubectl kustomize did not finish within 60s");
+            panic!("kubectl kustomize {} did not finish within 60s", dir.display());
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert!(output.status.success(), "kubectl kustomize: {}", String::from_utf8_lossy(&output.stderr));
-    let built = yaml_docs(&String::from_utf8(output.stdout).unwrap(), "kustomize output");
+    assert!(
+        output.status.success(),
+        "kubectl kustomize {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Some(yaml_docs(&String::from_utf8(output.stdout).unwrap(), "kustomize output"))
+}
+
+/// Built objects by `Kind/name`.
+fn by_kind_and_name(docs: &[Value]) -> BTreeMap<String, Value> {
+    docs.iter()
+        .map(|d| (format!("{}/{}", str_of(&d["kind"], "kind"), str_of(&d["metadata"]["name"], "name")), d.clone()))
+        .collect()
+}
+
+/// `kubectl kustomize` (when kubectl is installed) builds the same objects this test read: it
+/// catches kustomization mistakes and any YAML that Go's parser reads differently.
+#[test]
+fn kubectl_kustomize_builds_the_same_objects() {
+    let Some(built) = kubectl_kustomize(&k8s_dir()) else { return };
 
     let k =
         yaml_docs(&std::fs::read_to_string(k8s_dir().join("kustomization.yaml")).unwrap(), "kustomization").remove(0);
@@ -776,9 +796,7 @@ fn kubectl_kustomize_builds_the_same_objects() {
             }
         }
     }
-    let key = |d: &Value| format!("{}/{}", str_of(&d["kind"], "kind"), str_of(&d["metadata"]["name"], "name"));
-    let by_key = |docs: &[Value]| docs.iter().map(|d| (key(d), d.clone())).collect::<BTreeMap<_, _>>();
-    let (ours, built) = (by_key(&ours), by_key(&built));
+    let (ours, built) = (by_kind_and_name(&ours), by_kind_and_name(&built));
     assert_eq!(ours.keys().collect::<Vec<_>>(), built.keys().collect::<Vec<_>>());
     for (k, v) in &ours {
         assert_eq!(v, &built[k], "{k} reads differently through kubectl");
@@ -788,4 +806,205 @@ fn kubectl_kustomize_builds_the_same_objects() {
         !str_of(&facade_container(ds)["image"], "image").ends_with(":latest"),
         "the image is pinned by kustomization"
     );
+}
+
+/// The flags of a command line, `--name value` pairs after the subcommand.
+fn flags(args: &[&str]) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if let Some(name) = a.strip_prefix("--") {
+            let v = it.next().unwrap_or_else(|| panic!("--{name} has no value in {args:?}"));
+            assert!(out.insert(name.to_string(), v.to_string()).is_none(), "--{name} twice in {args:?}");
+        }
+    }
+    out
+}
+
+/// The node path a container path lands on, through a hostPath mount of that container.
+fn node_path_of(ds: &Value, container: &Value, path: &Path) -> Option<(PathBuf, Value)> {
+    let mounts = container["volumeMounts"].as_array()?;
+    let m = mounts
+        .iter()
+        .filter(|m| path.starts_with(str_of(&m["mountPath"], "mountPath")))
+        .max_by_key(|m| str_of(&m["mountPath"], "mountPath").len())?;
+    let host = volume(ds, str_of(&m["name"], "name")).get("hostPath")?;
+    let rest = path.strip_prefix(str_of(&m["mountPath"], "mountPath")).unwrap();
+    Some((Path::new(str_of(&host["path"], "hostPath.path")).join(rest), m.clone()))
+}
+
+/// The containerd-setup init container runs the real `setup` with this deployment's port, and
+/// what it writes lands in the node's /etc/containerd/certs.d (containerd's config_path), for
+/// the same scheme (https with --ca exactly when the facade serves TLS).
+#[test]
+fn containerd_setup_writes_where_containerd_reads() {
+    let ds = only("DaemonSet");
+    let c = facade_container(&ds);
+    let init = arr(&ds["spec"]["template"]["spec"]["initContainers"], "initContainers");
+    let setup = init
+        .iter()
+        .find(|ic| ic["args"].as_array().is_some_and(|a| a.first() == Some(&json!("setup"))))
+        .expect("an init container running `registry-facade setup`");
+    assert_eq!(setup["image"], c["image"], "setup runs from the facade's own image");
+    assert!(setup.get("command").is_none(), "setup needs the image's registry-facade entrypoint");
+    let args: Vec<&str> = arr(&setup["args"], "args").iter().map(|a| str_of(a, "arg")).collect();
+    let f = flags(&args[1..]);
+
+    let port: u16 = f["port"].parse().unwrap();
+    assert_eq!(named_port(c, "registry")["hostPort"].as_u64(), Some(u64::from(port)), "--port vs the hostPort");
+    let hostname = f["hostname"].as_str();
+    if let Some(var) = hostname.strip_prefix("$(").and_then(|h| h.strip_suffix(')')) {
+        let env = arr(&setup["env"], "setup env").iter().find(|e| e["name"] == var).expect("--hostname's variable");
+        assert_eq!(env["valueFrom"]["fieldRef"]["fieldPath"], "status.hostIP", "--hostname {hostname}");
+    }
+
+    let root = tempfile::tempdir().unwrap();
+    let cfg = parse_deployed(root.path());
+    let hostfs = Path::new(&f["hostfs"]);
+    let ca = f.get("ca").map(|p| {
+        let vol = arr(&setup["volumeMounts"], "setup volumeMounts")
+            .iter()
+            .find(|m| Path::new(p).starts_with(str_of(&m["mountPath"], "mountPath")))
+            .map(|m| volume(&ds, str_of(&m["name"], "name")))
+            .unwrap_or_else(|| panic!("--ca {p} is not in a mounted volume"));
+        assert!(vol.get("secret").is_some(), "--ca {p} comes from a Secret");
+        let local = root.path().join("ca.crt");
+        std::fs::write(&local, pki().ca).unwrap();
+        local
+    });
+    assert_eq!(ca.is_some(), cfg.tls.is_some(), "setup's --ca and registry.tls go together (https iff TLS)");
+
+    // The real command, with the node's filesystem as a temp dir.
+    let fake_hostfs = tempfile::tempdir().unwrap();
+    let written = registry_facade::setup::run(&registry_facade::setup::SetupOptions {
+        hostname: "10.0.0.7".into(),
+        port,
+        hostfs: fake_hostfs.path().into(),
+        ca,
+    })
+    .unwrap();
+    let text = std::fs::read_to_string(&written).unwrap();
+    let scheme = if cfg.tls.is_some() { "https" } else { "http" };
+    assert!(text.contains(&format!("server = \"{scheme}://10.0.0.7:{}\"", cfg.listen.port())), "{text}");
+    let in_container = hostfs.join(written.strip_prefix(fake_hostfs.path()).unwrap());
+    let (on_node, mount) = node_path_of(&ds, setup, &in_container)
+        .unwrap_or_else(|| panic!("{} is not on a hostPath mount of the setup container", in_container.display()));
+    let want = Path::new("/etc/containerd/certs.d/10.0.0.7:31750/hosts.toml");
+    assert_eq!(on_node, want, "setup writes {} on the node, not into containerd's certs.d", on_node.display());
+    assert_ne!(mount["readOnly"], true, "setup writes through {}", mount["mountPath"]);
+}
+
+/// The host-network overlay: the base with hostNetwork, no declared ports (each would become a
+/// hostPort and keep the surge pod off the node) and a surging update; nothing else differs.
+#[test]
+fn host_network_overlay_surges_without_port_conflicts() {
+    let Some(base) = kubectl_kustomize(&k8s_dir()) else { return };
+    let Some(overlay) = kubectl_kustomize(&deploy_dir().join("host-network")) else { return };
+    let (base, mut overlay) = (by_kind_and_name(&base), by_kind_and_name(&overlay));
+    assert_eq!(base.keys().collect::<Vec<_>>(), overlay.keys().collect::<Vec<_>>());
+    let root = tempfile::tempdir().unwrap();
+    let cfg = parse_deployed(root.path());
+
+    let ds = overlay.get_mut("DaemonSet/registry-facade").unwrap();
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(pod["dnsPolicy"], "ClusterFirstWithHostNet", "dns:///ws-manager needs cluster DNS");
+    for list in ["containers", "initContainers"] {
+        for c in pod[list].as_array().map(Vec::as_slice).unwrap_or_default() {
+            assert!(c.get("ports").is_none(), "{} declares ports, which become hostPorts", c["name"]);
+        }
+    }
+    let rolling = &ds["spec"]["updateStrategy"]["rollingUpdate"];
+    assert_eq!((rolling["maxSurge"].as_u64(), rolling["maxUnavailable"].as_u64()), (Some(1), Some(0)));
+    assert!(ds["spec"]["minReadySeconds"].as_u64().is_some_and(|s| s > 0), "minReadySeconds");
+    assert_eq!(cfg.listen.port(), 31750, "containerd reaches the node's port 31750 directly");
+    let probes = cfg.readiness_addr.expect("readinessProbeAddr").port();
+    let c = facade_container(ds);
+    for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+        assert_eq!(c[probe]["httpGet"]["port"].as_u64(), Some(u64::from(probes)), "{probe}");
+    }
+    let svc = &overlay["Service/registry-facade-metrics"];
+    let metrics = cfg.prometheus_addr.expect("prometheusAddr").port();
+    assert_eq!(svc["spec"]["ports"][0]["targetPort"].as_u64(), Some(u64::from(metrics)), "Service targetPort");
+
+    // Put the base's values back where the overlay patches: the rest must be the base.
+    let base_ds = &base["DaemonSet/registry-facade"];
+    let ds = overlay.get_mut("DaemonSet/registry-facade").unwrap();
+    ds["spec"]["updateStrategy"] = base_ds["spec"]["updateStrategy"].clone();
+    ds["spec"].as_object_mut().unwrap().remove("minReadySeconds");
+    let pod = ds["spec"]["template"]["spec"].as_object_mut().unwrap();
+    pod.remove("hostNetwork");
+    pod.remove("dnsPolicy");
+    let base_c = facade_container(base_ds).clone();
+    let c = ds.pointer_mut("/spec/template/spec/containers/0").unwrap();
+    assert_eq!(c["name"], "registry-facade");
+    for key in ["ports", "startupProbe", "readinessProbe", "livenessProbe"] {
+        c[key] = base_c[key].clone();
+    }
+    let svc = overlay.get_mut("Service/registry-facade-metrics").unwrap();
+    svc["spec"]["ports"][0]["targetPort"] =
+        base["Service/registry-facade-metrics"]["spec"]["ports"][0]["targetPort"].clone();
+    for (k, v) in &base {
+        assert_eq!(&overlay[k], v, "{k}: the overlay changes more than it should");
+    }
+}
+
+/// Cargo loads every workspace member to build any one of them, so the Containerfile's build
+/// context must hold each (a member left out fails `cargo build` in the image, not here).
+#[test]
+fn containerfile_copies_every_workspace_member() {
+    let root = deploy_dir().parent().unwrap().to_path_buf();
+    let mut child = std::process::Command::new(env!("CARGO"))
+        .args(["metadata", "--no-deps", "--format-version", "1", "--offline"])
+        .current_dir(&root)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("cargo metadata did not finish within 60s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "cargo metadata: {}", String::from_utf8_lossy(&out.stderr));
+    let meta: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let workspace_root = PathBuf::from(str_of(&meta["workspace_root"], "workspace_root"));
+
+    let containerfile = std::fs::read_to_string(deploy_dir().join("Containerfile")).unwrap();
+    let copied: BTreeSet<String> = containerfile
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("COPY "))
+        .filter(|rest| !rest.contains("--from="))
+        .flat_map(|rest| {
+            let words: Vec<&str> = rest.split_whitespace().filter(|w| !w.starts_with("--")).collect();
+            let sources = &words[..words.len().saturating_sub(1)];
+            sources.iter().map(|w| w.trim_start_matches("./").trim_end_matches('/').to_string()).collect::<Vec<_>>()
+        })
+        .collect();
+    let ignored: BTreeSet<String> = std::fs::read_to_string(deploy_dir().join("Containerfile.dockerignore"))
+        .unwrap()
+        .lines()
+        .map(|l| l.trim().trim_start_matches('/').trim_end_matches('/').to_string())
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    for file in ["Cargo.toml", "Cargo.lock", "rust-toolchain.toml"] {
+        assert!(copied.contains(file), "the Containerfile does not copy {file} (copies {copied:?})");
+    }
+    for p in arr(&meta["packages"], "packages") {
+        let manifest = PathBuf::from(str_of(&p["manifest_path"], "manifest_path"));
+        let rel = manifest.parent().unwrap().strip_prefix(&workspace_root).unwrap().to_path_buf();
+        let top = rel.components().next().unwrap().as_os_str().to_str().unwrap().to_string();
+        let name = &p["name"];
+        assert!(
+            copied.contains(&top) || copied.contains(rel.to_str().unwrap()),
+            "workspace member {name} ({}) is not copied by deploy/Containerfile",
+            rel.display()
+        );
+        assert!(!ignored.contains(&top), "workspace member {name}: Containerfile.dockerignore drops {top}");
+    }
 }

@@ -74,6 +74,17 @@ fn watched(path: &Path, c: &Config) -> Vec<PathBuf> {
             v.push(p.clone());
         }
     }
+    // Spec server CA and client certificate (renewed by cert-manager): a change rebuilds the
+    // remote provider with the new files.
+    for p in &c.remote_spec_providers {
+        if let Some(t) = &p.tls {
+            v.push(t.ca.clone());
+            if let Some((crt, key)) = &t.identity {
+                v.push(crt.clone());
+                v.push(key.clone());
+            }
+        }
+    }
     v
 }
 
@@ -119,6 +130,32 @@ impl Reloader {
         }
         if new.prometheus_addr != old.prometheus_addr || new.readiness_addr != old.readiness_addr {
             restart_needed.push("prometheusAddr/readinessProbeAddr");
+        }
+        // The files behind these are re-read by the server when they change; which files, and
+        // the other knobs below, are fixed at start.
+        let differs = |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
+        for (key, changed) in [
+            ("registry.tls", differs(&new.tls, &old.tls)),
+            ("registry.requireAuth/facade.htpasswd", differs(&new.htpasswd, &old.htpasswd)),
+            ("registry.redis/registry.ipfs/facade.cluster*", differs(&new.cluster, &old.cluster)),
+            (
+                "facade.storeMaxBytes/storeTTL",
+                differs(&(new.store_max_bytes, new.store_ttl), &(old.store_max_bytes, old.store_ttl)),
+            ),
+            ("facade.platform", new.platform != old.platform),
+            ("facade.composeTTL/tagTTL", differs(&(new.compose_ttl, new.tag_ttl), &(old.compose_ttl, old.tag_ttl))),
+            (
+                "facade.plainHTTPHosts/upstream*Timeout",
+                differs(
+                    &(&new.plain_http_hosts, new.upstream_timeouts),
+                    &(&old.plain_http_hosts, old.upstream_timeouts),
+                ),
+            ),
+            ("facade.shutdownGrace", new.shutdown_grace != old.shutdown_grace),
+        ] {
+            if changed {
+                restart_needed.push(key);
+            }
         }
         // Build everything first, then swap: a failure leaves the running state untouched.
         let auth = match &new.docker_auth {
