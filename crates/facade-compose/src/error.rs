@@ -59,13 +59,5 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 /// Truncates untrusted text before it goes into an error message.
 pub(crate) fn clip(s: &str) -> String {
-    const MAX: usize = 200;
-    if s.len() <= MAX {
-        return s.to_string();
-    }
-    let mut end = MAX;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", s.get(..end).unwrap_or_default())
+    facade_oci::clip_untrusted(s, 200)
 }

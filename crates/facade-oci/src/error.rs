@@ -47,15 +47,20 @@ pub enum Error {
 /// Result alias of this crate.
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// Truncates untrusted text before it goes into an error message or a log line.
-pub(crate) fn clip(s: &str) -> String {
-    const MAX: usize = 200;
-    if s.len() <= MAX {
+/// Truncates untrusted text (names, references, labels) to at most `max` bytes at a character
+/// boundary, marked with `…`, before it goes into an error message or a log line: a request
+/// name can be kilobytes, and an error body or log line must not be.
+pub fn clip_untrusted(s: &str, max: usize) -> String {
+    if s.len() <= max {
         return s.to_string();
     }
-    let mut end = MAX;
+    let mut end = max;
     while !s.is_char_boundary(end) {
         end -= 1;
     }
-    format!("{}…", &s[..end])
+    format!("{}…", s.get(..end).unwrap_or_default())
+}
+
+pub(crate) fn clip(s: &str) -> String {
+    clip_untrusted(s, 200)
 }

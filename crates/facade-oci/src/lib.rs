@@ -16,7 +16,7 @@ pub mod reference;
 
 pub use digest::{Digest, DigestHasher};
 pub use errcode::{ErrorCode, ErrorEnvelope};
-pub use error::{Error, Result};
+pub use error::{Error, Result, clip_untrusted};
 pub use image_ref::ImageRef;
 pub use manifest::{Descriptor, ImageConfigView, IndexView, ManifestView, ParsedManifest};
 pub use platform::Platform;

@@ -35,15 +35,7 @@ fn header_value(s: &str) -> HeaderValue {
 
 /// Truncates untrusted path text for logs (names can be kilobytes).
 pub(crate) fn clip(s: &str) -> String {
-    const MAX: usize = 256;
-    if s.len() <= MAX {
-        return s.to_string();
-    }
-    let mut end = MAX;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
+    facade_oci::clip_untrusted(s, 256)
 }
 
 #[cfg(test)]
