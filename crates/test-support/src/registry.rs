@@ -78,10 +78,12 @@ impl Auth {
 pub struct Registry {
     /// Its address.
     pub addr: SocketAddr,
+    // Fields drop in order: the process must be gone before its work dir is removed, or a
+    // registry still writing recreates parts of it and the temp dir leaks.
+    proc: KillOnDrop,
     /// Work dir (storage, config, log).
     pub dir: tempfile::TempDir,
     auth: Auth,
-    proc: KillOnDrop,
 }
 
 impl Registry {
