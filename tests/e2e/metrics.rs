@@ -137,10 +137,11 @@ fn every_metric_moves_when_its_event_happens() {
             metric(&now, "registry_facade_inflight_requests", &[]),
             metric(&now, "registry_facade_inflight_fills", &[]),
         );
-        if requests == 0.0 && fills == 0.0 {
+        let bytes = metric(&now, "registry_facade_inflight_blob_bytes", &[]);
+        if requests == 0.0 && fills == 0.0 && bytes == 0.0 {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "in flight: {requests} requests, {fills} fills");
+        assert!(std::time::Instant::now() < deadline, "in flight: {requests} requests, {fills} fills, {bytes} bytes");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     // No series is labelled with a digest or a workspace id.

@@ -50,6 +50,7 @@ pub struct ChainMetrics {
     outcomes: IntCounterVec,
     joins: IntCounter,
     fills: IntGauge,
+    inflight_bytes: IntGauge,
     retries: IntCounterVec,
     mismatches: IntCounterVec,
 }
@@ -63,6 +64,7 @@ impl ChainMetrics {
         registry.register(Box::new(m.outcomes.clone()))?;
         registry.register(Box::new(m.joins.clone()))?;
         registry.register(Box::new(m.fills.clone()))?;
+        registry.register(Box::new(m.inflight_bytes.clone()))?;
         registry.register(Box::new(m.retries.clone()))?;
         registry.register(Box::new(m.mismatches.clone()))?;
         Ok(m)
@@ -94,6 +96,10 @@ impl ChainMetrics {
                 "Blob requests that joined a download already under way instead of starting one",
             )?,
             fills: IntGauge::new("registry_facade_inflight_fills", "Single-flight blob downloads under way")?,
+            inflight_bytes: IntGauge::new(
+                "registry_facade_inflight_blob_bytes",
+                "Blob bytes still to be sent by the responses under way",
+            )?,
             retries: IntCounterVec::new(
                 Opts::new("registry_facade_upstream_retries_total", "Upstream blob requests repeated or resumed"),
                 &["reason"],
@@ -156,6 +162,7 @@ impl ChainMetrics {
     /// It is `ok` once all `len` bytes went out (the server stops polling then), `cancelled` when
     /// dropped before, `error` when it failed.
     pub fn meter<S>(&self, source: Source, len: u64, inner: S) -> Metered<S> {
+        self.inflight_bytes.add(i64::try_from(len).unwrap_or(i64::MAX));
         Metered { inner, metrics: self.clone(), source, opened: Instant::now(), first: true, done: false, left: len }
     }
 }
@@ -184,7 +191,9 @@ impl<S: Stream<Item = std::io::Result<Bytes>> + Unpin> Stream for Metered<S> {
                     self.metrics.first_byte.with_label_values(&[label]).observe(self.opened.elapsed().as_secs_f64());
                 }
                 self.metrics.bytes.with_label_values(&[label]).inc_by(b.len() as u64);
-                self.left = self.left.saturating_sub(b.len() as u64);
+                let sent = (b.len() as u64).min(self.left);
+                self.metrics.inflight_bytes.sub(i64::try_from(sent).unwrap_or(i64::MAX));
+                self.left -= sent;
                 if self.left == 0 && !self.done {
                     self.done = true;
                     self.metrics.outcomes.with_label_values(&[label, "ok"]).inc();
@@ -206,6 +215,7 @@ impl<S: Stream<Item = std::io::Result<Bytes>> + Unpin> Stream for Metered<S> {
 
 impl<S> Drop for Metered<S> {
     fn drop(&mut self) {
+        self.metrics.inflight_bytes.sub(i64::try_from(self.left).unwrap_or(i64::MAX));
         if !self.done {
             self.metrics.outcomes.with_label_values(&[self.source.label(), "cancelled"]).inc();
         }
@@ -227,11 +237,14 @@ mod tests {
         assert_eq!(m.bytes.with_label_values(&["store"]).get(), 5);
         assert_eq!(m.outcomes.with_label_values(&["store", "ok"]).get(), 1);
         assert_eq!(m.first_byte.with_label_values(&["store"]).get_sample_count(), 1);
+        assert_eq!(m.inflight_bytes.get(), 0);
 
         let s = futures::stream::iter(vec![Ok(Bytes::from_static(b"x")), Ok(Bytes::from_static(b"y"))]);
         let mut metered = m.meter(Source::Fill, 2, s);
         let _ = metered.next().await;
+        assert_eq!(m.inflight_bytes.get(), 1);
         drop(metered);
+        assert_eq!(m.inflight_bytes.get(), 0);
         assert_eq!(m.outcomes.with_label_values(&["fill", "cancelled"]).get(), 1);
 
         let s = futures::stream::iter(vec![Err(std::io::Error::other("boom"))]);
