@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 CARGO ?= cargo
 
-.PHONY: run test deps build lint bench fmt fuzz fuzz-smoke
+.PHONY: run test deps build lint bench soak fmt fuzz fuzz-smoke
 
 deps:
 	@bash scripts/install-deps.sh
@@ -22,6 +22,14 @@ BENCH_ARGS ?=
 bench: build
 	$(CARGO) build --release --locked -p bench
 	./target/release/bench --facade ./target/release/registry-facade --out bench/RESULTS.md $(BENCH_ARGS)
+
+# The release facade under SOAK_SECONDS of parallel pulls with injected faults (upstream cuts,
+# Redis and spec server restarts); fails on any failed pull or fd/RSS growth past its bounds and
+# writes bench/SOAK.md.
+SOAK_SECONDS ?= 180
+soak: build
+	$(CARGO) build --release --locked -p e2e --bin soak
+	./target/release/soak --facade ./target/release/registry-facade --seconds $(SOAK_SECONDS) --out bench/SOAK.md
 
 lint: deps
 	$(CARGO) fmt --all --check

@@ -11,6 +11,16 @@ use crate::error::{Error, Result};
 use crate::media_types as mt;
 use crate::platform::Platform;
 
+/// Most layers an image manifest may list. Real images stay far below (Docker refuses to
+/// build past 127 layers, overlayfs stacks at most 500 lower directories); a document with
+/// more is hostile or broken, and every layer costs the facade a descriptor, a diff_id and a
+/// blob-index entry per composed image.
+pub const MAX_LAYERS: usize = 1024;
+
+/// Most entries an index may list. Multi-platform images carry tens at most (with their
+/// attestation entries).
+pub const MAX_INDEX_ENTRIES: usize = 1024;
+
 /// A content descriptor.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 pub struct Descriptor {
@@ -101,6 +111,12 @@ impl ParsedManifest {
         };
         if mt::is_index(&media_type) {
             let manifests = doc.manifests.ok_or_else(|| bad("index without manifests".into()))?;
+            if manifests.len() > MAX_INDEX_ENTRIES {
+                return Err(bad(format!(
+                    "index has {} entries, more than the {MAX_INDEX_ENTRIES} allowed",
+                    manifests.len()
+                )));
+            }
             return Ok(ParsedManifest::Index(IndexView { media_type, manifests }));
         }
         if !mt::is_image_manifest(&media_type) {
@@ -108,6 +124,9 @@ impl ParsedManifest {
         }
         let config = doc.config.ok_or_else(|| bad("manifest without config".into()))?;
         let layers = doc.layers.unwrap_or_default();
+        if layers.len() > MAX_LAYERS {
+            return Err(bad(format!("manifest has {} layers, more than the {MAX_LAYERS} allowed", layers.len())));
+        }
         Ok(ParsedManifest::Image(ManifestView { media_type, config, layers }))
     }
 }
@@ -218,6 +237,48 @@ mod tests {
         assert!(ParsedManifest::parse(br#"{"schemaVersion":1}"#, None).is_err());
         assert!(ParsedManifest::parse(b"\xff", None).is_err());
         assert!(ParsedManifest::parse(br#"{"schemaVersion":2,"layers":[]}"#, None).is_err());
+    }
+
+    fn descriptors(n: usize, media_type: &str) -> String {
+        let one = format!(
+            r#"{{"mediaType":"{media_type}","digest":"{D}","size":1,"platform":{{"os":"linux","architecture":"amd64"}}}}"#
+        );
+        vec![one; n].join(",")
+    }
+
+    #[test]
+    fn layer_count_is_bounded() {
+        let manifest = |n: usize| {
+            format!(
+                r#"{{"schemaVersion":2,"mediaType":"{}","config":{{"mediaType":"{}","digest":"{D}","size":3}},"layers":[{}]}}"#,
+                mt::OCI_MANIFEST,
+                mt::OCI_CONFIG,
+                descriptors(n, mt::OCI_LAYER_GZIP)
+            )
+        };
+        let ParsedManifest::Image(v) = ParsedManifest::parse(manifest(MAX_LAYERS).as_bytes(), None).unwrap() else {
+            panic!()
+        };
+        assert_eq!(v.layers.len(), MAX_LAYERS);
+        let e = ParsedManifest::parse(manifest(MAX_LAYERS + 1).as_bytes(), None).unwrap_err().to_string();
+        assert_eq!(e, "invalid manifest: manifest has 1025 layers, more than the 1024 allowed");
+    }
+
+    #[test]
+    fn index_entries_are_bounded() {
+        let index = |n: usize| {
+            format!(
+                r#"{{"schemaVersion":2,"mediaType":"{}","manifests":[{}]}}"#,
+                mt::OCI_INDEX,
+                descriptors(n, mt::OCI_MANIFEST)
+            )
+        };
+        let ParsedManifest::Index(i) = ParsedManifest::parse(index(MAX_INDEX_ENTRIES).as_bytes(), None).unwrap() else {
+            panic!()
+        };
+        assert_eq!(i.manifests.len(), MAX_INDEX_ENTRIES);
+        let e = ParsedManifest::parse(index(MAX_INDEX_ENTRIES + 1).as_bytes(), None).unwrap_err().to_string();
+        assert_eq!(e, "invalid manifest: index has 1025 entries, more than the 1024 allowed");
     }
 
     proptest::proptest! {

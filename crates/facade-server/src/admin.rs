@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::body::Body;
-use crate::serve::accept_loop;
+use crate::serve::{ConnLimits, accept_loop};
 
 /// A shared "ready to serve pulls" flag; starts not ready. Clones share the flag.
 #[derive(Clone, Debug, Default)]
@@ -50,11 +50,11 @@ pub async fn serve_admin(
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new());
     let state = Arc::new((registry, readiness));
-    let handler = move |req: Request<Incoming>| {
+    let handler = move |req: Request<Incoming>, _peer: std::net::SocketAddr| {
         let state = Arc::clone(&state);
         async move { Ok::<_, Infallible>(admin_response(&req, &state.0, &state.1)) }
     };
-    accept_loop(listener, builder, None, handler, shutdown, "admin").await
+    accept_loop(listener, builder, None, ConnLimits::default(), handler, shutdown, "admin").await
 }
 
 fn admin_response<RB>(req: &Request<RB>, registry: &Registry, readiness: &Readiness) -> Response<Body> {

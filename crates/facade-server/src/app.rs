@@ -1,7 +1,8 @@
-//! [`App`]: one request in, one response out. Authentication, routing, the header deadline,
-//! the common headers, HEAD body stripping and request metrics happen here, once for every
-//! route.
+//! [`App`]: one request in, one response out. Authentication, routing, the request limits
+//! (URL length, requests per client), the header deadline, the common headers, HEAD body
+//! stripping and request metrics happen here, once for every route.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,7 +17,8 @@ use crate::body::Body;
 use crate::error::{self, Rejection, RequestContext, Result};
 use crate::handlers;
 use crate::headers;
-use crate::metrics::ServerMetrics;
+use crate::limits::{ClientLimiter, ClientPermit};
+use crate::metrics::{Limit, ServerMetrics};
 use crate::reload::PollFiles;
 use crate::router::{self, Route};
 use crate::tls::{Tls, TlsFiles};
@@ -50,6 +52,23 @@ pub struct ServerConfig {
     /// How often the TLS and htpasswd files are checked for changes while [`crate::serve`]
     /// runs.
     pub file_poll_interval: Duration,
+    /// Largest request head (request line and headers) read from a client: HTTP/1 answers a
+    /// bigger one with 431 and closes the connection (hyper's `max_buf_size`, which cannot go
+    /// below 8 KiB); HTTP/2 advertises it as `SETTINGS_MAX_HEADER_LIST_SIZE` and answers 431.
+    pub max_header_bytes: usize,
+    /// Most header fields in one HTTP/1 request; more is answered 431.
+    pub max_headers: usize,
+    /// Longest request URL (path and query) answered; longer is 414 `NAME_INVALID`. Keep it
+    /// below `max_header_bytes`, or the head limit answers first (431, no OCI body).
+    pub max_url_bytes: usize,
+    /// Requests in flight per client IP address, from the request until its response body
+    /// ends; more is answered 429 `TOOMANYREQUESTS` with `Retry-After: 1`. `0` is unlimited.
+    /// Only requests that come through [`crate::serve`] (or [`App::handle_from`]) count.
+    pub max_requests_per_client: usize,
+    /// A response that makes no progress for this long is cut: a connection whose client reads
+    /// nothing is closed, and a blob body whose source yields nothing is aborted. Long but
+    /// moving blob streams are never cut. `None` waits forever.
+    pub response_idle_timeout: Option<Duration>,
 }
 
 impl Default for ServerConfig {
@@ -65,6 +84,11 @@ impl Default for ServerConfig {
             auth: None,
             auth_cache_ttl: Duration::from_secs(300),
             file_poll_interval: Duration::from_secs(1),
+            max_header_bytes: 64 << 10,
+            max_headers: 100,
+            max_url_bytes: 8 << 10,
+            max_requests_per_client: 256,
+            response_idle_timeout: Some(Duration::from_secs(300)),
         }
     }
 }
@@ -78,6 +102,7 @@ pub struct App<B> {
     metrics: ServerMetrics,
     tls: Option<Tls>,
     auth: Option<Authenticator>,
+    clients: Option<ClientLimiter>,
 }
 
 impl<B: Backend> App<B> {
@@ -104,7 +129,8 @@ impl<B: Backend> App<B> {
             Err(e) => {
                 tracing::error!(error = %e, "cannot set up TLS or auth; refusing all clients");
                 let prefix = router::normalize_prefix(&config.prefix);
-                App { config, prefix, backend, metrics, tls: None, auth: None }
+                let clients = limiter(&config);
+                App { config, prefix, backend, metrics, tls: None, auth: None, clients }
             }
         }
     }
@@ -121,7 +147,8 @@ impl<B: Backend> App<B> {
             }
             None => None,
         };
-        Ok(App { config, prefix, backend, metrics, tls, auth })
+        let clients = limiter(&config);
+        Ok(App { config, prefix, backend, metrics, tls, auth, clients })
     }
 
     /// The configuration this app was built with.
@@ -152,18 +179,36 @@ impl<B: Backend> App<B> {
 
     /// Answers one request. Never fails: every problem becomes an OCI error response. The
     /// request body is ignored (nothing is ever pushed). Dropping the returned future cancels
-    /// the backend call.
+    /// the backend call. The per-client limit does not apply (there is no client address);
+    /// [`crate::serve`] calls [`App::handle_from`].
     pub async fn handle<RB>(&self, req: Request<RB>) -> Response<Body> {
+        self.answer(req, None).await
+    }
+
+    /// [`App::handle`] for a request from `peer`, counted against
+    /// [`ServerConfig::max_requests_per_client`] until its response body ends.
+    pub async fn handle_from<RB>(&self, req: Request<RB>, peer: IpAddr) -> Response<Body> {
+        self.answer(req, Some(peer)).await
+    }
+
+    async fn answer<RB>(&self, req: Request<RB>, peer: Option<IpAddr>) -> Response<Body> {
         let started = Instant::now();
         let (parts, _ignored_body) = req.into_parts();
         let route = router::parse(&self.prefix, parts.uri.path());
         let label = route.label();
         let inflight = self.metrics.inflight(label);
-        let result = match self.config.response_header_timeout {
-            Some(after) => tokio::time::timeout(after, self.dispatch(route, &parts))
-                .await
-                .unwrap_or(Err(Rejection::HeaderTimeout { after })),
-            None => self.dispatch(route, &parts).await,
+        let mut permit = None;
+        let result = match self.admit(&parts, peer) {
+            Err(rejection) => Err(rejection),
+            Ok(p) => {
+                permit = p;
+                match self.config.response_header_timeout {
+                    Some(after) => tokio::time::timeout(after, self.dispatch(route, &parts))
+                        .await
+                        .unwrap_or(Err(Rejection::HeaderTimeout { after })),
+                    None => self.dispatch(route, &parts).await,
+                }
+            }
         };
         let mut resp = result.unwrap_or_else(|rejection| {
             error::respond(rejection, &context(route, &parts), self.config.default_retry_after)
@@ -172,11 +217,31 @@ impl<B: Backend> App<B> {
         self.metrics.observe_response(label, &parts.method, resp.status(), started.elapsed().as_secs_f64());
         let head = parts.method == Method::HEAD;
         let meter = self.metrics.body_meter(label, inflight);
+        let idle = self.config.response_idle_timeout;
         resp.map(|body| {
             // HEAD: same status and headers (Content-Length included) as GET, no body.
             let body = if head { body.into_empty() } else { body };
-            body.with_meter(meter)
+            body.with_meter(meter).with_idle_timeout(idle).with_permit(permit)
         })
+    }
+
+    /// The limits checked before any work: URL length, then the client's concurrency slot.
+    fn admit(&self, parts: &Parts, peer: Option<IpAddr>) -> std::result::Result<Option<ClientPermit>, Rejection> {
+        let len = parts.uri.path_and_query().map_or(0, |pq| pq.as_str().len());
+        if len > self.config.max_url_bytes {
+            self.metrics.limited(Limit::UrlLength);
+            return Err(Rejection::UrlTooLong { len, max: self.config.max_url_bytes });
+        }
+        let (Some(clients), Some(ip)) = (&self.clients, peer) else {
+            return Ok(None);
+        };
+        match clients.try_acquire(ip) {
+            Some(permit) => Ok(Some(permit)),
+            None => {
+                self.metrics.limited(Limit::ClientConcurrency);
+                Err(Rejection::ClientBusy { limit: clients.max() })
+            }
+        }
     }
 
     /// With `requireAuth`, every route needs credentials, `/v2/` too: Docker clients learn
@@ -211,6 +276,10 @@ impl<B: Backend> App<B> {
             }
         }
     }
+}
+
+fn limiter(config: &ServerConfig) -> Option<ClientLimiter> {
+    (config.max_requests_per_client > 0).then(|| ClientLimiter::new(config.max_requests_per_client))
 }
 
 fn context(route: Route<'_>, parts: &Parts) -> RequestContext {

@@ -1,14 +1,18 @@
 //! The response body: empty, a buffer, or a blob stream of a known length.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
 use http_body::{Frame, SizeHint};
+use tokio::time::{Instant, Sleep};
 
 use crate::backend::BlobStream;
 use crate::error::Error;
+use crate::limits::ClientPermit;
 use crate::metrics::{AbortReason, BodyMeter};
 
 /// Body of every response this crate produces.
@@ -16,11 +20,14 @@ use crate::metrics::{AbortReason, BodyMeter};
 /// A stream body knows its exact length up front (it goes out as `Content-Length`). If the
 /// backend stream fails, ends early or overruns, the body yields an error frame: hyper then
 /// resets the HTTP/2 stream or closes the HTTP/1 connection, so the client sees a short body
-/// and never a "complete" response with wrong bytes.
+/// and never a "complete" response with wrong bytes. A stream that yields nothing for the
+/// idle timeout is aborted the same way.
 #[derive(Debug, Default)]
 pub struct Body {
     inner: Inner,
     meter: Option<BodyMeter>,
+    /// The client's concurrency slot, held until the body ends or is dropped.
+    permit: Option<ClientPermit>,
 }
 
 #[derive(Default)]
@@ -40,6 +47,32 @@ struct StreamState {
     /// The blob digest, for logs only.
     digest: String,
     finished: bool,
+    idle: Option<IdleTimer>,
+}
+
+/// Fires when the source stays pending for `timeout` while the connection wants bytes.
+struct IdleTimer {
+    timeout: Duration,
+    /// Allocated on the first pending poll, then reset instead of reallocated.
+    sleep: Option<Pin<Box<Sleep>>>,
+    armed: bool,
+}
+
+impl IdleTimer {
+    fn progress(&mut self) {
+        self.armed = false;
+    }
+
+    /// Whether the source has now been pending for the whole timeout.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let timeout = self.timeout;
+        let sleep = self.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        if !self.armed {
+            sleep.as_mut().reset(Instant::now() + timeout);
+            self.armed = true;
+        }
+        sleep.as_mut().poll(cx).is_ready()
+    }
 }
 
 impl std::fmt::Debug for Inner {
@@ -61,7 +94,7 @@ impl Body {
     /// A buffered body.
     pub fn full(bytes: impl Into<Bytes>) -> Self {
         let bytes = bytes.into();
-        Body { inner: Inner::Full((!bytes.is_empty()).then_some(bytes)), meter: None }
+        Body { inner: Inner::Full((!bytes.is_empty()).then_some(bytes)), meter: None, permit: None }
     }
 
     /// A blob stream that must yield exactly `len` bytes (`start` and `digest` are for logs).
@@ -74,9 +107,27 @@ impl Body {
                 start,
                 digest,
                 finished: len == 0,
+                idle: None,
             })),
             meter: None,
+            permit: None,
         }
+    }
+
+    /// Aborts a stream that yields nothing for `timeout` (`None`: waits forever). The
+    /// connection's own write timer covers a client that stops reading; this covers a source
+    /// that stops producing.
+    pub(crate) fn with_idle_timeout(mut self, timeout: Option<Duration>) -> Self {
+        if let (Inner::Stream(s), Some(timeout)) = (&mut self.inner, timeout) {
+            s.idle = Some(IdleTimer { timeout, sleep: None, armed: false });
+        }
+        self
+    }
+
+    /// Holds the client's concurrency slot until this body is finished or dropped.
+    pub(crate) fn with_permit(mut self, permit: Option<ClientPermit>) -> Self {
+        self.permit = permit;
+        self
     }
 
     pub(crate) fn with_meter(mut self, meter: BodyMeter) -> Self {
@@ -88,7 +139,7 @@ impl Body {
     pub(crate) fn into_empty(mut self) -> Self {
         // Unopened content is not an abort: reset it before this value drops.
         self.inner = Inner::Empty;
-        Body { inner: Inner::Empty, meter: self.meter.take() }
+        Body { inner: Inner::Empty, meter: self.meter.take(), permit: self.permit.take() }
     }
 
     fn abort(&mut self, reason: AbortReason, source: Option<std::io::Error>) -> Error {
@@ -140,9 +191,17 @@ impl http_body::Body for Body {
                 return Poll::Ready(None);
             }
             match state.stream.poll_next_unpin(cx) {
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    if state.idle.as_mut().is_some_and(|idle| idle.expired(cx)) {
+                        return Poll::Ready(Some(Err(this.abort(AbortReason::SourceIdle, None))));
+                    }
+                    return Poll::Pending;
+                }
                 Poll::Ready(Some(Ok(chunk))) if chunk.is_empty() => continue,
                 Poll::Ready(Some(Ok(chunk))) => {
+                    if let Some(idle) = &mut state.idle {
+                        idle.progress();
+                    }
                     let n = chunk.len() as u64;
                     if n > state.remaining {
                         return Poll::Ready(Some(Err(this.abort(AbortReason::SourceOverlong, None))));
@@ -153,6 +212,7 @@ impl http_body::Body for Body {
                         state.finished = true;
                         // Release the source (connection, file) as soon as its part is done.
                         state.stream = futures::stream::empty().boxed();
+                        state.idle = None;
                     }
                     if let Some(meter) = &this.meter {
                         meter.sent(chunk.len());
@@ -236,6 +296,14 @@ mod tests {
             failing.collect().await,
             Err(Error::ResponseAborted { reason: "source_error", offset: 103, .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_yields_nothing_is_aborted_after_the_idle_timeout() {
+        let stalled = futures::stream::iter([Ok(Bytes::from_static(b"ab"))]).chain(futures::stream::pending()).boxed();
+        let body = Body::stream(stalled, 4, 0, "d".into()).with_idle_timeout(Some(Duration::from_millis(50)));
+        let outcome = tokio::time::timeout(Duration::from_secs(10), body.collect()).await.unwrap();
+        assert!(matches!(outcome, Err(Error::ResponseAborted { reason: "source_idle", offset: 2, .. })));
     }
 
     #[tokio::test]

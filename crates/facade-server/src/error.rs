@@ -152,6 +152,16 @@ pub(crate) enum Rejection {
     HeaderTimeout {
         after: Duration,
     },
+    /// The request URL (path and query) is longer than `max_url_bytes`. No repository name
+    /// or reference is that long, so it is treated as an over-long name.
+    UrlTooLong {
+        len: usize,
+        max: usize,
+    },
+    /// The client address already has `max_requests_per_client` requests in flight.
+    ClientBusy {
+        limit: usize,
+    },
 }
 
 impl From<BackendError> for Rejection {
@@ -284,6 +294,22 @@ fn map(rejection: &Rejection, route: RouteLabel) -> Mapped {
                 "the image could not be prepared in time, retry",
             )
         },
+        R::UrlTooLong { len, max } => Mapped {
+            detail: json!({ "length": len, "max": max }),
+            ..mapped(
+                StatusCode::URI_TOO_LONG,
+                ErrorCode::NameInvalid,
+                format!("request URL is longer than {max} bytes"),
+            )
+        },
+        R::ClientBusy { limit } => Mapped {
+            detail: json!({ "limit": limit }),
+            ..mapped(
+                StatusCode::TOO_MANY_REQUESTS,
+                ErrorCode::TooManyRequests,
+                format!("too many concurrent requests from this address (limit {limit})"),
+            )
+        },
     }
 }
 
@@ -311,6 +337,10 @@ pub(crate) fn respond(rejection: Rejection, ctx: &RequestContext, default_retry_
         Rejection::MethodNotAllowed => {
             h.insert(ALLOW, HeaderValue::from_static(headers::ALLOWED_METHODS));
         }
+        Rejection::ClientBusy { .. } => {
+            // A slot frees as soon as one of the client's own transfers ends: retry soon.
+            h.insert(RETRY_AFTER, HeaderValue::from(CLIENT_BUSY_RETRY_AFTER_SECS));
+        }
         Rejection::RangeNotSatisfiable { size } => {
             h.insert(CONTENT_RANGE, header_value(format!("bytes */{size}")));
             h.insert(http::header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
@@ -335,6 +365,9 @@ pub(crate) fn respond(rejection: Rejection, ctx: &RequestContext, default_retry_
     *resp.body_mut() = Body::full(body);
     resp
 }
+
+/// `Retry-After` of a request refused by the per-client limit.
+const CLIENT_BUSY_RETRY_AFTER_SECS: u64 = 1;
 
 /// Whole seconds, rounded up, at least 1: `Retry-After: 0` invites a hot retry loop.
 fn retry_seconds(d: Duration) -> u64 {
@@ -455,6 +488,8 @@ mod tests {
             (Rejection::MethodNotAllowed, RouteLabel::Blob, 405, Some("UNSUPPORTED")),
             (Rejection::RouteNotFound, RouteLabel::Other, 404, Some("UNSUPPORTED")),
             (Rejection::RangeNotSatisfiable { size: 3 }, RouteLabel::Blob, 416, None),
+            (Rejection::UrlTooLong { len: 9000, max: 8192 }, RouteLabel::Manifest, 414, Some("NAME_INVALID")),
+            (Rejection::ClientBusy { limit: 4 }, RouteLabel::Blob, 429, Some("TOOMANYREQUESTS")),
             (
                 Rejection::ManifestDigestMismatch { actual: "sha256:x".into() },
                 RouteLabel::Manifest,

@@ -4,7 +4,8 @@
 //! its files change), `requireAuth` (Basic credentials against a bcrypt htpasswd file, also
 //! re-read on change), path parsing, the `/v2/`, manifest and blob handlers (HEAD semantics,
 //! Range/206/416, redirects), the **single** error → OCI response edge (`error.rs`), request
-//! metrics and the admin listener (`/metrics`, `/ready`, `/live`; never authenticated).
+//! metrics, the request limits (head size, URL length, requests per client address, response
+//! idle timeout) and the admin listener (`/metrics`, `/ready`, `/live`; never authenticated).
 //!
 //! It deliberately does not compose images, talk to spec providers or fetch blobs: every
 //! request that needs content goes through the [`Backend`] trait, which another crate implements
@@ -19,6 +20,7 @@ mod body;
 mod error;
 mod handlers;
 pub mod headers;
+mod limits;
 mod metrics;
 mod range;
 mod reload;

@@ -20,11 +20,18 @@ pub(crate) enum AbortReason {
     SourceOverlong,
     /// The client went away (or the connection was torn down) mid-body.
     ClientGone,
+    /// The backend stream yielded nothing for the response idle timeout.
+    SourceIdle,
 }
 
 impl AbortReason {
-    const ALL: [AbortReason; 4] =
-        [AbortReason::SourceError, AbortReason::SourceShort, AbortReason::SourceOverlong, AbortReason::ClientGone];
+    const ALL: [AbortReason; 5] = [
+        AbortReason::SourceError,
+        AbortReason::SourceShort,
+        AbortReason::SourceOverlong,
+        AbortReason::ClientGone,
+        AbortReason::SourceIdle,
+    ];
 
     pub(crate) fn as_str(self) -> &'static str {
         match self {
@@ -32,6 +39,27 @@ impl AbortReason {
             AbortReason::SourceShort => "source_short",
             AbortReason::SourceOverlong => "source_overlong",
             AbortReason::ClientGone => "client_gone",
+            AbortReason::SourceIdle => "source_idle",
+        }
+    }
+}
+
+/// Which limit refused a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Limit {
+    /// The client address already had `max_requests_per_client` requests in flight.
+    ClientConcurrency,
+    /// The request URL is longer than `max_url_bytes`.
+    UrlLength,
+}
+
+impl Limit {
+    const ALL: [Limit; 2] = [Limit::ClientConcurrency, Limit::UrlLength];
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Limit::ClientConcurrency => "client_concurrency",
+            Limit::UrlLength => "url_length",
         }
     }
 }
@@ -49,6 +77,7 @@ pub struct ServerMetrics {
     response_bytes: IntCounterVec,
     auth_failures: IntCounterVec,
     file_reloads: IntCounterVec,
+    limited: IntCounterVec,
 }
 
 /// The `file` label values of `registry_facade_file_reloads_total`.
@@ -103,6 +132,11 @@ impl ServerMetrics {
             &["file", "outcome"],
         )
         .map_err(|e| metric_error("registry_facade_file_reloads_total", e))?;
+        let limited = IntCounterVec::new(
+            Opts::new("registry_facade_limited_requests_total", "Requests refused by a server limit"),
+            &["limit"],
+        )
+        .map_err(|e| metric_error("registry_facade_limited_requests_total", e))?;
 
         for (name, collector) in [
             ("registry_facade_http_requests_total", Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>),
@@ -112,6 +146,7 @@ impl ServerMetrics {
             ("registry_facade_http_response_bytes_total", Box::new(response_bytes.clone())),
             ("registry_facade_auth_failures_total", Box::new(auth_failures.clone())),
             ("registry_facade_file_reloads_total", Box::new(file_reloads.clone())),
+            ("registry_facade_limited_requests_total", Box::new(limited.clone())),
         ] {
             registry.register(collector).map_err(|e| metric_error(name, e))?;
         }
@@ -130,12 +165,28 @@ impl ServerMetrics {
         for reason in AuthFailure::ALL {
             auth_failures.with_label_values(&[reason.as_str()]);
         }
+        for limit in Limit::ALL {
+            limited.with_label_values(&[limit.as_str()]);
+        }
         for file in RELOADED_FILES {
             for outcome in ["ok", "error"] {
                 file_reloads.with_label_values(&[file, outcome]);
             }
         }
-        Ok(ServerMetrics { requests, duration, inflight, aborted, response_bytes, auth_failures, file_reloads })
+        Ok(ServerMetrics {
+            requests,
+            duration,
+            inflight,
+            aborted,
+            response_bytes,
+            auth_failures,
+            file_reloads,
+            limited,
+        })
+    }
+
+    pub(crate) fn limited(&self, limit: Limit) {
+        self.limited.with_label_values(&[limit.as_str()]).inc();
     }
 
     pub(crate) fn auth_failed(&self, reason: AuthFailure) {
@@ -245,6 +296,7 @@ mod tests {
             "registry_facade_http_response_bytes_total",
             "registry_facade_auth_failures_total",
             "registry_facade_file_reloads_total",
+            "registry_facade_limited_requests_total",
         ] {
             assert!(text.contains(name), "{name} missing");
         }

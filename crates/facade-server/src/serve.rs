@@ -2,6 +2,7 @@
 //! termination for the registry listener.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,11 +22,19 @@ use tokio_util::task::AbortOnDropHandle;
 use crate::app::App;
 use crate::backend::Backend;
 use crate::body::Body;
+use crate::limits::WriteIdle;
 use crate::reload;
+
+/// hyper refuses (panics on) a smaller HTTP/1 buffer.
+const HYPER_MIN_BUF_SIZE: usize = 8192;
 
 /// Serves `app` on `listener` until `shutdown` is cancelled: HTTP/1.1 (keep-alive) and h2c
 /// (prior knowledge), or — with `tls` configured — HTTPS with ALPN `h2`/`http/1.1`. While it
 /// runs, the configured certificate and htpasswd files are polled and re-read when they change.
+///
+/// Request heads are bounded by [`crate::ServerConfig::max_header_bytes`] and
+/// `max_headers` (431), requests per client address by `max_requests_per_client` (429), and a
+/// connection whose client stops reading is closed after `response_idle_timeout`.
 ///
 /// On `shutdown` it stops accepting, asks every connection to finish its in-flight requests
 /// (idle keep-alive connections close at once) and returns when all have closed. It waits as
@@ -49,18 +58,38 @@ pub async fn serve<B: Backend>(
         let interval = app.config().file_poll_interval;
         AbortOnDropHandle::new(tokio::spawn(reload::watch(files, interval, shutdown.clone())))
     });
+    let config = app.config();
+    let max_header_bytes = config.max_header_bytes.max(HYPER_MIN_BUF_SIZE);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .keep_alive(true)
         .timer(TokioTimer::new())
-        .header_read_timeout(app.config().http1_header_read_timeout);
-    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(app.config().h2_max_concurrent_streams);
-    let handler = move |req: Request<Incoming>| {
+        .header_read_timeout(config.http1_header_read_timeout)
+        // The whole request head must fit in the read buffer: a bigger one gets 431 and the
+        // connection is closed. (hyper-util's auto builder does not expose a separate head
+        // limit; the buffer also caps how much response data is queued per write, which only
+        // batches writes differently.)
+        .max_buf_size(max_header_bytes)
+        .max_headers(config.max_headers);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(config.h2_max_concurrent_streams)
+        .max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX));
+    let conn = ConnLimits { write_idle: config.response_idle_timeout };
+    let handler = move |req: Request<Incoming>, peer: SocketAddr| {
         let app = Arc::clone(&app);
-        async move { Ok::<_, Infallible>(app.handle(req).await) }
+        async move { Ok::<_, Infallible>(app.handle_from(req, peer.ip()).await) }
     };
-    accept_loop(listener, builder, tls, handler, shutdown, "registry").await
+    accept_loop(listener, builder, tls, conn, handler, shutdown, "registry").await
+}
+
+/// Per-connection limits applied below HTTP.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct ConnLimits {
+    /// Close the connection when a write makes no progress for this long.
+    pub(crate) write_idle: Option<Duration>,
 }
 
 /// TLS termination of a listener.
@@ -70,17 +99,19 @@ pub(crate) struct TlsTermination {
     timeout: Duration,
 }
 
-/// Runs until `shutdown`, then drains. `handler` is cloned per connection.
+/// Runs until `shutdown`, then drains. `handler` is cloned per connection and gets each
+/// request with the connection's peer address.
 pub(crate) async fn accept_loop<H, F>(
     listener: TcpListener,
     builder: auto::Builder<TokioExecutor>,
     tls: Option<TlsTermination>,
+    conn: ConnLimits,
     handler: H,
     shutdown: CancellationToken,
     which: &'static str,
 ) -> std::io::Result<()>
 where
-    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
     let builder = Arc::new(builder);
@@ -117,10 +148,10 @@ where
         let (builder, handler, watcher, tls) = (Arc::clone(&builder), handler.clone(), graceful.watcher(), tls.clone());
         connections.spawn(async move {
             let Some(tls) = tls else {
-                return serve_connection(&builder, stream, handler, watcher, which, peer).await;
+                return serve_connection(&builder, stream, conn, handler, watcher, which, peer).await;
             };
             match tokio::time::timeout(tls.timeout, tls.acceptor.accept(stream)).await {
-                Ok(Ok(stream)) => serve_connection(&builder, stream, handler, watcher, which, peer).await,
+                Ok(Ok(stream)) => serve_connection(&builder, stream, conn, handler, watcher, which, peer).await,
                 Ok(Err(e)) => tracing::debug!(listener = which, %peer, error = %e, "TLS handshake failed"),
                 Err(_) => tracing::debug!(listener = which, %peer, "TLS handshake timed out"),
             }
@@ -136,16 +167,18 @@ where
 async fn serve_connection<I, H, F>(
     builder: &auto::Builder<TokioExecutor>,
     io: I,
+    limits: ConnLimits,
     handler: H,
     watcher: Watcher,
     which: &'static str,
-    peer: std::net::SocketAddr,
+    peer: SocketAddr,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Send + Sync + 'static,
     F: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
-    let conn = builder.serve_connection(TokioIo::new(io), service_fn(handler));
+    let io = WriteIdle::new(io, limits.write_idle, peer);
+    let conn = builder.serve_connection(TokioIo::new(io), service_fn(move |req| handler(req, peer)));
     if let Err(e) = watcher.watch(conn).await {
         tracing::debug!(listener = which, %peer, error = %e, "connection ended with an error");
     }

@@ -128,6 +128,10 @@ impl App {
             prefix: config.prefix.clone(),
             tls: config.tls.as_ref().map(|(cert, key)| TlsFiles { cert: cert.clone(), key: key.clone() }),
             auth: config.htpasswd.as_ref().map(|p| AuthFile { htpasswd: p.clone() }),
+            max_header_bytes: config.limits.max_header_bytes,
+            max_url_bytes: config.limits.max_url_bytes,
+            max_requests_per_client: config.limits.max_requests_per_client,
+            response_idle_timeout: config.limits.response_idle_timeout,
             ..ServerConfig::default()
         };
         let app = Arc::new(

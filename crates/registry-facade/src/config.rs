@@ -216,6 +216,19 @@ pub struct FacadeSection {
     /// `ws-manager`, as the reference facade does whatever the address says).
     #[serde(rename = "specServerName", default)]
     pub spec_server_name: Option<String>,
+    /// Largest request head (request line and headers) read from a client, a number of bytes or
+    /// a size such as "64KiB" (default "64KiB"; at least "8KiB", at most "1MiB").
+    #[serde(rename = "maxRequestHeaderBytes", default)]
+    pub max_request_header_bytes: Option<serde_json::Value>,
+    /// Longest request URL answered; longer gets 414 (default "8KiB").
+    #[serde(rename = "maxURLBytes", default)]
+    pub max_url_bytes: Option<serde_json::Value>,
+    /// Requests in flight per client IP address (default 256; 0: unlimited).
+    #[serde(rename = "maxRequestsPerClient", default)]
+    pub max_requests_per_client: Option<u64>,
+    /// A response making no progress for this long is cut (default "5m"; "0s": never).
+    #[serde(rename = "responseIdleTimeout", default)]
+    pub response_idle_timeout: Option<String>,
 }
 
 /// The validated configuration the binary wires from.
@@ -263,6 +276,95 @@ pub struct Config {
     pub upstream_timeouts: (Duration, Duration, Duration),
     /// SIGTERM grace.
     pub shutdown_grace: Duration,
+    /// Request limits of the registry listener (`facade.max*`, `facade.responseIdleTimeout`).
+    pub limits: RequestLimits,
+}
+
+/// The validated request limits of the registry listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestLimits {
+    /// `maxRequestHeaderBytes`: request heads over it get 431.
+    pub max_header_bytes: usize,
+    /// `maxURLBytes`: URLs over it get 414 `NAME_INVALID`.
+    pub max_url_bytes: usize,
+    /// `maxRequestsPerClient`: more in flight from one address get 429 (0: unlimited).
+    pub max_requests_per_client: usize,
+    /// `responseIdleTimeout` (`None`: never).
+    pub response_idle_timeout: Option<Duration>,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        RequestLimits {
+            max_header_bytes: 64 << 10,
+            max_url_bytes: 8 << 10,
+            max_requests_per_client: 256,
+            response_idle_timeout: Some(Duration::from_secs(300)),
+        }
+    }
+}
+
+/// The request-limit keys. `stall_timeouts` are the blob sources' own "no bytes for this long"
+/// deadlines (key, value): a response idle timeout must outlast them, or a client is cut while
+/// the download behind it is still being resumed.
+fn parse_limits(f: &FacadeSection, stall_timeouts: &[(&str, Duration)], errs: &mut Vec<String>) -> RequestLimits {
+    const MIN_HEADER: u64 = 8 << 10;
+    const MAX_HEADER: u64 = 1 << 20;
+    const MIN_URL: u64 = 1 << 10;
+    let d = RequestLimits::default();
+    let mut size = |key: &str, v: &Option<serde_json::Value>, default: usize| -> Option<u64> {
+        let n = match v {
+            None => return Some(default as u64),
+            Some(serde_json::Value::Number(n)) => {
+                n.as_u64().ok_or_else(|| format!("{n} is not a whole number of bytes"))
+            }
+            Some(serde_json::Value::String(s)) => parse_size(s).map_err(|e| format!("{s:?}: {e}")),
+            Some(other) => Err(format!("{other} is neither a number nor a size such as \"64KiB\"")),
+        };
+        n.map_err(|e| errs.push(format!("facade.{key}: {e}"))).ok()
+    };
+    let header = size("maxRequestHeaderBytes", &f.max_request_header_bytes, d.max_header_bytes);
+    let url = size("maxURLBytes", &f.max_url_bytes, d.max_url_bytes);
+    if let Some(h) = header.filter(|h| !(MIN_HEADER..=MAX_HEADER).contains(h)) {
+        errs.push(format!("facade.maxRequestHeaderBytes: {h} is outside 8KiB..1MiB"));
+    }
+    match (url, header) {
+        (Some(u), _) if u < MIN_URL => errs.push(format!("facade.maxURLBytes: {u} is less than 1KiB")),
+        (Some(u), Some(h)) if u > h => errs.push(format!(
+            "facade.maxURLBytes: {u} is more than facade.maxRequestHeaderBytes ({h}), so long URLs would get a bare 431 instead of the OCI 414"
+        )),
+        _ => {}
+    }
+    let idle = match f.response_idle_timeout.as_deref().map(humantime::parse_duration) {
+        None => d.response_idle_timeout,
+        Some(Ok(t)) if t.is_zero() => None,
+        Some(Ok(t)) => Some(t),
+        Some(Err(e)) => {
+            errs.push(format!(
+                "facade.responseIdleTimeout: {:?}: {e}",
+                f.response_idle_timeout.as_deref().unwrap_or("")
+            ));
+            d.response_idle_timeout
+        }
+    };
+    if let Some(t) = idle {
+        for (key, stall) in stall_timeouts {
+            if t <= *stall {
+                errs.push(format!(
+                    "facade.responseIdleTimeout: {} is not more than facade.{key} ({}), so clients would be cut while a stalled download is still being resumed",
+                    humantime::format_duration(t),
+                    humantime::format_duration(*stall)
+                ));
+            }
+        }
+    }
+    let usize_of = |n: Option<u64>, default: usize| n.and_then(|n| usize::try_from(n).ok()).unwrap_or(default);
+    RequestLimits {
+        max_header_bytes: usize_of(header, d.max_header_bytes),
+        max_url_bytes: usize_of(url, d.max_url_bytes),
+        max_requests_per_client: usize_of(f.max_requests_per_client, d.max_requests_per_client),
+        response_idle_timeout: idle,
+    }
 }
 
 /// One validated `registry.remoteSpecProvider` entry.
@@ -674,6 +776,12 @@ pub fn parse(text: &str, base_dir: &std::path::Path, env: &dyn Env) -> Result<Co
     if spec_timeout.is_zero() {
         errs.push("facade.specTimeout: must be more than 0".into());
     }
+    let ipfs_stall = cluster.ipfs.as_ref().map(|i| i.first_byte_timeout);
+    let stalls: Vec<(&str, Duration)> = [("upstreamReadTimeout", Some(read)), ("clusterIPFSTimeout", ipfs_stall)]
+        .into_iter()
+        .filter_map(|(k, t)| t.map(|t| (k, t)))
+        .collect();
+    let limits = parse_limits(f, &stalls, &mut errs);
     let spec_server_name = f.spec_server_name.clone().unwrap_or_else(|| "ws-manager".into());
     if spec_server_name.is_empty() || spec_server_name.contains(|c: char| c.is_whitespace() || c == '/') {
         errs.push(format!("facade.specServerName: {spec_server_name:?} is not a host name"));
@@ -715,6 +823,7 @@ pub fn parse(text: &str, base_dir: &std::path::Path, env: &dyn Env) -> Result<Co
         plain_http_hosts: f.plain_http_hosts.clone(),
         upstream_timeouts: (connect, metadata, read),
         shutdown_grace,
+        limits,
     })
 }
 
@@ -957,5 +1066,72 @@ mod tests {
         assert!(!text.contains('\n'));
         let e = parse_str(r#"{"registry": {"remoteSpecProvider": [{"addr": "h:1", "bogus": 1}]}}"#).unwrap_err();
         assert!(e.to_string().contains("registry.remoteSpecProvider[0].bogus"), "{e}");
+    }
+
+    #[test]
+    fn request_limits_have_defaults_and_parse() {
+        let c = parse_str(r#"{"registry": {"fixedSpecFN": "specs.json"}}"#).unwrap();
+        assert_eq!(c.limits, RequestLimits::default());
+        assert_eq!(c.limits.max_requests_per_client, 256);
+        assert_eq!(c.limits.response_idle_timeout, Some(Duration::from_secs(300)));
+
+        let c = parse_str(
+            r#"{"registry": {"fixedSpecFN": "specs.json"},
+               "facade": {"maxRequestHeaderBytes": "128KiB", "maxURLBytes": 4096, "maxRequestsPerClient": 0,
+                          "responseIdleTimeout": "0s"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.limits,
+            RequestLimits {
+                max_header_bytes: 128 << 10,
+                max_url_bytes: 4096,
+                max_requests_per_client: 0,
+                response_idle_timeout: None
+            }
+        );
+    }
+
+    #[test]
+    fn names_every_request_limit_problem_at_once() {
+        let e = parse_str(
+            r#"{"registry": {"fixedSpecFN": "specs.json"},
+               "facade": {"maxRequestHeaderBytes": "4KiB", "maxURLBytes": "lots", "maxRequestsPerClient": -1,
+                          "responseIdleTimeout": "10s"}}"#,
+        )
+        .unwrap_err();
+        // maxRequestsPerClient: -1 is a type error, reported alone by the JSON decoder.
+        assert!(e.to_string().contains("facade.maxRequestsPerClient"), "{e}");
+
+        let e = parse_str(
+            r#"{"registry": {"fixedSpecFN": "specs.json"},
+               "facade": {"maxRequestHeaderBytes": "4KiB", "maxURLBytes": "lots", "responseIdleTimeout": "10s"}}"#,
+        )
+        .unwrap_err();
+        let text = e.to_string();
+        for needle in [
+            "facade.maxRequestHeaderBytes: 4096 is outside 8KiB..1MiB",
+            "facade.maxURLBytes: \"lots\"",
+            "facade.responseIdleTimeout: 10s is not more than facade.upstreamReadTimeout (15s)",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from: {text}");
+        }
+        assert_eq!(e.0.len(), 3, "{text}");
+        assert!(!text.contains('\n'));
+
+        for (facade, needle) in [
+            (r#"{"maxURLBytes": 100}"#, "facade.maxURLBytes: 100 is less than 1KiB"),
+            (r#"{"maxURLBytes": "128KiB"}"#, "facade.maxURLBytes: 131072 is more than facade.maxRequestHeaderBytes"),
+            (r#"{"maxRequestHeaderBytes": true}"#, "facade.maxRequestHeaderBytes: true is neither"),
+            (r#"{"responseIdleTimeout": "soon"}"#, "facade.responseIdleTimeout: \"soon\""),
+            (
+                r#"{"responseIdleTimeout": "20s", "upstreamReadTimeout": "30s"}"#,
+                "facade.responseIdleTimeout: 20s is not more than facade.upstreamReadTimeout (30s)",
+            ),
+        ] {
+            let text = format!(r#"{{"registry": {{"fixedSpecFN": "specs.json"}}, "facade": {facade}}}"#);
+            let e = parse_str(&text).unwrap_err().to_string();
+            assert!(e.contains(needle), "{facade}: {e}");
+        }
     }
 }

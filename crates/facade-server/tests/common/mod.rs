@@ -55,6 +55,12 @@ pub enum Blob {
         data: Bytes,
         claimed: u64,
     },
+    /// Yields `data` in `chunk`-byte pieces (large blobs: the 7-byte pieces of `Bytes` would
+    /// make millions of frames).
+    Chunked {
+        data: Bytes,
+        chunk: usize,
+    },
     /// Yields the first chunk, then waits for a permit before the rest.
     Gated {
         data: Bytes,
@@ -165,11 +171,13 @@ impl Backend for MemBackend {
                 media_type: media_type.clone(),
                 content: BlobContent::Stream(Box::new(MemOpener { blob: blob.clone(), opens })),
             },
-            Blob::FailsAfter { ref data, .. } | Blob::Gated { ref data, .. } => BlobBody {
-                size: data.len() as u64,
-                media_type: String::new(),
-                content: BlobContent::Stream(Box::new(MemOpener { blob: blob.clone(), opens })),
-            },
+            Blob::FailsAfter { ref data, .. } | Blob::Gated { ref data, .. } | Blob::Chunked { ref data, .. } => {
+                BlobBody {
+                    size: data.len() as u64,
+                    media_type: String::new(),
+                    content: BlobContent::Stream(Box::new(MemOpener { blob: blob.clone(), opens })),
+                }
+            }
             Blob::Short { claimed, .. } => BlobBody {
                 size: claimed,
                 media_type: String::new(),
@@ -201,6 +209,14 @@ impl BlobOpener for MemOpener {
                     futures::stream::iter(items).boxed()
                 }
                 Blob::Short { data, .. } => futures::stream::iter(chunked(data)).boxed(),
+                Blob::Chunked { data, chunk } => {
+                    let data = data.slice(start..end);
+                    let pieces: Vec<Result<Bytes, std::io::Error>> = (0..data.len())
+                        .step_by(chunk.max(1))
+                        .map(|i| Ok(data.slice(i..(i + chunk.max(1)).min(data.len()))))
+                        .collect();
+                    futures::stream::iter(pieces).boxed()
+                }
                 Blob::Gated { data, first, gate } => {
                     let head = data.slice(start..first);
                     let tail = data.slice(first..end);
