@@ -22,6 +22,7 @@ BENCH_ARGS ?=
 bench: build
 	$(CARGO) build --release --locked -p bench
 	./target/release/bench --facade ./target/release/registry-facade --out bench/RESULTS.md $(BENCH_ARGS)
+	bash scripts/splice-soak.sh
 
 # The release facade under SOAK_SECONDS of parallel pulls with injected faults (upstream cuts,
 # Redis and spec server restarts); fails on any failed pull or fd/RSS growth past its bounds and
@@ -30,6 +31,7 @@ SOAK_SECONDS ?= 180
 soak: build
 	$(CARGO) build --release --locked -p e2e --bin soak
 	./target/release/soak --facade ./target/release/registry-facade --seconds $(SOAK_SECONDS) --out bench/SOAK.md
+	bash scripts/splice-soak.sh
 
 lint: deps
 	$(CARGO) fmt --all --check

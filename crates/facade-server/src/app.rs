@@ -215,6 +215,16 @@ impl<B: Backend> App<B> {
         });
         resp.headers_mut().insert(headers::API_VERSION, HeaderValue::from_static(headers::API_VERSION_VALUE));
         self.metrics.observe_response(label, &parts.method, resp.status(), started.elapsed().as_secs_f64());
+        // One line per request at debug (failures were logged once, at the error edge).
+        tracing::debug!(
+            route = ?label,
+            method = %parts.method,
+            path = %handlers::clip(parts.uri.path()),
+            status = resp.status().as_u16(),
+            peer = ?peer,
+            seconds_to_headers = started.elapsed().as_secs_f64(),
+            "request answered"
+        );
         let head = parts.method == Method::HEAD;
         let meter = self.metrics.body_meter(label, inflight);
         let idle = self.config.response_idle_timeout;

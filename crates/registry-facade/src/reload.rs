@@ -152,6 +152,7 @@ impl Reloader {
                 ),
             ),
             ("facade.shutdownGrace", new.shutdown_grace != old.shutdown_grace),
+            ("facade.maxRequest*/maxURLBytes/responseIdleTimeout", differs(&new.limits, &old.limits)),
         ] {
             if changed {
                 restart_needed.push(key);
