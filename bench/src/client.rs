@@ -24,7 +24,7 @@ pub struct Pull {
     /// Request written → last body byte.
     pub total: Duration,
     /// How long the last byte came after all the others (the facade holds it back until the
-    /// blob is verified and stored).
+    /// digest checks out).
     pub last_byte_wait: Duration,
     /// `sha256:…` of the body, when asked for.
     pub digest: Option<String>,

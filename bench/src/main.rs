@@ -26,10 +26,12 @@ use anyhow::{Context as _, bail, ensure};
 use clap::Parser;
 use test_support::fault_proxy::FaultProxy;
 use test_support::image::{FileEntry, ImageBuilder, LayerCompression, PushFormat, build_layer, push_image};
+use test_support::ipfs::Ipfs;
+use test_support::redis::Redis;
 use test_support::registry::Registry;
 
 use crate::copy_server::CopyServer;
-use crate::report::{Concurrent, Params, Results, Series, SystemResult};
+use crate::report::{Concurrent, NodePull, Params, Results, Series, SystemResult, TwoNodes};
 use crate::systems::{FacadeProc, RssSampler, WORKSPACE};
 
 const MIB: u64 = 1 << 20;
@@ -128,6 +130,8 @@ fn measure(params: &Params, facade_bin: &Path) -> anyhow::Result<Results> {
     for s in [&mut results.facade, &mut results.dist] {
         s.peak_rss_whole_run = s.peak_rss_whole_run.max(s.concurrent.peak_rss_after_warm);
     }
+    // Last: js-ipfs keeps a CPU busy while it adds, which must not weigh on the rows above.
+    results.two_nodes = Some(two_nodes(&world, facade_bin, &mut results.verified)?);
     Ok(results)
 }
 
@@ -464,6 +468,106 @@ fn concurrent(world: &World, p: &Params, kind: Kind<'_>, verified: &mut Vec<Stri
         warm_failures: warm.failures,
         peak_rss_after_warm,
     })
+}
+
+/// Longest wait for node A to publish the layer to the cluster cache (js-ipfs adds a 256 MiB
+/// blob in tens of seconds).
+const PUBLISH_WAIT: Duration = Duration::from_secs(180);
+
+/// Issue #5: two facades ("nodes", each with its own empty store) sharing a real Redis and a real
+/// IPFS node, and one counting proxy to the upstream. Node A pulls the layer cold; once it has
+/// published the blob to the cluster cache, node B pulls it cold. Redis or IPFS that cannot start
+/// or a pull that fails is a result for the row (`Err`), not a broken bench; a wrong byte is.
+fn two_nodes(world: &World, bin: &Path, verified: &mut Vec<String>) -> anyhow::Result<Result<TwoNodes, String>> {
+    tracing::info!("two nodes: starting Redis and js-ipfs");
+    if !Redis::available() {
+        return Ok(Err("redis-server is not installed".into()));
+    }
+    let redis = match Redis::start() {
+        Ok(r) => r,
+        Err(e) => return Ok(Err(format!("Redis did not start: {e:#}"))),
+    };
+    if !Ipfs::available() {
+        return Ok(Err("js-ipfs is not installed (scripts/install-deps.sh)".into()));
+    }
+    let ipfs = match Ipfs::start() {
+        Ok(i) => i,
+        Err(e) => return Ok(Err(format!("the IPFS node did not start: {e:#}"))),
+    };
+    let proxy = FaultProxy::start(world.upstream.addr)?;
+    let (row, pulls) = match two_node_pulls(world, bin, &redis, &ipfs, &proxy) {
+        Ok(out) => out,
+        Err(e) => return Ok(Err(format!("{e:#}"))),
+    };
+    for (node, pull) in ["A", "B"].iter().zip(&pulls) {
+        verify(world, &format!("two nodes: node {node} cold (the timed pull)"), pull, verified)?;
+    }
+    Ok(Ok(row))
+}
+
+fn two_node_pulls(
+    world: &World,
+    bin: &Path,
+    redis: &Redis,
+    ipfs: &Ipfs,
+    proxy: &FaultProxy,
+) -> anyhow::Result<(TwoNodes, [client::Pull; 2])> {
+    let mut cluster = serde_json::Map::new();
+    cluster.insert("redis".into(), serde_json::json!({"enabled": true, "singleHostAddr": redis.host()}));
+    cluster.insert("ipfs".into(), serde_json::json!({"enabled": true, "ipfsAddr": ipfs.multiaddr()}));
+    let base_ref = format!("{}/big:1", proxy.host());
+    let kind = Kind::Facade(bin);
+    let blob = kind.blob_path(&world.layer);
+
+    let cold = |node: &str| -> anyhow::Result<(FacadeProc, client::Pull, NodePull)> {
+        tracing::info!("two nodes: node {node} cold pull");
+        proxy.reset_counters();
+        let f = FacadeProc::start_with(bin, &base_ref, cluster.clone())?;
+        let m = client::small(f.addr, "GET", &kind.manifest_path())?;
+        let manifest: serde_json::Value = serde_json::from_slice(&m.body).unwrap_or_default();
+        if m.status != 200 || manifest["layers"][0]["digest"] != world.layer.as_str() {
+            bail!(
+                "node {node}: manifest GET answered {} {}; log: {}",
+                m.status,
+                String::from_utf8_lossy(&m.body),
+                f.log_tail()
+            );
+        }
+        // Hashed while timed: this one pull is all there is of each node's cold path (a second
+        // pull would be warm), and it is the pull whose bytes must be right.
+        let pull = client::pull(f.addr, &blob, true)
+            .with_context(|| format!("node {node} cold pull; log: {}", f.log_tail()))?;
+        let np = NodePull {
+            total: pull.total,
+            bytes: pull.bytes,
+            upstream_bytes: proxy.bytes_to_client(),
+            upstream_gets: proxy.count_requests("GET", &format!("/blobs/{}", world.layer)),
+            upstream_requests: proxy.requests().len(),
+        };
+        Ok((f, pull, np))
+    };
+
+    let (a, a_pull, a_row) = cold("A")?;
+    let key = format!("registry-facade:blob:{}", world.layer);
+    let started = Instant::now();
+    loop {
+        if redis.keys(&key).unwrap_or_default().contains(&key) {
+            break;
+        }
+        if started.elapsed() >= PUBLISH_WAIT {
+            bail!(
+                "node A did not publish the layer to the cluster cache within {} s; log: {}",
+                PUBLISH_WAIT.as_secs(),
+                a.log_tail()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let publish_wait = started.elapsed();
+    tracing::info!(secs = publish_wait.as_secs_f64(), "two nodes: node A published the layer");
+    let (_b, b_pull, b_row) = cold("B")?;
+    drop(a);
+    Ok((TwoNodes { a: a_row, b: b_row, publish_wait }, [a_pull, b_pull]))
 }
 
 /// What N pulls released together got.

@@ -29,16 +29,27 @@ pub struct FacadeProc {
 impl FacadeProc {
     /// Starts `bin` serving workspace [`WORKSPACE`] = `base_ref`, with a fresh store.
     pub fn start(bin: &Path, base_ref: &str) -> anyhow::Result<FacadeProc> {
+        Self::start_with(bin, base_ref, serde_json::Map::new())
+    }
+
+    /// As [`FacadeProc::start`], with `registry_extra` added to the config's `registry` object
+    /// (the cluster cache: `redis`, `ipfs`).
+    pub fn start_with(
+        bin: &Path,
+        base_ref: &str,
+        registry_extra: serde_json::Map<String, serde_json::Value>,
+    ) -> anyhow::Result<FacadeProc> {
         let dir = tempfile::Builder::new().prefix("bench-facade-").tempdir()?;
         std::fs::write(dir.path().join("specs.json"), json!({ WORKSPACE: {"baseRef": base_ref} }).to_string())?;
         let mut last_err = None;
         // The port is picked before the facade binds it; another process can win the race.
         for _ in 0..5 {
             let port = free_port();
-            let cfg = json!({
-                "registry": {"port": port, "store": "store", "fixedSpecFN": "specs.json"},
-                "facade": {"listenHost": "127.0.0.1"},
-            });
+            let mut registry = json!({"port": port, "store": "store", "fixedSpecFN": "specs.json"});
+            if let Some(r) = registry.as_object_mut() {
+                r.extend(registry_extra.clone());
+            }
+            let cfg = json!({"registry": registry, "facade": {"listenHost": "127.0.0.1"}});
             let cfg_path = dir.path().join("config.json");
             std::fs::write(&cfg_path, cfg.to_string())?;
             let mut cmd = Command::new(bin);
