@@ -131,7 +131,7 @@ pub fn small(addr: SocketAddr, method: &str, path: &str) -> anyhow::Result<Small
             body.extend_from_slice(&buf[..n]);
         }
         if head.chunked {
-            body = dechunk(&body);
+            body = test_support::wire::dechunk(&body);
         }
     } else {
         body.clear();
@@ -185,19 +185,4 @@ fn read_head(conn: &mut TcpStream, buf: &mut [u8]) -> anyhow::Result<(Head, usiz
     let content_length = headers.iter().find(|(k, _)| k == "content-length").and_then(|(_, v)| v.parse().ok());
     let chunked = headers.iter().any(|(k, v)| k == "transfer-encoding" && v.to_ascii_lowercase().contains("chunked"));
     Ok((Head { status, content_length, chunked, headers, len: end }, filled))
-}
-
-fn dechunk(mut b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(eol) = b.windows(2).position(|w| w == b"\r\n") {
-        let size_text = String::from_utf8_lossy(&b[..eol]);
-        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16).unwrap_or(0);
-        b = &b[eol + 2..];
-        if size == 0 || b.len() < size {
-            break;
-        }
-        out.extend_from_slice(&b[..size]);
-        b = b.get(size + 2..).unwrap_or(&[]);
-    }
-    out
 }

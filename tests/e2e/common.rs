@@ -116,22 +116,9 @@ pub mod http {
             .collect::<BTreeMap<_, _>>();
         let mut body = raw[split + 4..].to_vec();
         if headers.get("transfer-encoding").is_some_and(|t| t.contains("chunked")) {
-            body = dechunk(&body);
+            body = test_support::wire::dechunk(&body);
         }
         Response { status, headers, body }
-    }
-
-    fn dechunk(mut b: &[u8]) -> Vec<u8> {
-        let mut out = Vec::new();
-        loop {
-            let Some(eol) = b.windows(2).position(|w| w == b"\r\n") else { return out };
-            let n = usize::from_str_radix(String::from_utf8_lossy(&b[..eol]).trim(), 16).unwrap_or(0);
-            if n == 0 {
-                return out;
-            }
-            out.extend_from_slice(&b[eol + 2..eol + 2 + n]);
-            b = &b[eol + 2 + n + 2..];
-        }
     }
 }
 
@@ -218,16 +205,4 @@ pub mod stream {
     }
 }
 
-/// Deterministic incompressible bytes (xorshift), fast enough for hundreds of MiB.
-pub fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
+pub use test_support::wire::noise;

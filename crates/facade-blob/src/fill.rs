@@ -347,14 +347,7 @@ impl Fills {
                                 reason: format!("more than {} bytes", fill.size),
                             });
                         }
-                        temp.write_all(&bytes)?;
-                        notify.progress(tx, temp.written());
-                        if self.store.is_none() && Arc::strong_count(fill) <= 1 {
-                            return Err(Error::io(
-                                "fill cancelled: no readers left",
-                                std::io::ErrorKind::Interrupted.into(),
-                            ));
-                        }
+                        self.append(fill, temp, &bytes, &mut notify, tx)?;
                     }
                     Err(e) => {
                         broke = Some(e);
@@ -435,16 +428,7 @@ impl Fills {
                                         size: temp.written() + bytes.len() as u64,
                                     });
                                 }
-                                temp.write_all(&bytes)?;
-                                notify.progress(tx, temp.written());
-                                // Readers hold the fill (as the guard of their stream); the task holds one reference.
-                                if self.store.is_none() && Arc::strong_count(fill) <= 1 {
-                                    // Nobody reads and nothing caches: stop downloading.
-                                    return Err(Error::io(
-                                        "fill cancelled: no readers left",
-                                        std::io::ErrorKind::Interrupted.into(),
-                                    ));
-                                }
+                                self.append(fill, &mut temp, &bytes, &mut notify, tx)?;
                             }
                             Err(e) => {
                                 let retry = e.is_retryable();
@@ -506,6 +490,25 @@ impl Fills {
         })
         .await
         .map_err(|e| Error::io("commit task", std::io::Error::other(e)))?
+    }
+
+    /// Spools bytes, tells the readers, and stops when nobody needs the rest: no reader holds the
+    /// fill (readers hold it as the guard of their stream; this task holds one reference) and
+    /// there is no store to fill for later.
+    fn append(
+        &self,
+        fill: &Arc<Fill>,
+        temp: &mut TempBlob,
+        bytes: &[u8],
+        notify: &mut Notifier,
+        tx: &watch::Sender<Progress>,
+    ) -> Result<()> {
+        temp.write_all(bytes)?;
+        notify.progress(tx, temp.written());
+        if self.store.is_none() && Arc::strong_count(fill) <= 1 {
+            return Err(Error::io("fill cancelled: no readers left", std::io::ErrorKind::Interrupted.into()));
+        }
+        Ok(())
     }
 
     fn backoff(&self) -> backon::ExponentialBackoff {

@@ -94,7 +94,10 @@ fn merge(a: &mut Value, b: Value) {
 #[test]
 fn a_restart_under_load_loses_no_pull() {
     let reg = Registry::start().unwrap();
-    let layer = build_layer(&[FileEntry::file("big.bin", noise(256 * MIB))], LayerCompression::None);
+    let layer = build_layer(
+        &[FileEntry::file("big.bin", test_support::wire::noise(256 * MIB, 0x9e3779b97f4a7c15))],
+        LayerCompression::None,
+    );
     let layer_digest = layer.digest.clone();
     push_image(&reg, "big:1", &ImageBuilder::new().layer(layer).build(), PushFormat::Oci).unwrap();
     // A throttled upstream keeps the pulls in flight while the facade is replaced.
@@ -253,17 +256,4 @@ fn bad_configs_are_refused_with_one_line_and_exit_code_2() {
         assert_eq!(err.trim_end().lines().count(), 1, "{err}");
         assert!(err.contains(needle), "{err}");
     }
-}
-
-fn noise(len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9e3779b97f4a7c15;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
 }

@@ -12,3 +12,4 @@ pub mod redis;
 pub mod registry;
 pub mod skopeo;
 pub mod token_server;
+pub mod wire;

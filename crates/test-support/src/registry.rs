@@ -287,24 +287,9 @@ fn http(
     let chunked =
         headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked"));
     if chunked {
-        body = dechunk(&body);
+        body = crate::wire::dechunk(&body);
     }
     Ok(HttpResponse { status, headers, body })
-}
-
-fn dechunk(mut b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(eol) = b.windows(2).position(|w| w == b"\r\n") {
-        let size_text = String::from_utf8_lossy(&b[..eol]);
-        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16).unwrap_or(0);
-        b = &b[eol + 2..];
-        if size == 0 || b.len() < size {
-            break;
-        }
-        out.extend_from_slice(&b[..size]);
-        b = b.get(size + 2..).unwrap_or(&[]);
-    }
-    out
 }
 
 fn log_of(dir: &Path) -> String {
