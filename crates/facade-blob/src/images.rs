@@ -241,6 +241,11 @@ impl Images {
         self.current.invalidate_all();
     }
 
+    /// The providers in use now.
+    pub fn providers(&self) -> Providers {
+        self.providers.read().map(|p| p.clone()).unwrap_or_default()
+    }
+
     /// Swaps the providers (config reload).
     pub fn set_providers(&self, providers: Providers) {
         if let Ok(mut p) = self.providers.write() {

@@ -212,8 +212,15 @@ impl App {
         }
         let tls = self.app.is_tls();
         let server = tokio::spawn(facade_server::serve(self.registry_listener, self.app, serving.clone()));
-        self.readiness.set_ready(true);
         tracing::info!(%addr, tls, "registry-facade serving");
+        tasks.spawn({
+            let (engine, ready, stop) = (self.parts.engine.clone(), self.readiness.clone(), serving.clone());
+            let timeout = self.parts.config.spec.timeout;
+            async move {
+                readiness_loop(engine, ready, timeout, stop).await;
+                Ok(())
+            }
+        });
         shutdown.cancelled().await;
         tracing::info!(grace_seconds = self.grace.as_secs(), "shutting down: draining in-flight pulls");
         self.readiness.set_ready(false);
@@ -226,6 +233,42 @@ impl App {
         }
         tasks.abort_all();
         Ok(())
+    }
+}
+
+/// Readiness: serving, and every spec provider usable. A provider is usable when it answers a
+/// probe for a workspace that does not exist (the same probe the node-labeler sends through
+/// the registry): "not found" is an answer, a timeout or `UNAVAILABLE` is not. Liveness never
+/// looks at this.
+async fn readiness_loop(engine: Arc<Engine>, ready: Readiness, timeout: std::time::Duration, stop: CancellationToken) {
+    const PROBE_ID: &str = "registry-facade-readiness-probe";
+    let mut was: Option<bool> = None;
+    loop {
+        let providers = engine.images.providers();
+        let mut usable = true;
+        for name in providers.names() {
+            let Ok(p) = providers.get(name) else { continue };
+            let answer = tokio::time::timeout(timeout + std::time::Duration::from_secs(1), p.get_spec(PROBE_ID)).await;
+            let ok = matches!(answer, Ok(Ok(_)) | Ok(Err(facade_spec::Error::NotFound { .. })));
+            if !ok {
+                usable = false;
+                if was != Some(false) {
+                    tracing::warn!(provider = name, "spec provider not usable; reporting not ready");
+                }
+            }
+        }
+        if was != Some(usable) && was.is_some() && usable {
+            tracing::info!("spec providers usable again; reporting ready");
+        }
+        if stop.is_cancelled() {
+            return;
+        }
+        ready.set_ready(usable);
+        was = Some(usable);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(if usable { 10 } else { 2 })) => {}
+        }
     }
 }
 

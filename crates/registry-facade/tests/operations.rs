@@ -234,6 +234,53 @@ fn liveness_does_not_depend_on_the_upstream() {
 }
 
 #[test]
+fn readiness_follows_the_spec_provider_and_liveness_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("specs.json"), "{}").unwrap();
+    std::fs::write(dir.path().join("remote.json"), json!({"ws": {"baseRef": "127.0.0.1:1/base:1"}}).to_string())
+        .unwrap();
+    let (port, probes, spec_port) = (free_port(), free_port(), free_port());
+    let config = write_config(
+        dir.path(),
+        port,
+        json!({"readinessProbeAddr": format!("127.0.0.1:{probes}"),
+               "registry": {"remoteSpecProvider": [{"addr": format!("127.0.0.1:{spec_port}")}]},
+               "facade": {"specTimeout": "500ms"}}),
+    );
+    let _facade = Proc::start(&config);
+    let probe: SocketAddr = ([127, 0, 0, 1], probes).into();
+    wait_for_tcp(probe, Duration::from_secs(20)).unwrap();
+    let wait_for = |want: u16| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let got = http_get(probe, "/ready").0;
+            if got == want {
+                return;
+            }
+            assert!(Instant::now() < deadline, "/ready stayed {got}, wanted {want}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // No spec server yet: alive, not ready.
+    wait_for(503);
+    assert_eq!(http_get(probe, "/live").0, 200);
+    // The spec server comes up: ready without a restart.
+    let mut spec = Command::new(BIN)
+        .args(["spec-server", "--file"])
+        .arg(dir.path().join("remote.json"))
+        .args(["--listen", &format!("127.0.0.1:{spec_port}")])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(200);
+    // And goes away again: not ready, still alive.
+    let _ = spec.kill();
+    let _ = spec.wait();
+    wait_for(503);
+    assert_eq!(http_get(probe, "/live").0, 200);
+}
+
+#[test]
 fn bad_configs_are_refused_with_one_line_and_exit_code_2() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("specs.json"), "{}").unwrap();
