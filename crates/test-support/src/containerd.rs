@@ -19,8 +19,8 @@ use facade_oci::media_types as mt;
 use facade_oci::{Digest, ImageConfigView, ParsedManifest, Platform};
 
 use crate::image::sha256_digest;
+use crate::proc::run_bytes;
 use crate::proc::{KillOnDrop, have};
-use crate::skopeo::run_bytes;
 
 /// The namespace every `ctr` call uses.
 pub const NAMESPACE: &str = "test";

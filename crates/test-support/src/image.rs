@@ -539,7 +539,7 @@ pub fn push_with(
     }
     cmd.arg(format!("oci:{}:{tag}", layout_dir.display()));
     cmd.arg(format!("docker://{registry_host}/{repo_and_tag}"));
-    crate::skopeo::run_bytes(cmd, SKOPEO_TIMEOUT).map(|_| ())
+    crate::proc::run_bytes(cmd, SKOPEO_TIMEOUT).map(|_| ())
 }
 
 /// `push_with` without `--preserve-digests` (see there for what skopeo changes).

@@ -1,5 +1,6 @@
 //! Child processes and ports.
 
+use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -72,26 +73,48 @@ impl Drop for KillOnDrop {
 }
 
 /// Runs a command to completion with a time limit, returning stdout; fails with stderr.
-pub fn run(mut cmd: Command, timeout: Duration) -> anyhow::Result<String> {
+pub fn run(cmd: Command, timeout: Duration) -> anyhow::Result<String> {
+    run_bytes(cmd, timeout).map(|out| String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Runs `cmd` with a time limit and returns its stdout as bytes; fails with its stderr.
+/// Both pipes are drained by threads while waiting, so a large output cannot block the child.
+pub fn run_bytes(mut cmd: Command, timeout: Duration) -> anyhow::Result<Vec<u8>> {
     let desc = format!("{cmd:?}");
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd.spawn().map_err(|e| anyhow::anyhow!("cannot run {desc}: {e}"))?;
+    let drain = |r: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out = drain(child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>));
+    let err = drain(child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>));
     let deadline = Instant::now() + timeout;
-    loop {
-        if child.try_wait()?.is_some() {
-            break;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
         }
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            anyhow::bail!("{desc} did not finish within {timeout:?}");
+            let stderr = err.join().unwrap_or_default();
+            anyhow::bail!("{desc} did not finish within {timeout:?}: {}", String::from_utf8_lossy(&stderr));
         }
         std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        anyhow::bail!("{desc} failed with {}: {}{}", out.status, String::from_utf8_lossy(&out.stderr), stdout);
+    };
+    let stdout = out.join().unwrap_or_default();
+    let stderr = err.join().unwrap_or_default();
+    if !status.success() {
+        anyhow::bail!(
+            "{desc} failed with {status}: {}{}",
+            String::from_utf8_lossy(&stderr),
+            String::from_utf8_lossy(&stdout)
+        );
     }
     Ok(stdout)
 }

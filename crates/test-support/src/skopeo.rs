@@ -4,56 +4,14 @@
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use facade_oci::media_types::{self as mt, Compression};
 use facade_oci::{IndexView, Platform};
 use serde_json::Value;
 
 use crate::image::{REF_NAME_ANNOTATION, SKOPEO_TIMEOUT, sha256_digest};
-
-/// Runs `cmd` with a time limit and returns its stdout as bytes; fails with its stderr.
-/// Both pipes are drained by threads while waiting, so a large output cannot block the child.
-pub(crate) fn run_bytes(mut cmd: Command, timeout: Duration) -> anyhow::Result<Vec<u8>> {
-    let desc = format!("{cmd:?}");
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().map_err(|e| anyhow::anyhow!("cannot run {desc}: {e}"))?;
-    let drain = |r: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            if let Some(mut r) = r {
-                let _ = r.read_to_end(&mut buf);
-            }
-            buf
-        })
-    };
-    let out = drain(child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>));
-    let err = drain(child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>));
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            let stderr = err.join().unwrap_or_default();
-            anyhow::bail!("{desc} did not finish within {timeout:?}: {}", String::from_utf8_lossy(&stderr));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let stdout = out.join().unwrap_or_default();
-    let stderr = err.join().unwrap_or_default();
-    if !status.success() {
-        anyhow::bail!(
-            "{desc} failed with {status}: {}{}",
-            String::from_utf8_lossy(&stderr),
-            String::from_utf8_lossy(&stdout)
-        );
-    }
-    Ok(stdout)
-}
+use crate::proc::run_bytes;
 
 fn skopeo() -> Command {
     let mut cmd = Command::new("skopeo");
