@@ -22,6 +22,8 @@ pub enum ErrorKind {
     Unavailable,
     /// A bug or an unexpected local failure.
     Internal,
+    /// The work stopped because nobody waits for it any more.
+    Cancelled,
 }
 
 /// Why an image or blob could not be served.
@@ -77,6 +79,55 @@ pub enum Error {
         actual: Digest,
         /// Bytes received.
         size: u64,
+    },
+    /// Content had another size than its descriptor says; nothing was cached.
+    #[error("{digest}: expected {expected} bytes, got {actual}; discarded")]
+    SizeMismatch {
+        /// The blob.
+        digest: Digest,
+        /// The size promised.
+        expected: u64,
+        /// The size seen (bytes received, or announced by the origin).
+        actual: u64,
+    },
+    /// A manifest claims a size for a blob the store holds verified with another size. The
+    /// verified blob wins: only the claiming workspace's request fails, nothing is removed.
+    #[error("blob {digest} is {stored} bytes, but this workspace's manifest says {claimed}")]
+    ClaimMismatch {
+        /// The blob.
+        digest: Digest,
+        /// What the workspace's manifest claims.
+        claimed: u64,
+        /// What the store holds, verified.
+        stored: u64,
+    },
+    /// Writing a fill's spool failed.
+    #[error("spool: {reason}")]
+    Spool {
+        /// Why.
+        reason: String,
+    },
+    /// A fill stopped because nobody reads it any more and nothing keeps it: not a failure.
+    #[error("fill of {digest} cancelled: no readers left")]
+    Cancelled {
+        /// The blob.
+        digest: Digest,
+    },
+    /// A source's body ended before the blob's last byte, without saying why.
+    #[error("body of {digest} ended at byte {offset}")]
+    Interrupted {
+        /// The blob.
+        digest: Digest,
+        /// Bytes received in all.
+        offset: u64,
+    },
+    /// A fill ran past its deadline or waited too long for a byte.
+    #[error("fill of {digest}: {reason}")]
+    FillTimeout {
+        /// The blob.
+        digest: Digest,
+        /// Which limit.
+        reason: String,
     },
     /// A local file operation failed.
     #[error("{context}: {source}")]
@@ -142,9 +193,16 @@ impl Error {
             Error::Compose { .. } | Error::BadImage { .. } => ErrorKind::Invalid,
             Error::ManifestNotInImage { .. } => ErrorKind::ManifestUnknown,
             Error::BlobNotInImage { .. } => ErrorKind::BlobUnknown,
-            Error::DigestMismatch { .. } => ErrorKind::Unavailable,
+            Error::DigestMismatch { .. }
+            | Error::SizeMismatch { .. }
+            | Error::FillTimeout { .. }
+            | Error::Interrupted { .. } => ErrorKind::Unavailable,
+            Error::ClaimMismatch { .. } => ErrorKind::Invalid,
+            Error::Cancelled { .. } => ErrorKind::Cancelled,
             Error::Cluster { .. } => ErrorKind::Unavailable,
-            Error::Io { .. } | Error::StaticLayer { .. } | Error::Metrics { .. } => ErrorKind::Internal,
+            Error::Io { .. } | Error::Spool { .. } | Error::StaticLayer { .. } | Error::Metrics { .. } => {
+                ErrorKind::Internal
+            }
             Error::Shared(e) => e.kind(),
         }
     }
@@ -154,7 +212,10 @@ impl Error {
         match self {
             Error::Upstream { source, .. } => source.is_retryable(),
             Error::Spec(e) => e.is_retryable(),
-            Error::DigestMismatch { .. } => true,
+            Error::DigestMismatch { .. }
+            | Error::SizeMismatch { .. }
+            | Error::FillTimeout { .. }
+            | Error::Interrupted { .. } => true,
             Error::Shared(e) => e.is_retryable(),
             _ => false,
         }
@@ -186,6 +247,9 @@ impl Error {
             }
             Error::BlobNotInImage { digest } | Error::ManifestNotInImage { digest } => {
                 serde_json::json!({ "digest": digest.as_str() })
+            }
+            Error::ClaimMismatch { digest, claimed, stored } => {
+                serde_json::json!({ "digest": digest.as_str(), "claimedSize": claimed, "size": stored })
             }
             Error::Shared(e) => e.detail(),
             _ => serde_json::Value::Null,

@@ -1,28 +1,32 @@
 //! Composed workspace images and their blobs.
 //!
-//! Owns image resolution and caching ([`images`], [`fetch`]), static layers, the blob source
-//! chain ([`chain`]), single-flight upstream fills with resume ([`fill`]), the bounded local
-//! content-addressed store ([`store`]), and the cluster cache shared by every node's facade
-//! ([`cluster`]: Redis index over IPFS content). It knows no HTTP: the server maps
-//! [`Error::kind`] to responses.
+//! Four parts, each a folder:
+//! - `images/`: resolving a workspace's spec and its images, composing and caching the result
+//!   and the digest → source index blob requests look up ([`Images`]), static layers;
+//! - `blobs/`: the chain of sources a blob request reads from ([`BlobChain`]), single-flight
+//!   fills with resume and verification ([`Fills`]), spools and readers of growing files;
+//! - `store/`: the bounded node-local content-addressed store ([`LocalStore`]);
+//! - [`cluster`]: the cache shared by every node's facade (Redis index over IPFS content).
+//!
+//! It knows no HTTP: the server maps [`Error::kind`] to responses.
 
-pub mod chain;
+mod blobs;
 pub mod cluster;
-pub mod error;
-pub mod fetch;
-pub mod fill;
-pub mod images;
-pub mod metrics;
-pub mod read;
-pub mod static_layers;
-pub mod store;
+mod error;
+mod images;
+mod metrics;
+mod store;
+mod sync;
 
-pub use chain::{BlobChain, BlobStream};
+pub use blobs::chain::{BlobChain, BlobStream, Prepared, PreparedBlob};
+pub use blobs::fill::{ClusterBlobs, FillConfig, Fills, Origin, UpstreamBlob};
+pub use blobs::read::Progress;
 pub use cluster::{ClusterCache, ClusterConfig, ClusterMetrics};
 pub use error::{Error, ErrorKind, Result};
-pub use fetch::{FetchConfig, ImageFetcher};
-pub use fill::{FillConfig, Fills, UpstreamBlob};
+pub use images::fetch::{FetchConfig, FetchedImage, ImageFetcher};
+/// Static layers: `prepare` hashes and stores the configured files.
+pub use images::static_layers;
+pub use images::static_layers::{StaticLayer, StaticLayerSpec};
 pub use images::{BlobEntry, BlobOrigin, ComposedImage, Images, ImagesConfig};
 pub use metrics::{ChainMetrics, Source};
-pub use static_layers::{StaticLayer, StaticLayerSpec};
-pub use store::{LocalStore, StoreConfig, StoreMetrics};
+pub use store::{Evicted, InUse, LocalStore, StoreConfig, StoreMetrics, StoredBlob};

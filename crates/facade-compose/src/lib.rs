@@ -22,10 +22,12 @@ mod config;
 mod env;
 mod error;
 mod manifest;
+mod order;
 
 pub use compose::compose;
 pub use env::apply_env_rules;
 pub use error::{Error, Result};
+pub use order::{LayerSource, layer_sources};
 
 /// The label by which an added image drops its own first N layers (typically its base image),
 /// so that only what the image adds on top ends up in the workspace image.

@@ -53,21 +53,6 @@ impl ErrorCode {
             ErrorCode::Unavailable => "UNAVAILABLE",
         }
     }
-
-    /// The HTTP status this code is sent with by default.
-    pub fn status(self) -> u16 {
-        match self {
-            ErrorCode::BlobUnknown | ErrorCode::ManifestUnknown | ErrorCode::NameUnknown => 404,
-            ErrorCode::DigestInvalid | ErrorCode::ManifestInvalid | ErrorCode::NameInvalid => 400,
-            ErrorCode::Unauthorized => 401,
-            ErrorCode::Denied => 403,
-            ErrorCode::Unsupported => 405,
-            ErrorCode::TooManyRequests => 429,
-            ErrorCode::RangeInvalid => 416,
-            ErrorCode::Unknown => 500,
-            ErrorCode::Unavailable => 503,
-        }
-    }
 }
 
 /// `{"errors":[{"code","message","detail"}]}`.

@@ -4,8 +4,7 @@
 
 use std::sync::Arc;
 
-use facade_blob::{BlobChain, BlobEntry, ErrorKind as K, Images};
-use facade_oci::Digest;
+use facade_blob::{BlobChain, ErrorKind as K, Images, Prepared, PreparedBlob};
 use facade_server::{
     BackendError, BlobBody, BlobContent, BlobOpener, BlobRequest, ByteRange, ErrorKind, ManifestBody, ManifestRequest,
     OpenFuture,
@@ -36,6 +35,8 @@ fn map_error(e: facade_blob::Error, route: Route) -> BackendError {
         (K::RateLimited, _) => ErrorKind::RateLimited,
         (K::Unavailable, _) => ErrorKind::Unavailable,
         (K::Internal, _) => ErrorKind::Internal,
+        // A request never waits on a cancelled fill (only a fill nobody reads is cancelled).
+        (K::Cancelled, _) => ErrorKind::Unavailable,
     };
     let mut out = BackendError::new(kind, e.to_string()).with_detail(e.detail());
     if let Some(ra) = e.retry_after() {
@@ -61,13 +62,9 @@ impl facade_server::Backend for Engine {
     async fn blob(&self, req: BlobRequest) -> Result<BlobBody, BackendError> {
         let entry =
             self.images.blob(&req.provider, &req.id, &req.digest).await.map_err(|e| map_error(e, Route::Blob))?;
-        let content = match self.chain.redirect_for(&req.digest, &entry) {
-            Some(url) => BlobContent::Redirect(url),
-            None => BlobContent::Stream(Box::new(Opener {
-                chain: self.chain.clone(),
-                digest: req.digest,
-                entry: entry.clone(),
-            })),
+        let content = match self.chain.prepare(&req.digest, &entry).map_err(|e| map_error(e, Route::Blob))? {
+            Prepared::Redirect(url) => BlobContent::Redirect(url),
+            Prepared::Content(blob) => BlobContent::Stream(Box::new(Opener { chain: self.chain.clone(), blob })),
         };
         Ok(BlobBody { size: entry.size, media_type: entry.media_type, content })
     }
@@ -75,15 +72,14 @@ impl facade_server::Backend for Engine {
 
 struct Opener {
     chain: Arc<BlobChain>,
-    digest: Digest,
-    entry: BlobEntry,
+    blob: PreparedBlob,
 }
 
 impl BlobOpener for Opener {
     fn open(self: Box<Self>, range: ByteRange) -> OpenFuture {
         Box::pin(async move {
             self.chain
-                .open(&self.digest, &self.entry, range.start, range.end_inclusive + 1)
+                .read(self.blob, range.start, range.end_inclusive + 1)
                 .await
                 .map_err(|e| map_error(e, Route::Blob))
         })

@@ -7,6 +7,8 @@
 //! One warn line per outage and one info line on recovery, so a dead Redis does not flood logs.
 
 use std::sync::Mutex;
+
+use crate::sync::lock;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -68,18 +70,18 @@ impl Breaker {
 
     /// Whether a call may go out now: false while the breaker is open.
     pub fn allow(&self) -> bool {
-        let Ok(s) = self.state.lock() else { return true };
+        let s = lock(&self.state);
         s.open_until.is_none_or(|until| Instant::now() >= until)
     }
 
     /// Whether the dependency is considered up (no failure since the last success).
     pub fn is_up(&self) -> bool {
-        self.state.lock().map(|s| s.down_since.is_none()).unwrap_or(true)
+        lock(&self.state).down_since.is_none()
     }
 
     /// Records a successful call: closes the breaker and logs the recovery once.
     pub fn success(&self) {
-        let Ok(mut s) = self.state.lock() else { return };
+        let mut s = lock(&self.state);
         if let Some(since) = s.down_since.take() {
             tracing::info!(
                 dependency = self.name,
@@ -98,7 +100,7 @@ impl Breaker {
     /// logs the first failure of an outage.
     pub fn failure(&self, error: &dyn std::fmt::Display) {
         self.metrics.failed();
-        let Ok(mut s) = self.state.lock() else { return };
+        let mut s = lock(&self.state);
         let now = Instant::now();
         if s.down_since.is_none() {
             tracing::warn!(

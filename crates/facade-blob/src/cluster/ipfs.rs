@@ -10,11 +10,10 @@
 //!   forever without one), so every `cat` carries `&timeout=`, and the client has its own
 //!   first-byte and between-chunks deadlines on top.
 
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use http_body_util::combinators::UnsyncBoxBody;
@@ -288,34 +287,7 @@ impl IpfsStore {
 
 /// The first `size` bytes of `file`, in 1 MiB chunks read off the async threads.
 fn file_chunks(file: Arc<std::fs::File>, size: u64) -> BoxStream<'static, std::io::Result<Bytes>> {
-    futures::stream::try_unfold(0u64, move |pos| {
-        let file = file.clone();
-        async move {
-            if pos >= size {
-                return Ok(None);
-            }
-            let want = (size - pos).min(crate::read::CHUNK as u64) as usize;
-            let buf = tokio::task::spawn_blocking(move || -> std::io::Result<Bytes> {
-                let mut buf = BytesMut::zeroed(want);
-                let mut filled = 0;
-                while filled < want {
-                    let n = file.read_at(&mut buf[filled..], pos + filled as u64)?;
-                    if n == 0 {
-                        return Err(std::io::Error::new(
-                            std::io::ErrorKind::UnexpectedEof,
-                            "blob file shorter than its size",
-                        ));
-                    }
-                    filled += n;
-                }
-                Ok(buf.freeze())
-            })
-            .await
-            .map_err(std::io::Error::other)??;
-            Ok(Some((buf, pos + want as u64)))
-        }
-    })
-    .boxed()
+    crate::blobs::read::file_range_stream(file, 0, size, size, None, None)
 }
 
 #[cfg(test)]

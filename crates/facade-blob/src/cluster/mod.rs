@@ -345,7 +345,9 @@ impl ClusterCache {
     // ---- blobs ----
 
     /// Where the cluster has blob `digest` of `size` bytes. Counts the lookup. An entry of
-    /// another size, or one that does not parse, is garbage: ignored and removed.
+    /// another size is ignored but kept: `size` is one workspace's manifest's claim, and a
+    /// claim must never remove what the whole cluster relies on (only content that fails
+    /// verification does, in the fill). An entry that does not parse is garbage: removed.
     pub async fn lookup_blob(&self, digest: &Digest, size: u64) -> Option<IndexEntry> {
         if !self.shares_blobs() {
             return None;
@@ -373,8 +375,7 @@ impl ClusterCache {
                 Some(e)
             }
             Ok(e) => {
-                tracing::warn!(%digest, size, indexed_size = e.size, "index entry has the wrong size; removing it");
-                self.forget_blob(digest).await;
+                tracing::warn!(%digest, size, indexed_size = e.size, "a manifest claims another size than the cluster index holds; not using the index for it");
                 self.metrics.lookup(CacheName::Cluster, LookupResult::Error);
                 None
             }

@@ -13,23 +13,27 @@
 //! workspace (a workspace never reads another's content), only if the manifest hashes to the
 //! digest asked for, and with every in-record byte blob checked against its digest.
 
+pub mod fetch;
+mod inputs;
+pub mod static_layers;
+
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::Bytes;
-use facade_compose::{Addition, BaseInput, LayerInput, LayerOrigin};
-use facade_oci::media_types::{self as mt, Compression};
+use facade_compose::BaseInput;
 use facade_oci::{Digest, ImageRef, Reference, RepoName};
-use facade_spec::{ContentLayer, Providers};
+use facade_spec::Providers;
 use serde::{Deserialize, Serialize};
 
+use crate::blobs::fill::UpstreamBlob;
 use crate::cluster::ClusterCache;
 use crate::error::{Error, Result};
-use crate::fetch::{FetchedImage, ImageFetcher};
-use crate::fill::UpstreamBlob;
-use crate::static_layers::StaticLayer;
+use crate::images::fetch::ImageFetcher;
+use crate::images::static_layers::StaticLayer;
+use crate::sync::{lock, read, write};
 
 /// Where one blob of a composed image comes from.
 #[derive(Clone, Debug)]
@@ -235,22 +239,18 @@ impl Images {
 
     /// Swaps the static layers (config reload). Images composed before stay servable by digest.
     pub fn set_static_layers(&self, layers: Vec<StaticLayer>) {
-        if let Ok(mut s) = self.static_layers.write() {
-            *s = Arc::new(layers);
-        }
+        *write(&self.static_layers) = Arc::new(layers);
         self.current.invalidate_all();
     }
 
     /// The providers in use now.
     pub fn providers(&self) -> Providers {
-        self.providers.read().map(|p| p.clone()).unwrap_or_default()
+        read(&self.providers).clone()
     }
 
     /// Swaps the providers (config reload).
     pub fn set_providers(&self, providers: Providers) {
-        if let Ok(mut p) = self.providers.write() {
-            *p = providers;
-        }
+        *write(&self.providers) = providers;
         self.current.invalidate_all();
     }
 
@@ -276,13 +276,12 @@ impl Images {
 
     fn remember(&self, key: &WsKey, img: &Arc<ComposedImage>) {
         let list = self.versions.get_with(key.clone(), || Arc::new(Mutex::new(VecDeque::new())));
-        if let Ok(mut l) = list.lock() {
-            if l.iter().any(|v| v.manifest_digest == img.manifest_digest) {
-                return;
-            }
-            l.push_front(img.clone());
-            l.truncate(self.config.versions_per_workspace.max(1));
+        let mut l = lock(&list);
+        if l.iter().any(|v| v.manifest_digest == img.manifest_digest) {
+            return;
         }
+        l.push_front(img.clone());
+        l.truncate(self.config.versions_per_workspace.max(1));
     }
 
     fn share(&self, provider: &str, id: &str, img: &ComposedImage) {
@@ -349,7 +348,7 @@ impl Images {
         pred: impl Fn(&ComposedImage) -> bool,
     ) -> Option<Arc<ComposedImage>> {
         let list = self.versions.get(&(provider.to_string(), id.to_string()))?;
-        let l = list.lock().ok()?;
+        let l = lock(&list);
         l.iter().find(|v| pred(v)).cloned()
     }
 
@@ -419,164 +418,31 @@ impl Images {
     }
 
     async fn compose(&self, provider_name: &str, id: &str) -> Result<ComposedImage> {
-        let provider = {
-            let providers =
-                self.providers.read().map_err(|_| Error::io("providers lock", std::io::ErrorKind::Other.into()))?;
-            providers.get(provider_name)?.clone()
-        };
+        let provider = read(&self.providers).get(provider_name)?.clone();
         let spec = provider.get_spec(id).await?;
-        let statics = self.static_layers.read().map(|s| s.clone()).unwrap_or_default();
-
-        // Everything that is an image, in layer-source order.
-        enum Part {
-            Image(ImageRef, String),
-            File(crate::static_layers::PreparedFile),
-            Direct(Bytes),
-            Remote(facade_spec::RemoteContentLayer),
-        }
-        let mut parts = Vec::new();
-        for s in statics.iter() {
-            match s {
-                StaticLayer::Image(r) => parts.push(Part::Image(r.clone(), format!("static layer {r}"))),
-                StaticLayer::File(f) => parts.push(Part::File(f.clone())),
-            }
-        }
-        if let Some(r) = &spec.ide_ref {
-            parts.push(Part::Image(r.clone(), "ide".into()));
-        }
-        if let Some(r) = &spec.supervisor_ref {
-            parts.push(Part::Image(r.clone(), "supervisor".into()));
-        }
-        for r in &spec.ide_layer_refs {
-            parts.push(Part::Image(r.clone(), "ide layer".into()));
-        }
-        for l in &spec.content_layers {
-            match l {
-                ContentLayer::Direct { content } => parts.push(Part::Direct(content.clone())),
-                ContentLayer::Remote(r) => parts.push(Part::Remote(r.clone())),
-            }
-        }
-
-        let image_refs: Vec<&ImageRef> =
-            parts.iter().filter_map(|p| if let Part::Image(r, _) = p { Some(r) } else { None }).collect();
+        let statics = read(&self.static_layers).clone();
+        let parts = inputs::parts(&statics, &spec);
+        let refs: Vec<&ImageRef> = parts.iter().filter_map(inputs::image_ref).collect();
         let (base, fetched) = futures::future::join(
             self.fetcher.fetch(&spec.base_ref),
-            futures::future::join_all(image_refs.iter().map(|r| self.fetcher.fetch(r))),
+            futures::future::join_all(refs.iter().map(|r| self.fetcher.fetch(r))),
         )
         .await;
         let base = base?;
-        let mut fetched = fetched.into_iter().collect::<Result<Vec<Arc<FetchedImage>>>>()?.into_iter();
-
-        // Labels and inputs, kept alive for the borrowing `Addition`s.
-        enum Held {
-            Image { label: String, image: Arc<FetchedImage> },
-            Layer { label: String, input: LayerInput, origin: BlobOrigin },
-        }
-        let mut held = Vec::with_capacity(parts.len());
-        for p in parts {
-            held.push(match p {
-                Part::Image(r, label) => {
-                    let image = fetched
-                        .next()
-                        .ok_or_else(|| Error::BadImage { image: r.to_string(), reason: "not fetched".into() })?;
-                    Held::Image { label, image }
-                }
-                Part::File(f) => Held::Layer {
-                    label: format!("static layer {}", f.path.display()),
-                    origin: match &f.memory {
-                        Some(b) => BlobOrigin::Bytes(b.clone()),
-                        None => BlobOrigin::Stored,
-                    },
-                    input: LayerInput {
-                        digest: f.digest,
-                        diff_id: f.diff_id,
-                        size: f.size,
-                        compression: f.compression,
-                    },
-                },
-                Part::Direct(content) => {
-                    let digest = Digest::sha256_of(&content);
-                    Held::Layer {
-                        label: "content layer".into(),
-                        input: LayerInput {
-                            digest: digest.clone(),
-                            diff_id: digest,
-                            size: content.len() as u64,
-                            compression: Compression::None,
-                        },
-                        origin: BlobOrigin::Bytes(content),
-                    }
-                }
-                Part::Remote(r) => Held::Layer {
-                    label: "content layer".into(),
-                    input: LayerInput {
-                        digest: r.digest,
-                        diff_id: r.diff_id,
-                        size: r.size,
-                        compression: r.compression,
-                    },
-                    origin: BlobOrigin::Remote { url: r.url },
-                },
-            });
-        }
-        let additions: Vec<Addition<'_>> = held
-            .iter()
-            .map(|h| match h {
-                Held::Image { label, image } => Addition::Image {
-                    label,
-                    manifest: &image.manifest,
-                    manifest_media_type: &image.manifest_media_type,
-                    config: &image.config,
-                },
-                Held::Layer { label, input, .. } => Addition::Layer { label, layer: input.clone() },
-            })
-            .collect();
+        let held = inputs::hold(&parts, fetched.into_iter().collect::<Result<Vec<_>>>()?)?;
         let base_ref = spec.base_ref.to_string();
-        let composed = facade_compose::compose(
-            &BaseInput {
-                base_ref: &base_ref,
-                manifest: &base.manifest,
-                manifest_media_type: &base.manifest_media_type,
-                config: &base.config,
-            },
-            &additions,
-        )
-        .map_err(|source| Error::Compose { context: format!("{provider_name}/{id}"), source })?;
-
-        let mut blobs = HashMap::with_capacity(composed.layers.len() + 1);
-        let config_type = mt::family_of(composed.manifest_media_type).map(mt::config_type).unwrap_or(mt::OCI_CONFIG);
-        blobs.insert(
-            composed.config_digest.clone(),
-            BlobEntry {
-                size: composed.config.len() as u64,
-                media_type: config_type.to_string(),
-                origin: BlobOrigin::Bytes(Bytes::from(composed.config)),
-            },
-        );
-        for layer in composed.layers {
-            let origin = match layer.origin {
-                LayerOrigin::Base => {
-                    BlobOrigin::Upstream(UpstreamBlob { registry: base.registry.clone(), repo: base.repo.clone() })
-                }
-                LayerOrigin::Addition(i) => match held.get(i) {
-                    Some(Held::Image { image, .. }) => BlobOrigin::Upstream(UpstreamBlob {
-                        registry: image.registry.clone(),
-                        repo: image.repo.clone(),
-                    }),
-                    Some(Held::Layer { origin, .. }) => origin.clone(),
-                    None => {
-                        return Err(Error::BadImage {
-                            image: base_ref.clone(),
-                            reason: format!("composition named unknown addition {i}"),
-                        });
-                    }
-                },
-            };
-            blobs.entry(layer.digest).or_insert(BlobEntry { size: layer.size, media_type: layer.media_type, origin });
-        }
+        let base_input = BaseInput {
+            base_ref: &base_ref,
+            manifest: &base.manifest,
+            manifest_media_type: &base.manifest_media_type,
+            config: &base.config,
+        };
+        let composed = facade_compose::compose(&base_input, &inputs::additions(&held))
+            .map_err(|source| Error::Compose { context: format!("{provider_name}/{id}"), source })?;
+        let blobs = inputs::blob_index(&composed, &base, &held)?;
         tracing::debug!(provider = provider_name, id, digest = %composed.manifest_digest, layers = blobs.len() - 1, "composed workspace image");
         Ok(ComposedImage {
-            manifest: Bytes::from(composed.manifest),
+            manifest: composed.manifest_bytes(),
             manifest_digest: composed.manifest_digest,
             media_type: composed.manifest_media_type.to_string(),
             blobs,

@@ -3,7 +3,7 @@
 //! 1. the local content store (verified at write time);
 //! 2. the cluster cache (Redis index over IPFS) and
 //! 3. the blob's own origin from the composition index: an upstream layer. Both go through one
-//!    single-flight fill per digest (see [`crate::fill`]): it asks the index once, streams from
+//!    single-flight fill per digest (see [`crate::blobs::fill`]): it asks the index once, streams from
 //!    IPFS when another node has the blob, goes on from upstream at the same offset when IPFS
 //!    fails, verifies the digest before a reader gets the last byte, back-fills the local store
 //!    from the same bytes, and adds blobs that came from upstream to IPFS afterwards;
@@ -18,13 +18,13 @@ use bytes::Bytes;
 use facade_oci::Digest;
 use futures::stream::BoxStream;
 
+use crate::blobs::fill::Fills;
+use crate::blobs::read::{bytes_range_stream, file_range_stream};
 use crate::cluster::{CacheName, ClusterMetrics, LookupResult};
 use crate::error::{Error, Result};
-use crate::fill::Fills;
 use crate::images::{BlobEntry, BlobOrigin};
 use crate::metrics::{ChainMetrics, Source};
-use crate::read::{bytes_range_stream, file_range_stream};
-use crate::store::LocalStore;
+use crate::store::{LocalStore, StoredBlob};
 
 /// A body stream of blob bytes.
 pub type BlobStream = BoxStream<'static, std::io::Result<Bytes>>;
@@ -60,38 +60,47 @@ impl BlobChain {
         self.store.as_ref()
     }
 
-    /// The URL to redirect a client to, for remote content layers not held locally.
-    pub fn redirect_for(&self, digest: &Digest, entry: &BlobEntry) -> Option<String> {
-        match &entry.origin {
-            BlobOrigin::Remote { url } if !self.store.as_ref().is_some_and(|s| s.contains(digest)) => Some(url.clone()),
-            _ => None,
+    /// Resolves a blob request against the store before anything is answered: a stored blob
+    /// is opened now and held open until it is read (so neither this process nor another one
+    /// sharing the store can evict it between this decision and the read), a remote content
+    /// layer that is not stored is a redirect. A stored blob whose size disagrees with this
+    /// workspace's descriptor fails this request only ([`Error::ClaimMismatch`]).
+    pub fn prepare(&self, digest: &Digest, entry: &BlobEntry) -> Result<Prepared> {
+        let stored = match &self.store {
+            Some(store) => store.open_blob(digest, entry.size)?,
+            None => None,
+        };
+        match (&entry.origin, stored) {
+            (BlobOrigin::Remote { url }, None) => Ok(Prepared::Redirect(url.clone())),
+            (_, stored) => Ok(Prepared::Content(PreparedBlob { digest: digest.clone(), entry: entry.clone(), stored })),
         }
     }
 
-    /// The bytes `[start, end_exclusive)` of blob `digest`.
+    /// The bytes `[start, end_exclusive)` of blob `digest` (prepare and read in one step).
     pub async fn open(&self, digest: &Digest, entry: &BlobEntry, start: u64, end_exclusive: u64) -> Result<BlobStream> {
-        let (source, stream) = self.open_source(digest, entry, start, end_exclusive)?;
+        match self.prepare(digest, entry)? {
+            Prepared::Content(blob) => self.read(blob, start, end_exclusive).await,
+            Prepared::Redirect(_) => Err(Error::BlobNotInImage { digest: digest.clone() }),
+        }
+    }
+
+    /// The bytes `[start, end_exclusive)` of a prepared blob.
+    pub async fn read(&self, blob: PreparedBlob, start: u64, end_exclusive: u64) -> Result<BlobStream> {
+        let (source, stream) = self.open_source(blob, start, end_exclusive)?;
         Ok(Box::pin(self.chain_metrics.meter(source, end_exclusive.saturating_sub(start), stream)))
     }
 
-    fn open_source(
-        &self,
-        digest: &Digest,
-        entry: &BlobEntry,
-        start: u64,
-        end_exclusive: u64,
-    ) -> Result<(Source, BlobStream)> {
-        if let Some(store) = &self.store
-            && let Some(blob) = store.open_blob(digest, entry.size)
-        {
+    fn open_source(&self, blob: PreparedBlob, start: u64, end_exclusive: u64) -> Result<(Source, BlobStream)> {
+        let PreparedBlob { digest, entry, stored } = blob;
+        if let Some(stored) = stored {
             tracing::trace!(%digest, "serving from the local store");
             if matches!(entry.origin, BlobOrigin::Upstream(_)) {
                 self.metrics.lookup(CacheName::Local, LookupResult::Hit);
             }
-            let guard: Box<dyn Send + Sync> = Box::new(blob.guard);
+            let guard: Box<dyn Send + Sync> = Box::new(stored.guard);
             return Ok((
                 Source::Store,
-                file_range_stream(Arc::new(blob.file), start, end_exclusive, entry.size, None, Some(guard)),
+                file_range_stream(Arc::new(stored.file), start, end_exclusive, entry.size, None, Some(guard)),
             ));
         }
         match &entry.origin {
@@ -100,7 +109,7 @@ impl BlobChain {
                 if self.store.is_some() {
                     self.metrics.lookup(CacheName::Local, LookupResult::Miss);
                 }
-                let (fill, started) = self.fills.join(digest, entry.size, &entry.media_type, from)?;
+                let (fill, started) = self.fills.join(&digest, entry.size, &entry.media_type, from)?;
                 tracing::debug!(%digest, started, start, "serving from an upstream fill");
                 let file = fill.file();
                 let progress = fill.progress();
@@ -113,7 +122,27 @@ impl BlobChain {
                 format!("static layer {digest} is missing from the local store"),
                 std::io::ErrorKind::NotFound.into(),
             )),
-            BlobOrigin::Remote { .. } => Err(Error::BlobNotInImage { digest: digest.clone() }),
+            BlobOrigin::Remote { .. } => Err(Error::BlobNotInImage { digest }),
         }
     }
 }
+
+/// What a blob request gets, decided before any byte is read.
+#[derive(Debug)]
+pub enum Prepared {
+    /// Send the client to this URL (a remote content layer not held locally).
+    Redirect(String),
+    /// Serve the bytes.
+    Content(PreparedBlob),
+}
+
+/// A blob about to be read; a stored one is already open.
+#[derive(Debug)]
+pub struct PreparedBlob {
+    digest: Digest,
+    entry: BlobEntry,
+    stored: Option<StoredBlob>,
+}
+
+#[cfg(test)]
+mod tests;

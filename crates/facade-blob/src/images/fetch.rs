@@ -16,6 +16,7 @@ use facade_oci::{Digest, ImageRef, ParsedManifest, Platform, Reference, RepoName
 
 use crate::cluster::ClusterCache;
 use crate::error::{Error, Result};
+use crate::sync::lock;
 
 /// A single-platform image as fetched from its registry.
 #[derive(Debug)]
@@ -99,7 +100,7 @@ impl ImageFetcher {
 
     async fn resolve_tag(&self, r: &ImageRef) -> Result<Digest> {
         let key = r.to_string();
-        let cached = self.tags.lock().ok().and_then(|m| m.get(&key).cloned());
+        let cached = lock(&self.tags).get(&key).cloned();
         if let Some((d, at)) = &cached
             && at.elapsed() < self.config.tag_ttl
         {
@@ -108,9 +109,7 @@ impl ImageFetcher {
         if let Some(cluster) = &self.cluster
             && let Some(d) = cluster.tag(&key).await
         {
-            if let Ok(mut m) = self.tags.lock() {
-                m.insert(key, (d.clone(), Instant::now()));
-            }
+            lock(&self.tags).insert(key, (d.clone(), Instant::now()));
             return Ok(d);
         }
         match self.client.resolve(&r.registry, &r.repository, &r.reference()).await {
@@ -118,9 +117,7 @@ impl ImageFetcher {
                 if let Some(cluster) = &self.cluster {
                     cluster.put_tag(&key, &resolved.digest);
                 }
-                if let Ok(mut m) = self.tags.lock() {
-                    m.insert(key, (resolved.digest.clone(), Instant::now()));
-                }
+                lock(&self.tags).insert(key, (resolved.digest.clone(), Instant::now()));
                 Ok(resolved.digest)
             }
             Err(e) if cached.is_some() && (e.is_retryable() || e.kind() == facade_upstream::ErrorKind::RateLimited) => {

@@ -90,9 +90,10 @@ pub fn prepare_file(path: &Path, store: Option<&LocalStore>) -> Result<PreparedF
     let size = bytes.len() as u64;
     let memory = match store {
         Some(s) => {
+            // The store is the layer's only source: pinned first, so that no process sharing
+            // the store evicts it between the write and the pin.
+            s.pin(&digest)?;
             s.put_bytes(&digest, &bytes)?;
-            // The store is the layer's only source: it must never be evicted.
-            s.pin(&digest);
             None
         }
         None => Some(Bytes::from(bytes)),

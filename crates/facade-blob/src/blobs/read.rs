@@ -41,79 +41,89 @@ pub fn file_range_stream(
     progress: Option<watch::Receiver<Progress>>,
     guard: Option<Box<dyn Send + Sync>>,
 ) -> BoxStream<'static, std::io::Result<Bytes>> {
-    struct State {
-        file: Arc<std::fs::File>,
-        pos: u64,
-        end: u64,
-        size: u64,
-        /// `None` once the content is known complete and verified (a stored file, or a fill
-        /// that reported `Verified`: that is final, whatever the fill does afterwards).
-        progress: Option<watch::Receiver<Progress>>,
-        /// The next chunk, read ahead while the previous one is being sent, so disk reads and
-        /// socket writes overlap.
-        ahead: Option<(u64, tokio::task::JoinHandle<std::io::Result<Bytes>>)>,
-        _guard: Option<Box<dyn Send + Sync>>,
-    }
-    impl State {
-        /// How far may be read without waiting.
-        fn readable_now(&mut self) -> std::io::Result<Option<u64>> {
-            let Some(rx) = self.progress.as_mut() else { return Ok(Some(self.end)) };
-            let p = rx.borrow_and_update().clone();
-            match p {
-                Progress::Verified => {
-                    self.progress = None;
-                    Ok(Some(self.end))
-                }
-                Progress::Failed(reason) => Err(std::io::Error::other(format!("blob fill failed: {reason}"))),
-                Progress::Running { written } => {
-                    // Hold back the final byte until the digest is verified.
-                    let allowed = written.min(self.size.saturating_sub(1)).min(self.end);
-                    Ok((allowed > self.pos).then_some(allowed))
-                }
-            }
-        }
-
-        /// How far may be read, waiting for the fill if needed.
-        async fn readable(&mut self) -> std::io::Result<u64> {
-            loop {
-                if let Some(r) = self.readable_now()? {
-                    return Ok(r);
-                }
-                let Some(rx) = self.progress.as_mut() else { return Ok(self.end) };
-                if rx.changed().await.is_err() {
-                    // The fill task ended without a final state: treat as failure.
-                    return Err(std::io::Error::other("blob fill ended unexpectedly"));
-                }
-            }
-        }
-
-        fn spawn_read(&self, pos: u64, readable: u64) -> tokio::task::JoinHandle<std::io::Result<Bytes>> {
-            let want = (readable - pos).min(CHUNK as u64) as usize;
-            let file = self.file.clone();
-            tokio::task::spawn_blocking(move || read_exact_at(&file, pos, want))
-        }
-    }
-    let state = State { file, pos: start, end: end_exclusive, size, progress, ahead: None, _guard: guard };
+    let state = Reader { file, pos: start, end: end_exclusive, size, progress, ahead: None, _guard: guard };
     Box::pin(futures::stream::try_unfold(state, |mut st| async move {
-        if st.pos >= st.end {
+        match st.next_chunk().await? {
+            Some(buf) => Ok(Some((buf, st))),
+            None => Ok(None),
+        }
+    }))
+}
+
+/// The state of one [`file_range_stream`].
+struct Reader {
+    file: Arc<std::fs::File>,
+    pos: u64,
+    end: u64,
+    size: u64,
+    /// `None` once the content is known complete and verified (a stored file, or a fill
+    /// that reported `Verified`: that is final, whatever the fill does afterwards).
+    progress: Option<watch::Receiver<Progress>>,
+    /// The next chunk, read ahead while the previous one is being sent, so disk reads and
+    /// socket writes overlap.
+    ahead: Option<(u64, tokio::task::JoinHandle<std::io::Result<Bytes>>)>,
+    _guard: Option<Box<dyn Send + Sync>>,
+}
+
+impl Reader {
+    async fn next_chunk(&mut self) -> std::io::Result<Option<Bytes>> {
+        if self.pos >= self.end {
             return Ok(None);
         }
-        let task = match st.ahead.take() {
-            Some((at, task)) if at == st.pos => task,
+        let task = match self.ahead.take() {
+            Some((at, task)) if at == self.pos => task,
             _ => {
-                let readable = st.readable().await?;
-                st.spawn_read(st.pos, readable)
+                let readable = self.readable().await?;
+                self.spawn_read(self.pos, readable)
             }
         };
         let buf = task.await.map_err(std::io::Error::other)??;
-        st.pos += buf.len() as u64;
-        if st.pos < st.end
-            && let Some(readable) = st.readable_now()?
+        self.pos += buf.len() as u64;
+        if self.pos < self.end
+            && let Some(readable) = self.readable_now()?
         {
-            st.ahead = Some((st.pos, st.spawn_read(st.pos, readable)));
+            self.ahead = Some((self.pos, self.spawn_read(self.pos, readable)));
         }
-        Ok(Some((buf, st)))
-    }))
+        Ok(Some(buf))
+    }
+
+    /// How far may be read without waiting.
+    fn readable_now(&mut self) -> std::io::Result<Option<u64>> {
+        let Some(rx) = self.progress.as_mut() else { return Ok(Some(self.end)) };
+        let p = rx.borrow_and_update().clone();
+        match p {
+            Progress::Verified => {
+                self.progress = None;
+                Ok(Some(self.end))
+            }
+            Progress::Failed(reason) => Err(std::io::Error::other(format!("blob fill failed: {reason}"))),
+            Progress::Running { written } => {
+                // Hold back the final byte until the digest is verified.
+                let allowed = written.min(self.size.saturating_sub(1)).min(self.end);
+                Ok((allowed > self.pos).then_some(allowed))
+            }
+        }
+    }
+
+    /// How far may be read, waiting for the fill if needed.
+    async fn readable(&mut self) -> std::io::Result<u64> {
+        loop {
+            if let Some(r) = self.readable_now()? {
+                return Ok(r);
+            }
+            let Some(rx) = self.progress.as_mut() else { return Ok(self.end) };
+            if rx.changed().await.is_err() {
+                // The fill task ended without a final state: treat as failure.
+                return Err(std::io::Error::other("blob fill ended unexpectedly"));
+            }
+        }
+    }
+
+    fn spawn_read(&self, pos: u64, readable: u64) -> tokio::task::JoinHandle<std::io::Result<Bytes>> {
+        let want = (readable - pos).min(CHUNK as u64) as usize;
+        let file = self.file.clone();
+        tokio::task::spawn_blocking(move || read_exact_at(&file, pos, want))
+    }
 }
 
 fn read_exact_at(file: &std::fs::File, pos: u64, want: usize) -> std::io::Result<Bytes> {

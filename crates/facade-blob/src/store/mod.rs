@@ -11,16 +11,20 @@
 //! never removes either.
 
 use std::collections::{HashMap, HashSet};
-use std::io::Write;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use facade_oci::{Digest, DigestHasher};
+use facade_oci::Digest;
 use prometheus::{IntCounter, IntGauge, Registry};
 
 use crate::error::{Error, Result};
+use crate::sync::lock;
+
+mod temp;
+pub use temp::TempBlob;
 
 /// Bounds of the store.
 #[derive(Clone, Debug)]
@@ -100,7 +104,10 @@ struct Inner {
     /// Readers and writers per digest. Eviction checks and removes under this lock, and guards
     /// are taken under it before a file is opened, so a blob cannot go between the two.
     in_use: Mutex<HashMap<Digest, usize>>,
+    /// Digests this process pinned; each has a marker file under `pins/` (see [`LocalStore::pin`]).
     pinned: Mutex<HashSet<Digest>>,
+    /// Names this process's pin markers, apart from those of another process on the same store.
+    instance: String,
     metrics: std::sync::OnceLock<StoreMetrics>,
     wake: tokio::sync::Notify,
 }
@@ -120,9 +127,8 @@ pub struct InUse {
 
 impl Drop for InUse {
     fn drop(&mut self) {
-        if let Ok(mut m) = self.inner.in_use.lock()
-            && let Some(n) = m.get_mut(&self.digest)
-        {
+        let mut m = lock(&self.inner.in_use);
+        if let Some(n) = m.get_mut(&self.digest) {
             *n -= 1;
             if *n == 0 {
                 m.remove(&self.digest);
@@ -145,8 +151,6 @@ pub struct StoredBlob {
     pub guard: InUse,
 }
 
-static TEMP_SEQ: AtomicU64 = AtomicU64::new(0);
-
 struct BlobFile {
     path: PathBuf,
     digest: Digest,
@@ -157,6 +161,10 @@ struct BlobFile {
 /// Temp files untouched this long belong to no running fill (a fill writes continuously, and
 /// one stalled this long has given up): a crashed process's leftovers.
 const STALE_TEMP_AGE: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// A pin marker not refreshed for this long belongs to a process that is gone. Owners refresh
+/// theirs every GC interval (default 60 s).
+pub const PIN_LEASE: Duration = Duration::from_secs(600);
 
 /// Removes leftover temp files. Only stale ones: during a restart hand-over the new process
 /// opens the store while the old one still fills into it (a regression seen in the restart
@@ -186,7 +194,7 @@ impl LocalStore {
     /// Opens (creating) the store at `root` with bounds. Scans the blobs once to learn the size
     /// total.
     pub fn open_with(root: &Path, config: StoreConfig) -> Result<Self> {
-        for dir in [root.join("blobs/sha256"), root.join("blobs/sha512"), root.join("tmp")] {
+        for dir in [root.join("blobs/sha256"), root.join("blobs/sha512"), root.join("tmp"), root.join("pins")] {
             std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         }
         remove_stale_temp_files(&root.join("tmp"), STALE_TEMP_AGE);
@@ -197,6 +205,7 @@ impl LocalStore {
                 total: AtomicU64::new(0),
                 in_use: Mutex::new(HashMap::new()),
                 pinned: Mutex::new(HashSet::new()),
+                instance: format!("{}-{:016x}", std::process::id(), rand::random::<u64>()),
                 metrics: std::sync::OnceLock::new(),
                 wake: tokio::sync::Notify::new(),
             }),
@@ -260,44 +269,88 @@ impl LocalStore {
     /// A guard that keeps `digest` from being evicted until it is dropped (readers and writers
     /// of the blob hold one).
     pub fn in_use(&self, digest: &Digest) -> InUse {
-        if let Ok(mut m) = self.inner.in_use.lock() {
-            *m.entry(digest.clone()).or_insert(0) += 1;
-        }
+        *lock(&self.inner.in_use).entry(digest.clone()).or_insert(0) += 1;
         InUse { inner: self.inner.clone(), digest: digest.clone() }
     }
 
     /// Whether a reader or writer holds `digest`.
     pub fn is_in_use(&self, digest: &Digest) -> bool {
-        self.inner.in_use.lock().map(|m| m.contains_key(digest)).unwrap_or(true)
+        lock(&self.inner.in_use).contains_key(digest)
     }
 
-    /// Never evicts `digest` (static layers: they have no other source).
-    pub fn pin(&self, digest: &Digest) {
-        if let Ok(mut p) = self.inner.pinned.lock() {
-            p.insert(digest.clone());
+    /// Never evicts `digest` (static file layers: the store is their only source), in this
+    /// process or in another one sharing the store (the restart hand-over runs two): the pin is
+    /// a marker file `pins/<alg>-<hex>.<instance>` that every process's eviction honours while
+    /// its owner keeps it fresh ([`PIN_LEASE`]; refreshed by the GC task), so a crashed
+    /// process's pins lapse on their own.
+    pub fn pin(&self, digest: &Digest) -> Result<()> {
+        if !digest.is_verifiable() {
+            return Ok(());
+        }
+        lock(&self.inner.pinned).insert(digest.clone());
+        let path = self.pin_marker(digest);
+        std::fs::write(&path, b"").map_err(|e| Error::io(format!("writing pin {}", path.display()), e))
+    }
+
+    fn pin_marker(&self, digest: &Digest) -> PathBuf {
+        self.inner.root.join("pins").join(format!(
+            "{}-{}.{}",
+            digest.algorithm(),
+            digest.encoded(),
+            self.inner.instance
+        ))
+    }
+
+    /// Re-marks this process's pins as alive (and re-creates a marker someone removed).
+    pub fn refresh_pins(&self) {
+        let pinned: Vec<Digest> = lock(&self.inner.pinned).iter().cloned().collect();
+        let now = SystemTime::now();
+        for d in pinned {
+            let path = self.pin_marker(&d);
+            let fresh = std::fs::File::options().write(true).open(&path).and_then(|f| f.set_modified(now));
+            if fresh.is_err()
+                && let Err(e) = std::fs::write(&path, b"")
+            {
+                tracing::warn!(path = %path.display(), error = %e, "cannot refresh a static layer's pin");
+            }
         }
     }
 
-    /// Opens a stored blob whose size is `size`, marking it used. A file of another size is not
-    /// the blob (the store was tampered with) and is removed.
-    pub fn open_blob(&self, digest: &Digest, size: u64) -> Option<StoredBlob> {
-        let path = self.path_of(digest)?;
+    /// Digests pinned by any live process (its marker refreshed within [`PIN_LEASE`]); markers
+    /// of processes gone for longer are removed.
+    fn pinned_by_anyone(&self) -> HashSet<Digest> {
+        let mut out: HashSet<Digest> = lock(&self.inner.pinned).clone();
+        let Ok(entries) = std::fs::read_dir(self.inner.root.join("pins")) else { return out };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let Some((alg_hex, _instance)) = name.split_once('.') else { continue };
+            let Some((alg, hex)) = alg_hex.split_once('-') else { continue };
+            let Ok(digest) = Digest::parse(&format!("{alg}:{hex}")) else { continue };
+            let age = e.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+            if age.is_some_and(|a| a > PIN_LEASE) {
+                let _ = std::fs::remove_file(e.path());
+                continue;
+            }
+            out.insert(digest);
+        }
+        out
+    }
+
+    /// Opens stored blob `digest` for a descriptor that says it has `size` bytes, marking it
+    /// used. `Ok(None)`: not stored. A stored blob of another size stays: it entered the store
+    /// verified, so the descriptor is what is wrong, and a manifest's claim must never remove
+    /// what other workspaces rely on (README, "Security model"). Only that request fails.
+    pub fn open_blob(&self, digest: &Digest, size: u64) -> Result<Option<StoredBlob>> {
+        let Some(path) = self.path_of(digest) else { return Ok(None) };
         let guard = self.in_use(digest);
-        let file = std::fs::File::open(&path).ok()?;
-        match file.metadata() {
-            Ok(m) if m.len() == size => {
-                self.touch(&file, &m);
-                Some(StoredBlob { file, guard })
-            }
-            Ok(m) => {
-                tracing::warn!(%digest, expected = size, found = m.len(), "stored blob has the wrong size; removing it");
-                if std::fs::remove_file(&path).is_ok() {
-                    self.sub_total(m.len());
-                }
-                None
-            }
-            Err(_) => None,
+        let Ok(file) = std::fs::File::open(&path) else { return Ok(None) };
+        let meta = file.metadata().map_err(|e| Error::io(format!("reading metadata of {}", path.display()), e))?;
+        if meta.len() != size {
+            return Err(Error::ClaimMismatch { digest: digest.clone(), claimed: size, stored: meta.len() });
         }
+        self.touch(&file, &meta);
+        Ok(Some(StoredBlob { file, guard }))
     }
 
     /// Records a use in the file's mtime (at most once per touch interval).
@@ -372,6 +425,7 @@ impl LocalStore {
         let max = self.inner.config.max_bytes;
         let expired_before = self.inner.config.ttl.and_then(|ttl| SystemTime::now().checked_sub(ttl));
         blobs.sort_by_key(|b| b.used);
+        let pinned = self.pinned_by_anyone();
         let mut out = Evicted::default();
         for b in blobs {
             let expired = expired_before.is_some_and(|t| b.used < t);
@@ -380,9 +434,8 @@ impl LocalStore {
                 // Sorted by last use: nothing after this one is expired either.
                 break;
             }
-            let pinned = self.inner.pinned.lock().map(|p| p.contains(&b.digest)).unwrap_or(true);
-            let Ok(in_use) = self.inner.in_use.lock() else { break };
-            if pinned || in_use.contains_key(&b.digest) {
+            let in_use = lock(&self.inner.in_use);
+            if pinned.contains(&b.digest) || in_use.contains_key(&b.digest) {
                 out.kept_in_use += 1;
                 continue;
             }
@@ -421,13 +474,12 @@ impl LocalStore {
     }
 
     /// Runs eviction in the background until `shutdown`: every GC interval (for the TTL) and
-    /// whenever a commit took the store over its limit.
+    /// whenever a commit took the store over its limit. It also keeps this process's pins
+    /// fresh, which matters even to an unbounded store: another process on it may evict.
     pub fn spawn_gc(&self, shutdown: tokio_util::sync::CancellationToken) -> tokio::task::JoinHandle<()> {
         let store = self.clone();
         tokio::spawn(async move {
-            if store.inner.config.max_bytes.is_none() && store.inner.config.ttl.is_none() {
-                return;
-            }
+            let bounded = store.inner.config.max_bytes.is_some() || store.inner.config.ttl.is_some();
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -435,124 +487,17 @@ impl LocalStore {
                     _ = tokio::time::sleep(store.inner.config.gc_interval) => {}
                 }
                 let s = store.clone();
-                if let Err(e) = tokio::task::spawn_blocking(move || s.evict_now()).await {
+                let pass = move || {
+                    s.refresh_pins();
+                    if bounded {
+                        s.evict_now();
+                    }
+                };
+                if let Err(e) = tokio::task::spawn_blocking(pass).await {
                     tracing::warn!(error = %e, "store eviction task failed");
                 }
             }
         })
-    }
-}
-
-/// A blob being written. Dropped without [`TempBlob::commit`], its file is removed.
-pub struct TempBlob {
-    path: PathBuf,
-    file: Option<std::fs::File>,
-    hasher: Option<DigestHasher>,
-    written: u64,
-    verified: Option<Digest>,
-}
-
-impl TempBlob {
-    /// Creates a temp file in `dir` for a blob of `digest` (named so operators can tell).
-    pub fn create(dir: &Path, digest: &Digest) -> Result<TempBlob> {
-        let hasher = digest
-            .hasher()
-            .ok_or_else(|| Error::io(format!("cannot verify {digest}"), std::io::ErrorKind::InvalidInput.into()))?;
-        let name = format!(
-            "{}-{}-{}",
-            &digest.encoded()[..12.min(digest.encoded().len())],
-            std::process::id(),
-            TEMP_SEQ.fetch_add(1, Ordering::Relaxed)
-        );
-        let path = dir.join(name);
-        let file = std::fs::File::create(&path).map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
-        Ok(TempBlob { path, file: Some(file), hasher: Some(hasher), written: 0, verified: None })
-    }
-
-    /// The temp file's path (readers of an in-flight fill open it themselves).
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Bytes written so far.
-    pub fn written(&self) -> u64 {
-        self.written
-    }
-
-    /// Appends bytes.
-    pub fn write_all(&mut self, data: &[u8]) -> Result<()> {
-        let file = self
-            .file
-            .as_mut()
-            .ok_or_else(|| Error::io("temp blob already closed", std::io::ErrorKind::Other.into()))?;
-        file.write_all(data).map_err(|e| Error::io(format!("writing {}", self.path.display()), e))?;
-        if let Some(h) = self.hasher.as_mut() {
-            h.update(data);
-        }
-        self.written += data.len() as u64;
-        Ok(())
-    }
-
-    /// Checks size and digest of what was written and, only if both match, syncs and renames
-    /// it into the store. On a mismatch the file is removed and nothing enters the store.
-    pub fn commit(mut self, store: &LocalStore, digest: &Digest, size: u64) -> Result<()> {
-        self.check(digest, size)?;
-        let dest = store
-            .path_of(digest)
-            .ok_or_else(|| Error::io(format!("cannot store {digest}"), std::io::ErrorKind::InvalidInput.into()))?;
-        if let Some(file) = self.file.take() {
-            // Data must be on disk before the name says the blob is there: a crash between
-            // rename and writeback would otherwise leave a short file under a digest name.
-            file.sync_data().map_err(|e| Error::io(format!("syncing {}", self.path.display()), e))?;
-        }
-        let replaced = std::fs::metadata(&dest).map(|m| m.len()).ok();
-        std::fs::rename(&self.path, &dest).map_err(|e| Error::io(format!("renaming into {}", dest.display()), e))?;
-        self.path = PathBuf::new();
-        if let Some(old) = replaced {
-            store.sub_total(old);
-        }
-        store.committed(size);
-        Ok(())
-    }
-
-    /// The digest of everything written (consumes the hasher).
-    fn finish_hash(&mut self) -> Digest {
-        match self.hasher.take() {
-            Some(h) => h.finish(),
-            None => Digest::sha256_of(b""),
-        }
-    }
-
-    /// Verifies what was written without storing it (for spools that are not kept).
-    pub fn verify(mut self, digest: &Digest, size: u64) -> Result<()> {
-        self.check(digest, size)
-    }
-
-    /// Checks size and digest of everything written (once; later calls answer the same). A fill
-    /// releases the last byte to its readers right after this, before the slower sync and
-    /// rename of [`TempBlob::commit`].
-    pub fn check(&mut self, digest: &Digest, size: u64) -> Result<()> {
-        if let Some(verified) = &self.verified {
-            return if verified == digest && self.written == size {
-                Ok(())
-            } else {
-                Err(Error::DigestMismatch { expected: digest.clone(), actual: verified.clone(), size: self.written })
-            };
-        }
-        let actual = self.finish_hash();
-        if self.written != size || actual != *digest {
-            return Err(Error::DigestMismatch { expected: digest.clone(), actual, size: self.written });
-        }
-        self.verified = Some(actual);
-        Ok(())
-    }
-}
-
-impl Drop for TempBlob {
-    fn drop(&mut self) {
-        if !self.path.as_os_str().is_empty() {
-            let _ = std::fs::remove_file(&self.path);
-        }
     }
 }
 
@@ -567,7 +512,7 @@ mod tests {
         let d = Digest::sha256_of(b"hello");
         store.put_bytes(&d, b"hello").unwrap();
         assert!(store.contains(&d));
-        assert!(store.open_blob(&d, 5).is_some());
+        assert!(store.open_blob(&d, 5).unwrap().is_some());
         assert_eq!(store.total_bytes(), 5);
 
         let wrong = Digest::sha256_of(b"other");
@@ -595,13 +540,19 @@ mod tests {
     }
 
     #[test]
-    fn wrong_sized_files_are_not_served() {
+    fn a_wrong_size_claim_fails_that_request_and_keeps_the_verified_blob() {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::open(dir.path()).unwrap();
         let d = Digest::sha256_of(b"hello");
         store.put_bytes(&d, b"hello").unwrap();
-        assert!(store.open_blob(&d, 6).is_none());
-        assert!(!store.contains(&d));
+        store.pin(&d).unwrap();
+        assert!(matches!(store.open_blob(&d, 6), Err(Error::ClaimMismatch { claimed: 6, stored: 5, .. })));
+        assert!(store.contains(&d), "a manifest's claim removed a verified blob");
+        assert_eq!(store.total_bytes(), 5);
+        let blob = store.open_blob(&d, 5).unwrap().unwrap();
+        let mut got = String::new();
+        std::io::Read::read_to_string(&mut &blob.file, &mut got).unwrap();
+        assert_eq!(got, "hello");
     }
 
     #[test]
@@ -643,7 +594,7 @@ mod tests {
         }
         assert_eq!(store.total_bytes(), 300);
         // Reading a blob makes it the most recently used: the next victim is `newer`.
-        drop(store.open_blob(&old, 100).unwrap());
+        drop(store.open_blob(&old, 100).unwrap().unwrap());
         put_aged(&store, 5, 100, Duration::ZERO);
         store.evict_now();
         assert!(store.contains(&old) && !store.contains(&newer) && store.contains(&newest));
@@ -658,11 +609,11 @@ mod tests {
         let written = put_aged(&store, 2, 100, 4 * hour);
         let pinned = put_aged(&store, 3, 100, 3 * hour);
         let free = put_aged(&store, 4, 100, 2 * hour);
-        let reader = store.open_blob(&read, 100).unwrap();
+        let reader = store.open_blob(&read, 100).unwrap().unwrap();
         // Re-age it: the open touched it, and this test is about the guard, not recency.
         reader.file.set_modified(SystemTime::now() - 5 * hour).ok();
         let writer = store.in_use(&written);
-        store.pin(&pinned);
+        store.pin(&pinned).unwrap();
         let out = store.evict_now();
         assert_eq!((out.blobs, out.kept_in_use), (1, 3), "{out:?}");
         assert!(store.contains(&read) && store.contains(&written) && store.contains(&pinned) && !store.contains(&free));
@@ -671,6 +622,44 @@ mod tests {
         store.evict_now();
         assert!(!store.contains(&read) && !store.contains(&written) && store.contains(&pinned));
         assert_eq!(store.total_bytes(), 100);
+    }
+
+    #[test]
+    fn pins_hold_against_another_process_on_the_same_store_until_their_lease_lapses() {
+        let dir = tempfile::tempdir().unwrap();
+        let hour = Duration::from_secs(3600);
+        // The old process of a restart hand-over pinned its static layer...
+        let old_process = bounded(dir.path(), None, None);
+        let layer = put_aged(&old_process, 1, 100, 5 * hour);
+        old_process.pin(&layer).unwrap();
+        // ...and the new one, with a tight bound and no pins of its own, evicts.
+        let new_process = bounded(dir.path(), Some(100), None);
+        let other = put_aged(&new_process, 2, 100, hour);
+        let out = new_process.evict_now();
+        assert!(new_process.contains(&layer), "another process evicted a pinned static layer");
+        assert!(!new_process.contains(&other));
+        assert_eq!(out.kept_in_use, 1);
+        // A pin whose owner stopped refreshing it (a crashed process) lapses.
+        let marker = std::fs::read_dir(dir.path().join("pins")).unwrap().next().unwrap().unwrap().path();
+        let f = std::fs::File::options().write(true).open(&marker).unwrap();
+        f.set_modified(SystemTime::now() - PIN_LEASE - Duration::from_secs(1)).unwrap();
+        drop(old_process);
+        let newest = put_aged(&new_process, 3, 100, Duration::ZERO);
+        new_process.evict_now();
+        assert!(!new_process.contains(&layer) && new_process.contains(&newest));
+        assert!(!marker.exists(), "a lapsed pin marker was left behind");
+    }
+
+    #[test]
+    fn refreshing_pins_recreates_a_removed_marker() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = bounded(dir.path(), None, None);
+        let d = put_aged(&store, 1, 10, Duration::ZERO);
+        store.pin(&d).unwrap();
+        let marker = std::fs::read_dir(dir.path().join("pins")).unwrap().next().unwrap().unwrap().path();
+        std::fs::remove_file(&marker).unwrap();
+        store.refresh_pins();
+        assert!(marker.exists());
     }
 
     #[test]

@@ -1,0 +1,674 @@
+//! Single-flight fills: one download per digest, spooled to a temp file that every concurrent
+//! reader follows, verified before it is committed to the local store.
+//!
+//! This is the fix for the reference facade's N downloads for N pods starting with the same IDE
+//! layer: the first request starts a fill, later ones join it and read what is already on disk,
+//! then follow the rest. A fill reads top-down: [`Fills::join`] → `drive` → `run` → (cluster
+//! → origin) into a [`Spool`] → verify → commit.
+//!
+//! - **Origin** ([`Origin`], the upstream registry): a broken body is resumed from the byte
+//!   offset with a Range request (only a 206 starting at that offset is accepted), with
+//!   exponential backoff and jitter, inside a budget of resumes and of attempts without progress.
+//! - **Cluster** ([`ClusterBlobs`]): a blob another node already has is streamed from IPFS into
+//!   the same spool (resumed with `cat` offsets); if IPFS breaks the fill goes on from the
+//!   origin at the offset reached — the digest is checked over the whole spool before anything
+//!   is committed or a reader gets the last byte. A blob that came from the origin is added to
+//!   IPFS afterwards, from the verified spool, in the background.
+//! - **Limits**: no byte from a source for `idle_timeout` counts as a broken body; a fill
+//!   that runs past `deadline` fails. Without a store, a fill nobody reads stops at once.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use backon::BackoffBuilder;
+use bytes::Bytes;
+use facade_oci::{Digest, RepoName};
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use futures::{FutureExt, Stream, StreamExt};
+use tokio::sync::watch;
+
+use crate::blobs::read::Progress;
+use crate::blobs::spool::Spool;
+use crate::cluster::{BackfillOutcome, BackfillStore, ClusterCache, ClusterMetrics, IndexEntry};
+use crate::error::{Error, Result};
+use crate::metrics::{ChainMetrics, RetryReason};
+use crate::store::{InUse, LocalStore};
+
+/// Knobs of fills.
+#[derive(Clone, Debug)]
+pub struct FillConfig {
+    /// Where fills spool when there is no local store.
+    pub spool_dir: PathBuf,
+    /// First retry delay.
+    pub retry_min_delay: Duration,
+    /// Longest retry delay.
+    pub retry_max_delay: Duration,
+    /// Attempts without progress before the fill gives up.
+    pub max_attempts_without_progress: usize,
+    /// Resumes in all (bounds O(n²) re-reads from a flapping upstream).
+    pub max_resumes: usize,
+    /// Resumes of an IPFS stream before the fill goes on from upstream.
+    pub max_cluster_resumes: usize,
+    /// No byte from a source for this long: the body is treated as broken (and resumed). A
+    /// backstop behind the upstream client's own read timeout.
+    pub idle_timeout: Duration,
+    /// A fill still running after this long fails (a source that trickles forever).
+    pub deadline: Duration,
+}
+
+impl Default for FillConfig {
+    fn default() -> Self {
+        FillConfig {
+            spool_dir: std::env::temp_dir().join(format!("registry-facade-spool-{}", std::process::id())),
+            retry_min_delay: Duration::from_millis(100),
+            retry_max_delay: Duration::from_secs(2),
+            max_attempts_without_progress: 5,
+            max_resumes: 64,
+            max_cluster_resumes: 2,
+            idle_timeout: Duration::from_secs(60),
+            // 10 GiB at 3 MiB/s still fits: the deadline is for sources that never end.
+            deadline: Duration::from_secs(3 * 3600),
+        }
+    }
+}
+
+/// Where a fill downloads from.
+#[derive(Clone, Debug)]
+pub struct UpstreamBlob {
+    /// Registry host as written in the image ref.
+    pub registry: String,
+    /// Repository.
+    pub repo: RepoName,
+}
+
+/// The origin of a blob: its upstream registry. A trait so that the fill can be driven by a
+/// scripted origin in tests; [`facade_upstream::Client`] is the real one.
+pub trait Origin: Send + Sync {
+    /// Opens the blob's body from byte `offset`.
+    fn open<'a>(
+        &'a self,
+        from: &'a UpstreamBlob,
+        digest: &'a Digest,
+        offset: u64,
+    ) -> BoxFuture<'a, facade_upstream::Result<facade_upstream::BlobStream>>;
+}
+
+impl Origin for facade_upstream::Client {
+    fn open<'a>(
+        &'a self,
+        from: &'a UpstreamBlob,
+        digest: &'a Digest,
+        offset: u64,
+    ) -> BoxFuture<'a, facade_upstream::Result<facade_upstream::BlobStream>> {
+        Box::pin(self.blob_stream(&from.registry, &from.repo, digest, offset))
+    }
+}
+
+/// What a fill needs of the cluster cache. [`ClusterCache`] is the real one.
+pub trait ClusterBlobs: Send + Sync {
+    /// Where the cluster has `digest` of `size` bytes.
+    fn lookup<'a>(&'a self, digest: &'a Digest, size: u64) -> BoxFuture<'a, Option<IndexEntry>>;
+    /// `[offset, offset + length)` of `cid`; `None` when the content cannot be had now.
+    fn cat<'a>(
+        &'a self,
+        cid: &'a str,
+        offset: u64,
+        length: u64,
+    ) -> BoxFuture<'a, Option<BoxStream<'static, Result<Bytes>>>>;
+    /// Records a failure the cluster's breaker should know of.
+    fn failed(&self, reason: &str);
+    /// Removes `digest`'s index entry: its content hashed to something else.
+    fn forget<'a>(&'a self, digest: &'a Digest) -> BoxFuture<'a, ()>;
+    /// Adds a verified blob from `file` to the cluster.
+    fn publish(
+        self: Arc<Self>,
+        digest: Digest,
+        media_type: String,
+        file: Arc<std::fs::File>,
+        size: u64,
+    ) -> BoxFuture<'static, BackfillOutcome>;
+}
+
+impl ClusterBlobs for ClusterCache {
+    fn lookup<'a>(&'a self, digest: &'a Digest, size: u64) -> BoxFuture<'a, Option<IndexEntry>> {
+        Box::pin(self.lookup_blob(digest, size))
+    }
+
+    fn cat<'a>(
+        &'a self,
+        cid: &'a str,
+        offset: u64,
+        length: u64,
+    ) -> BoxFuture<'a, Option<BoxStream<'static, Result<Bytes>>>> {
+        Box::pin(ClusterCache::cat(self, cid, offset, length))
+    }
+
+    fn failed(&self, reason: &str) {
+        self.ipfs_failed(&reason);
+    }
+
+    fn forget<'a>(&'a self, digest: &'a Digest) -> BoxFuture<'a, ()> {
+        Box::pin(self.forget_blob(digest))
+    }
+
+    fn publish(
+        self: Arc<Self>,
+        digest: Digest,
+        media_type: String,
+        file: Arc<std::fs::File>,
+        size: u64,
+    ) -> BoxFuture<'static, BackfillOutcome> {
+        Box::pin(async move { self.publish_blob(&digest, &media_type, file, size).await })
+    }
+}
+
+/// One in-flight download, shared by its readers.
+pub struct Fill {
+    /// The digest being filled.
+    pub digest: Digest,
+    /// Its size.
+    pub size: u64,
+    file: Arc<std::fs::File>,
+    progress: watch::Receiver<Progress>,
+    /// Keeps the committed blob from eviction while readers (who hold the fill) read it.
+    _in_use: Option<InUse>,
+}
+
+impl Fill {
+    /// The file readers read from (open before any rename, so commit does not disturb them).
+    pub fn file(&self) -> Arc<std::fs::File> {
+        self.file.clone()
+    }
+
+    /// A progress receiver for a new reader.
+    pub fn progress(&self) -> watch::Receiver<Progress> {
+        self.progress.clone()
+    }
+}
+
+/// The table of in-flight fills.
+pub struct Fills {
+    config: FillConfig,
+    store: Option<LocalStore>,
+    origin: Arc<dyn Origin>,
+    cluster: Option<Arc<dyn ClusterBlobs>>,
+    metrics: ClusterMetrics,
+    chain_metrics: std::sync::OnceLock<ChainMetrics>,
+    inflight: Mutex<HashMap<Digest, Weak<Fill>>>,
+}
+
+/// Batches progress notifications: every send wakes every reader, and per-chunk wake-ups of
+/// many readers cost more than the copying. Readers are told after each 256 KiB, after 20 ms
+/// (so a slow trickle still flows to clients), and of the first bytes at once.
+#[derive(Default)]
+struct Notifier {
+    sent: u64,
+    at: Option<Instant>,
+}
+
+impl Notifier {
+    const BYTES: u64 = 256 * 1024;
+    const EVERY: Duration = Duration::from_millis(20);
+
+    fn progress(&mut self, tx: &watch::Sender<Progress>, written: u64) {
+        let due =
+            self.sent == 0 || written - self.sent >= Self::BYTES || self.at.is_none_or(|t| t.elapsed() >= Self::EVERY);
+        if due {
+            self.flush(tx, written);
+        }
+    }
+
+    fn flush(&mut self, tx: &watch::Sender<Progress>, written: u64) {
+        if written > self.sent {
+            self.sent = written;
+            self.at = Some(Instant::now());
+            let _ = tx.send(Progress::Running { written });
+        }
+    }
+}
+
+/// Where the bytes of a finished fill came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Came {
+    /// All of them from IPFS: the cluster already holds the blob.
+    Cluster,
+    /// Some or all from the origin.
+    Origin,
+}
+
+/// One fill's moving parts, handed down the steps of [`Fills::run`].
+struct Run<'a> {
+    fill: &'a Arc<Fill>,
+    spool: Spool,
+    tx: &'a watch::Sender<Progress>,
+    notify: Notifier,
+}
+
+impl Run<'_> {
+    /// Appends a chunk of a source that must not go past the blob's size, tells the readers,
+    /// and answers whether the fill should go on.
+    async fn append(&mut self, fills: &Fills, bytes: Bytes) -> Result<()> {
+        let total = self.spool.accepted() + bytes.len() as u64;
+        if total > self.fill.size {
+            return Err(Error::SizeMismatch {
+                digest: self.fill.digest.clone(),
+                expected: self.fill.size,
+                actual: total,
+            });
+        }
+        self.spool.append(bytes).await?;
+        self.notify.progress(self.tx, self.spool.written());
+        if fills.abandoned(self.fill) {
+            return Err(Error::Cancelled { digest: self.fill.digest.clone() });
+        }
+        Ok(())
+    }
+
+    /// The next item of `body`. When nothing is ready, what is pending is written first, so
+    /// readers of a trickle see every byte that arrived; no item for `idle` is a stall.
+    async fn next<S: Stream + Unpin>(&mut self, body: &mut S, idle: Duration) -> Result<Option<S::Item>> {
+        if let Some(item) = body.next().now_or_never() {
+            return Ok(item);
+        }
+        if self.spool.is_dirty() {
+            let written = self.spool.flush().await?;
+            self.notify.flush(self.tx, written);
+        }
+        tokio::time::timeout(idle, body.next()).await.map_err(|_| Error::FillTimeout {
+            digest: self.fill.digest.clone(),
+            reason: format!("no byte for {idle:?} at offset {}", self.spool.accepted()),
+        })
+    }
+}
+
+impl Fills {
+    /// A table that commits to `store` (if any) and downloads with `upstream`.
+    pub fn new(config: FillConfig, store: Option<LocalStore>, upstream: facade_upstream::Client) -> Result<Arc<Self>> {
+        Self::with_cluster(config, store, upstream, None, ClusterMetrics::unregistered())
+    }
+
+    /// A table that also reads from and back-fills `cluster`, counting into `metrics`.
+    pub fn with_cluster(
+        config: FillConfig,
+        store: Option<LocalStore>,
+        upstream: facade_upstream::Client,
+        cluster: Option<Arc<ClusterCache>>,
+        metrics: ClusterMetrics,
+    ) -> Result<Arc<Self>> {
+        let cluster = cluster.filter(|c| c.shares_blobs()).map(|c| c as Arc<dyn ClusterBlobs>);
+        Self::with_origin(config, store, Arc::new(upstream), cluster, metrics)
+    }
+
+    /// A table over any origin and cluster.
+    pub fn with_origin(
+        config: FillConfig,
+        store: Option<LocalStore>,
+        origin: Arc<dyn Origin>,
+        cluster: Option<Arc<dyn ClusterBlobs>>,
+        metrics: ClusterMetrics,
+    ) -> Result<Arc<Self>> {
+        if store.is_none() {
+            std::fs::create_dir_all(&config.spool_dir)
+                .map_err(|e| Error::io(format!("creating spool dir {}", config.spool_dir.display()), e))?;
+        }
+        Ok(Arc::new(Fills {
+            config,
+            store,
+            origin,
+            cluster,
+            metrics,
+            chain_metrics: std::sync::OnceLock::new(),
+            inflight: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// Counts joins, retries and mismatches into `metrics` (once; later calls are ignored).
+    pub fn set_chain_metrics(&self, metrics: ChainMetrics) {
+        let _ = self.chain_metrics.set(metrics);
+    }
+
+    fn chain_metrics(&self) -> Option<&ChainMetrics> {
+        self.chain_metrics.get()
+    }
+
+    /// The table, even after a panic elsewhere poisoned its lock: the map itself is always
+    /// consistent (each operation is one insert or remove).
+    fn table(&self) -> MutexGuard<'_, HashMap<Digest, Weak<Fill>>> {
+        self.inflight.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Number of fills in flight.
+    pub fn inflight(&self) -> usize {
+        self.table().values().filter(|w| w.strong_count() > 0).count()
+    }
+
+    /// Joins the fill of `digest`, starting it if none runs. Returns the fill and whether this
+    /// call started it.
+    pub fn join(
+        self: &Arc<Self>,
+        digest: &Digest,
+        size: u64,
+        media_type: &str,
+        from: &UpstreamBlob,
+    ) -> Result<(Arc<Fill>, bool)> {
+        let mut table = self.table();
+        // Upgrading under the lock that `abandoned` takes: a fill is either still wanted, and
+        // this reader keeps it going, or already out of the table.
+        if let Some(existing) = table.get(digest).and_then(Weak::upgrade)
+            && !matches!(*existing.progress.borrow(), Progress::Failed(_))
+        {
+            if let Some(m) = self.chain_metrics() {
+                m.joined();
+            }
+            return Ok((existing, false));
+        }
+        let spool = Spool::reserve(self.store.as_ref(), &self.config.spool_dir, digest)?;
+        let path = spool.path().ok_or_else(|| Error::Spool { reason: "new spool has no file".into() })?;
+        let file = std::fs::File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        let (tx, rx) = watch::channel(Progress::Running { written: 0 });
+        let in_use = self.store.as_ref().map(|s| s.in_use(digest));
+        let fill = Arc::new(Fill { digest: digest.clone(), size, file: Arc::new(file), progress: rx, _in_use: in_use });
+        table.insert(digest.clone(), Arc::downgrade(&fill));
+        drop(table);
+        tokio::spawn(self.clone().drive(fill.clone(), spool, from.clone(), media_type.to_string(), tx));
+        Ok((fill, true))
+    }
+
+    /// Whether nobody needs the rest of `fill`: no reader holds it (readers hold it as the guard
+    /// of their stream; the fill's task holds one reference) and there is no store to fill for
+    /// later. Decided under the table's lock, and an abandoned fill leaves the table at once,
+    /// so a new request never joins a fill that is about to stop.
+    fn abandoned(&self, fill: &Arc<Fill>) -> bool {
+        if self.store.is_some() {
+            return false;
+        }
+        let mut table = self.table();
+        if Arc::strong_count(fill) > 1 {
+            return false;
+        }
+        if table.get(&fill.digest).is_some_and(|w| w.as_ptr() == Arc::as_ptr(fill)) {
+            table.remove(&fill.digest);
+        }
+        true
+    }
+
+    /// The fill's task: runs it, tells the readers how it ended, counts it, publishes what came
+    /// from the origin, and leaves the table.
+    async fn drive(
+        self: Arc<Self>,
+        fill: Arc<Fill>,
+        spool: Spool,
+        from: UpstreamBlob,
+        media_type: String,
+        tx: watch::Sender<Progress>,
+    ) {
+        let started = Instant::now();
+        if let Some(m) = self.chain_metrics() {
+            m.fill_started();
+        }
+        let result = match tokio::time::timeout(self.config.deadline, self.run(&fill, spool, &from, &tx)).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::FillTimeout {
+                digest: fill.digest.clone(),
+                reason: format!("not done after {:?}", self.config.deadline),
+            }),
+        };
+        if let Some(m) = self.chain_metrics() {
+            m.fill_ended();
+        }
+        self.report(&fill, &from, started, &result);
+        match result {
+            Ok(came) => {
+                let _ = tx.send(Progress::Verified);
+                self.publish(&fill, &media_type, came);
+            }
+            // A fill whose bytes were verified but could not be stored still served them:
+            // readers that saw `Verified` keep it (read.rs), new ones must not see a failure.
+            Err(e) if !matches!(*tx.borrow(), Progress::Verified) => {
+                let _ = tx.send(Progress::Failed(e.to_string().into()));
+            }
+            Err(_) => {}
+        }
+        let mut table = self.table();
+        if table.get(&fill.digest).is_some_and(|w| w.as_ptr() == Arc::as_ptr(&fill)) {
+            table.remove(&fill.digest);
+        }
+    }
+
+    /// One log line and the back-fill count of a finished fill. A cancel is no failure.
+    fn report(&self, fill: &Fill, from: &UpstreamBlob, started: Instant, result: &Result<Came>) {
+        let local = self.store.is_some().then_some(BackfillStore::Local);
+        match result {
+            Ok(came) => {
+                let secs = started.elapsed().as_secs_f64();
+                let source = match came {
+                    Came::Cluster => "cluster",
+                    Came::Origin => "upstream",
+                };
+                tracing::info!(
+                    digest = %fill.digest, registry = %from.registry, repo = %from.repo, source,
+                    size = fill.size, seconds = secs,
+                    mib_per_second = (fill.size as f64 / 1048576.0) / secs.max(1e-9),
+                    "downloaded blob"
+                );
+                if let Some(store) = local {
+                    self.metrics.backfill(store, BackfillOutcome::Ok);
+                }
+            }
+            Err(e @ Error::Cancelled { .. }) => {
+                tracing::debug!(digest = %fill.digest, registry = %from.registry, error = %e, "blob fill stopped");
+            }
+            Err(e) => {
+                tracing::warn!(digest = %fill.digest, registry = %from.registry, repo = %from.repo, error = %e, "blob fill failed");
+                if let Some(store) = local {
+                    self.metrics.backfill(store, BackfillOutcome::Failed);
+                }
+            }
+        }
+    }
+
+    /// cluster → origin → verify (the readers get the last byte) → commit.
+    async fn run(
+        &self,
+        fill: &Arc<Fill>,
+        spool: Spool,
+        from: &UpstreamBlob,
+        tx: &watch::Sender<Progress>,
+    ) -> Result<Came> {
+        let mut run = Run { fill, spool, tx, notify: Notifier::default() };
+        let mut came = Came::Origin;
+        if let Some(cluster) = &self.cluster
+            && let Some(entry) = cluster.lookup(&fill.digest, fill.size).await
+        {
+            match self.fill_from_cluster(cluster.as_ref(), &entry, &mut run).await {
+                Ok(()) => came = Came::Cluster,
+                Err(e @ Error::Cancelled { .. }) => return Err(e),
+                Err(e) => tracing::info!(
+                    digest = %fill.digest, cid = %entry.cid, offset = run.spool.accepted(), error = %e,
+                    "IPFS could not deliver the blob; going on from upstream at this offset"
+                ),
+            }
+        }
+        if came == Came::Origin {
+            self.fill_from_origin(&mut run, from).await?;
+        }
+        let verified = run.spool.verify(&fill.digest, fill.size).await;
+        if let Err(e) = &verified {
+            self.mismatch(fill, came, e).await;
+        }
+        verified?;
+        // Readers get the last byte as soon as the digest checks out; syncing and renaming into
+        // the store (slow for a large blob) happens after.
+        let _ = tx.send(Progress::Verified);
+        run.spool.commit(self.store.clone(), &fill.digest, fill.size).await?;
+        Ok(came)
+    }
+
+    /// Counts a failed verification; content that came all from IPFS and hashed wrong means
+    /// the index points at other content: nobody may use that entry again. (Bytes partly from
+    /// the origin prove nothing about the index.)
+    async fn mismatch(&self, fill: &Fill, came: Came, e: &Error) {
+        if !matches!(e, Error::DigestMismatch { .. } | Error::SizeMismatch { .. }) {
+            return;
+        }
+        if let Some(m) = self.chain_metrics() {
+            m.mismatch(came == Came::Cluster);
+        }
+        if came == Came::Cluster
+            && let Some(cluster) = &self.cluster
+        {
+            tracing::warn!(digest = %fill.digest, "blob assembled from IPFS did not verify; removing its index entry");
+            cluster.forget(&fill.digest).await;
+        }
+    }
+
+    /// Streams the blob from IPFS into the spool, resuming a broken stream at its offset a few
+    /// times. Returns an error when the rest must come from elsewhere.
+    async fn fill_from_cluster(&self, cluster: &dyn ClusterBlobs, entry: &IndexEntry, run: &mut Run<'_>) -> Result<()> {
+        let size = run.fill.size;
+        let mut resumes = 0usize;
+        loop {
+            let offset = run.spool.accepted();
+            if offset == size {
+                return Ok(());
+            }
+            let Some(mut stream) = cluster.cat(&entry.cid, offset, size - offset).await else {
+                return Err(Error::Cluster { dependency: "ipfs", context: "cat".into(), reason: "no answer".into() });
+            };
+            let reason = loop {
+                match run.next(&mut stream, self.config.idle_timeout).await {
+                    Ok(Some(Ok(bytes))) => run.append(self, bytes).await?,
+                    Ok(Some(Err(e))) | Err(e @ Error::FillTimeout { .. }) => break e.to_string(),
+                    Err(e) => return Err(e),
+                    Ok(None) => break format!("stream ended at byte {}", run.spool.accepted()),
+                }
+            };
+            if run.spool.accepted() == size {
+                return Ok(());
+            }
+            resumes += 1;
+            if resumes > self.config.max_cluster_resumes {
+                cluster.failed(&reason);
+                return Err(Error::Cluster { dependency: "ipfs", context: "cat".into(), reason });
+            }
+            tracing::debug!(digest = %run.fill.digest, offset = run.spool.accepted(), %reason, "IPFS stream broke; resuming");
+        }
+    }
+
+    /// Streams the rest of the blob from its origin, resuming broken bodies at their offset.
+    async fn fill_from_origin(&self, run: &mut Run<'_>, from: &UpstreamBlob) -> Result<()> {
+        let digest = run.fill.digest.clone();
+        let context = || format!("{}/{}@{digest}", from.registry, from.repo);
+        let mut backoff = self.backoff();
+        let mut resumes = 0usize;
+        loop {
+            let offset = run.spool.accepted();
+            if offset == run.fill.size {
+                return Ok(());
+            }
+            let broke = match self.origin.open(from, &digest, offset).await {
+                Ok(stream) => match self.copy_body(run, stream, &context).await? {
+                    None => continue,
+                    Some(broke) => broke,
+                },
+                Err(e) => {
+                    // A ranged request answered oddly is worth one more try; a first one is not.
+                    let retry = e.is_retryable() || (e.kind() == facade_upstream::ErrorKind::Protocol && offset > 0);
+                    let err = Error::upstream(context(), e);
+                    if !retry {
+                        return Err(err);
+                    }
+                    self.count_retry(RetryReason::Request);
+                    err
+                }
+            };
+            if run.spool.accepted() == run.fill.size {
+                return Ok(());
+            }
+            resumes += 1;
+            if resumes > self.config.max_resumes {
+                return Err(broke);
+            }
+            if run.spool.accepted() > offset {
+                backoff = self.backoff();
+            }
+            let Some(delay) = backoff.next() else { return Err(broke) };
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// Copies one origin body into the spool. `Ok(None)`: the body is complete; `Ok(Some)`: it
+    /// broke in a way worth a resume (the bytes before the break are kept); `Err`: the fill
+    /// must fail.
+    async fn copy_body(
+        &self,
+        run: &mut Run<'_>,
+        mut stream: facade_upstream::BlobStream,
+        context: &(dyn Fn() -> String + Sync),
+    ) -> Result<Option<Error>> {
+        let size = run.fill.size;
+        if let Some(total) = stream.total_size
+            && total != size
+        {
+            return Err(Error::SizeMismatch { digest: run.fill.digest.clone(), expected: size, actual: total });
+        }
+        loop {
+            let err = match run.next(&mut stream.body, self.config.idle_timeout).await {
+                Ok(Some(Ok(bytes))) => {
+                    run.append(self, bytes).await?;
+                    continue;
+                }
+                Ok(None) if run.spool.accepted() == size => return Ok(None),
+                Ok(None) => Error::Interrupted { digest: run.fill.digest.clone(), offset: run.spool.accepted() },
+                Ok(Some(Err(e))) if e.is_retryable() => Error::upstream(context(), e),
+                Ok(Some(Err(e))) => return Err(Error::upstream(context(), e)),
+                Err(e @ Error::FillTimeout { .. }) => e,
+                Err(e) => return Err(e),
+            };
+            tracing::debug!(digest = %run.fill.digest, offset = run.spool.accepted(), error = %err, "upstream body broke; resuming");
+            self.count_retry(RetryReason::Body);
+            // Readers get what arrived before the break while we resume.
+            let written = run.spool.flush().await?;
+            run.notify.flush(run.tx, written);
+            return Ok(Some(err));
+        }
+    }
+
+    fn count_retry(&self, reason: RetryReason) {
+        if let Some(m) = self.chain_metrics() {
+            m.retry(reason);
+        }
+    }
+
+    /// Adds a blob that came from the origin to IPFS, from the fill's verified spool (open, so a
+    /// commit's rename does not matter), in the background.
+    fn publish(&self, fill: &Arc<Fill>, media_type: &str, came: Came) {
+        let Some(cluster) = &self.cluster else { return };
+        if came == Came::Cluster {
+            self.metrics.backfill(BackfillStore::Ipfs, BackfillOutcome::Skipped);
+            return;
+        }
+        let digest = fill.digest.clone();
+        let publish = cluster.clone().publish(digest.clone(), media_type.to_string(), fill.file(), fill.size);
+        tokio::spawn(async move {
+            if publish.await == BackfillOutcome::Failed {
+                tracing::debug!(%digest, "blob not added to the cluster cache");
+            }
+        });
+    }
+
+    fn backoff(&self) -> backon::ExponentialBackoff {
+        backon::ExponentialBuilder::default()
+            .with_min_delay(self.config.retry_min_delay)
+            .with_max_delay(self.config.retry_max_delay)
+            .with_max_times(self.config.max_attempts_without_progress)
+            .with_jitter()
+            .build()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,416 @@
+//! The fill driven by scripted origins and a scripted cluster, in process: join, resume, the
+//! resume budget, the IPFS → origin hand-over, cancellation and deadlines (paused time).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use facade_oci::{Digest, RepoName};
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
+
+use super::*;
+use crate::blobs::read::file_range_stream;
+
+fn data(n: usize) -> Bytes {
+    Bytes::from((0..n).map(|i| (i * 7 % 251) as u8).collect::<Vec<u8>>())
+}
+
+fn from() -> UpstreamBlob {
+    UpstreamBlob { registry: "registry.test".into(), repo: RepoName::parse("team/base").unwrap() }
+}
+
+fn reset() -> facade_upstream::Error {
+    facade_upstream::Error::Transport { host: "registry.test".into(), source: "connection reset".into() }
+}
+
+/// What the scripted origin does on one open.
+#[derive(Clone)]
+enum Step {
+    /// Serves from the offset asked for, in chunks of `chunk`, breaking after `cut` bytes.
+    Serve { chunk: usize, cut: Option<usize> },
+    /// Fails the request.
+    Fail(fn() -> facade_upstream::Error),
+    /// Answers the headers, then never a byte.
+    Hang,
+    /// One byte every `every`, forever (and past the end: a source that never ends).
+    Trickle(Duration),
+    /// Announces another total size.
+    Lie(u64),
+    /// Serves other bytes of the right length.
+    Garbage,
+}
+
+struct Scripted {
+    data: Bytes,
+    steps: Vec<Step>,
+    opens: std::sync::Mutex<Vec<u64>>,
+    /// Set when a body the origin handed out was dropped before its end.
+    dropped: Arc<AtomicBool>,
+}
+
+impl Scripted {
+    fn new(data: Bytes, steps: Vec<Step>) -> Arc<Self> {
+        Arc::new(Scripted { data, steps, opens: Default::default(), dropped: Default::default() })
+    }
+
+    fn opens(&self) -> Vec<u64> {
+        self.opens.lock().unwrap().clone()
+    }
+}
+
+/// Flags its body's drop.
+struct DropFlag(Arc<AtomicBool>);
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Origin for Scripted {
+    fn open<'a>(
+        &'a self,
+        _from: &'a UpstreamBlob,
+        _digest: &'a Digest,
+        offset: u64,
+    ) -> BoxFuture<'a, facade_upstream::Result<facade_upstream::BlobStream>> {
+        Box::pin(async move {
+            let n = {
+                let mut opens = self.opens.lock().unwrap();
+                opens.push(offset);
+                opens.len() - 1
+            };
+            let step = self.steps.get(n).or(self.steps.last()).cloned().unwrap();
+            let total = self.data.len() as u64;
+            let rest = self.data.slice(offset as usize..);
+            let flag = DropFlag(self.dropped.clone());
+            let body: BoxStream<'static, facade_upstream::Result<Bytes>> = match step {
+                Step::Fail(e) => return Err(e()),
+                Step::Lie(size) => {
+                    return Ok(facade_upstream::BlobStream {
+                        total_size: Some(size),
+                        offset,
+                        body: futures::stream::empty().boxed(),
+                    });
+                }
+                Step::Serve { chunk, cut } => {
+                    let end = cut.map_or(rest.len(), |c| c.min(rest.len()));
+                    let chunks: Vec<_> =
+                        (0..end).step_by(chunk).map(|i| Ok(rest.slice(i..(i + chunk).min(end)))).collect();
+                    let broken = cut.is_some_and(|c| c < rest.len());
+                    let tail = broken.then(reset).map(Err);
+                    futures::stream::iter(chunks).chain(futures::stream::iter(tail)).boxed()
+                }
+                Step::Garbage => futures::stream::iter(vec![Ok(Bytes::from(vec![0u8; rest.len()]))]).boxed(),
+                Step::Hang => futures::stream::pending().boxed(),
+                Step::Trickle(every) => futures::stream::unfold((), move |()| async move {
+                    tokio::time::sleep(every).await;
+                    Some((Ok(Bytes::from_static(b"x")), ()))
+                })
+                .boxed(),
+            };
+            let body = body.map(move |item| {
+                let _keep = &flag;
+                item
+            });
+            Ok(facade_upstream::BlobStream { total_size: Some(total), offset, body: body.boxed() })
+        })
+    }
+}
+
+fn config(dir: &std::path::Path) -> FillConfig {
+    FillConfig {
+        spool_dir: dir.join("spool"),
+        retry_min_delay: Duration::from_millis(10),
+        retry_max_delay: Duration::from_millis(50),
+        max_attempts_without_progress: 3,
+        max_resumes: 8,
+        max_cluster_resumes: 1,
+        idle_timeout: Duration::from_secs(5),
+        deadline: Duration::from_secs(600),
+    }
+}
+
+fn fills(dir: &std::path::Path, store: Option<LocalStore>, origin: Arc<dyn Origin>) -> Arc<Fills> {
+    Fills::with_origin(config(dir), store, origin, None, ClusterMetrics::unregistered()).unwrap()
+}
+
+/// Reads the whole blob through a fill as a client would.
+async fn read_all(fills: &Arc<Fills>, digest: &Digest, size: u64) -> std::io::Result<Vec<u8>> {
+    let (fill, _) = fills.join(digest, size, "application/octet-stream", &from()).map_err(std::io::Error::other)?;
+    let stream = file_range_stream(fill.file(), 0, size, size, Some(fill.progress()), Some(Box::new(fill)));
+    stream
+        .try_fold(Vec::new(), |mut acc, b| async move {
+            acc.extend_from_slice(&b);
+            Ok(acc)
+        })
+        .await
+}
+
+async fn wait_for_empty_table(fills: &Fills) {
+    for _ in 0..1000 {
+        if fills.inflight() == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the fill never left the table");
+}
+
+#[tokio::test]
+async fn concurrent_readers_share_one_download() {
+    let dir = tempfile::tempdir().unwrap();
+    let blob = data(3 << 20);
+    let digest = Digest::sha256_of(&blob);
+    let origin = Scripted::new(blob.clone(), vec![Step::Serve { chunk: 64 << 10, cut: None }]);
+    let store = LocalStore::open(&dir.path().join("store")).unwrap();
+    let f = fills(dir.path(), Some(store.clone()), origin.clone());
+    let size = blob.len() as u64;
+    let reads = futures::future::join_all((0..8).map(|_| read_all(&f, &digest, size))).await;
+    for r in reads {
+        assert_eq!(r.unwrap(), blob);
+    }
+    assert_eq!(origin.opens(), vec![0], "one download for eight readers");
+    wait_for_empty_table(&f).await;
+    assert!(store.contains(&digest));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_broken_body_resumes_at_its_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let blob = data(1 << 20);
+    let digest = Digest::sha256_of(&blob);
+    let cut = Step::Serve { chunk: 4096, cut: Some(300_000) };
+    let origin = Scripted::new(blob.clone(), vec![cut.clone(), cut, Step::Serve { chunk: 4096, cut: None }]);
+    let f = fills(dir.path(), None, origin.clone());
+    assert_eq!(read_all(&f, &digest, blob.len() as u64).await.unwrap(), blob);
+    assert_eq!(origin.opens(), vec![0, 300_000, 600_000]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_resume_budget_ends_a_flapping_download() {
+    let dir = tempfile::tempdir().unwrap();
+    let blob = data(1 << 20);
+    let digest = Digest::sha256_of(&blob);
+    // Progress every time (so backoff never runs out), but only 1000 bytes per connection.
+    let origin = Scripted::new(blob.clone(), vec![Step::Serve { chunk: 1000, cut: Some(1000) }]);
+    let f = fills(dir.path(), None, origin.clone());
+    let err = read_all(&f, &digest, blob.len() as u64).await.unwrap_err();
+    assert!(err.to_string().contains("fill failed"), "{err}");
+    assert_eq!(origin.opens().len(), config(dir.path()).max_resumes + 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn attempts_without_progress_give_up_and_a_404_is_not_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let blob = data(10_000);
+    let digest = Digest::sha256_of(&blob);
+    let origin = Scripted::new(blob.clone(), vec![Step::Fail(reset)]);
+    let f = fills(dir.path(), None, origin.clone());
+    assert!(read_all(&f, &digest, blob.len() as u64).await.is_err());
+    assert_eq!(origin.opens().len(), config(dir.path()).max_attempts_without_progress + 1);
+
+    let not_found = || facade_upstream::Error::NotFound { host: "registry.test".into(), what: "blob".into() };
+    let origin = Scripted::new(blob.clone(), vec![Step::Fail(not_found)]);
+    let f = fills(dir.path(), None, origin.clone());
+    assert!(read_all(&f, &digest, blob.len() as u64).await.is_err());
+    assert_eq!(origin.opens().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_source_that_sends_nothing_is_resumed_after_the_idle_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let blob = data(100_000);
+    let digest = Digest::sha256_of(&blob);
+    let origin = Scripted::new(blob.clone(), vec![Step::Hang, Step::Serve { chunk: 4096, cut: None }]);
+    let f = fills(dir.path(), None, origin.clone());
+    let started = tokio::time::Instant::now();
+    assert_eq!(read_all(&f, &digest, blob.len() as u64).await.unwrap(), blob);
+    assert_eq!(origin.opens(), vec![0, 0]);
+    assert!(started.elapsed() >= config(dir.path()).idle_timeout);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_source_that_never_ends_hits_the_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let blob = data(1 << 30);
+    let digest = Digest::sha256_of(&blob);
+    let origin = Scripted::new(blob.clone(), vec![Step::Trickle(Duration::from_secs(1))]);
+    let mut cfg = config(dir.path());
+    cfg.deadline = Duration::from_secs(30);
+    let f = Fills::with_origin(cfg, None, origin.clone(), None, ClusterMetrics::unregistered()).unwrap();
+    let (fill, _) = f.join(&digest, blob.len() as u64, "x", &from()).unwrap();
+    let mut progress = fill.progress();
+    let failed = async {
+        loop {
+            if let Progress::Failed(reason) = progress.borrow_and_update().clone() {
+                return reason;
+            }
+            progress.changed().await.unwrap();
+        }
+    };
+    let reason = tokio::time::timeout(Duration::from_secs(120), failed).await.expect("no deadline");
+    assert!(reason.contains("not done after"), "{reason}");
+}
+
+#[tokio::test]
+async fn a_wrong_size_is_a_size_mismatch_and_wrong_bytes_leave_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let blob = data(50_000);
+    let digest = Digest::sha256_of(&blob);
+    let store = LocalStore::open(&dir.path().join("store")).unwrap();
+
+    let origin = Scripted::new(blob.clone(), vec![Step::Lie(60_000)]);
+    let f = fills(dir.path(), Some(store.clone()), origin);
+    let (fill, _) = f.join(&digest, blob.len() as u64, "x", &from()).unwrap();
+    let mut progress = fill.progress();
+    let reason = loop {
+        if let Progress::Failed(r) = progress.borrow_and_update().clone() {
+            break r;
+        }
+        progress.changed().await.unwrap();
+    };
+    assert!(reason.contains("expected 50000 bytes, got 60000"), "{reason}");
+    drop(fill);
+
+    let origin = Scripted::new(blob.clone(), vec![Step::Garbage]);
+    let f = fills(dir.path(), Some(store.clone()), origin);
+    let err = read_all(&f, &digest, blob.len() as u64).await.unwrap_err();
+    assert!(err.to_string().contains("hashed to"), "{err}");
+    wait_for_empty_table(&f).await;
+    assert!(!store.contains(&digest));
+    assert_eq!(std::fs::read_dir(dir.path().join("store/tmp")).unwrap().count(), 0, "a temp file was left");
+}
+
+#[tokio::test]
+async fn without_a_store_a_fill_nobody_reads_stops_and_a_later_request_starts_afresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let blob = data(4 << 20);
+    let digest = Digest::sha256_of(&blob);
+    let size = blob.len() as u64;
+    // The first body trickles, so the fill is still running when its reader leaves.
+    let origin = Scripted::new(
+        blob.clone(),
+        vec![Step::Trickle(Duration::from_millis(5)), Step::Serve { chunk: 64 << 10, cut: None }],
+    );
+    let f = fills(dir.path(), None, origin.clone());
+    let (fill, started) = f.join(&digest, size, "x", &from()).unwrap();
+    assert!(started);
+    let mut progress = fill.progress();
+    progress.wait_for(|p| matches!(p, Progress::Running { written } if *written > 0)).await.unwrap();
+    drop((progress, fill));
+    wait_for_empty_table(&f).await;
+    for _ in 0..200 {
+        if origin.dropped.load(Ordering::SeqCst) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(origin.dropped.load(Ordering::SeqCst), "the download went on with nobody reading");
+    // Whoever asks next gets a fill of its own and the whole blob.
+    let (again, started) = f.join(&digest, size, "x", &from()).unwrap();
+    assert!(started, "joined a fill that had been abandoned");
+    drop(again);
+    assert_eq!(read_all(&f, &digest, size).await.unwrap(), blob);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joins_racing_the_last_reader_leaving_always_complete() {
+    // Readers leave and arrive at the same moment, many times: a request must never be handed
+    // a fill that is about to stop for lack of readers.
+    let dir = tempfile::tempdir().unwrap();
+    let blob = data(256 << 10);
+    let digest = Digest::sha256_of(&blob);
+    let size = blob.len() as u64;
+    let origin = Scripted::new(blob.clone(), vec![Step::Serve { chunk: 1024, cut: None }]);
+    let f = fills(dir.path(), None, origin);
+    for _ in 0..200 {
+        let (first, _) = f.join(&digest, size, "x", &from()).unwrap();
+        let leaving = tokio::spawn(async move {
+            tokio::task::yield_now().await;
+            drop(first);
+        });
+        let arriving = read_all(&f, &digest, size);
+        let (left, got) = tokio::join!(leaving, arriving);
+        left.unwrap();
+        assert_eq!(got.unwrap(), blob);
+    }
+}
+
+/// A cluster whose IPFS content breaks after `serve` bytes, every time.
+struct FlakyCluster {
+    data: Bytes,
+    serve: usize,
+    cats: AtomicUsize,
+    forgotten: AtomicBool,
+    published: AtomicUsize,
+}
+
+impl ClusterBlobs for FlakyCluster {
+    fn lookup<'a>(&'a self, _digest: &'a Digest, size: u64) -> BoxFuture<'a, Option<IndexEntry>> {
+        Box::pin(async move { Some(IndexEntry { cid: "bafy".into(), media_type: "x".into(), size }) })
+    }
+
+    fn cat<'a>(
+        &'a self,
+        _cid: &'a str,
+        offset: u64,
+        _len: u64,
+    ) -> BoxFuture<'a, Option<BoxStream<'static, Result<Bytes>>>> {
+        Box::pin(async move {
+            self.cats.fetch_add(1, Ordering::SeqCst);
+            let start = offset as usize;
+            let end = self.serve.max(start);
+            let part = self.data.slice(start..end);
+            let err = Error::Cluster { dependency: "ipfs", context: "cat".into(), reason: "reset".into() };
+            Some(futures::stream::iter(vec![Ok(part), Err(err)]).boxed())
+        })
+    }
+
+    fn failed(&self, _reason: &str) {}
+
+    fn forget<'a>(&'a self, _digest: &'a Digest) -> BoxFuture<'a, ()> {
+        self.forgotten.store(true, Ordering::SeqCst);
+        Box::pin(async {})
+    }
+
+    fn publish(
+        self: Arc<Self>,
+        _d: Digest,
+        _m: String,
+        _f: Arc<std::fs::File>,
+        _s: u64,
+    ) -> BoxFuture<'static, BackfillOutcome> {
+        self.published.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async { BackfillOutcome::Ok })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_broken_ipfs_stream_hands_over_to_the_origin_at_its_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let blob = data(1 << 20);
+    let digest = Digest::sha256_of(&blob);
+    let origin = Scripted::new(blob.clone(), vec![Step::Serve { chunk: 8192, cut: None }]);
+    let cluster = Arc::new(FlakyCluster {
+        data: blob.clone(),
+        serve: 400_000,
+        cats: AtomicUsize::new(0),
+        forgotten: AtomicBool::new(false),
+        published: AtomicUsize::new(0),
+    });
+    let f = Fills::with_origin(
+        config(dir.path()),
+        None,
+        origin.clone(),
+        Some(cluster.clone() as Arc<dyn ClusterBlobs>),
+        ClusterMetrics::unregistered(),
+    )
+    .unwrap();
+    assert_eq!(read_all(&f, &digest, blob.len() as u64).await.unwrap(), blob);
+    assert_eq!(origin.opens(), vec![400_000], "the origin was not asked from IPFS's offset");
+    assert_eq!(cluster.cats.load(Ordering::SeqCst), 2, "one resume of the IPFS stream, then hand-over");
+    assert!(!cluster.forgotten.load(Ordering::SeqCst));
+}

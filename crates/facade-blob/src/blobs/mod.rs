@@ -1,0 +1,8 @@
+//! Blob bytes: the chain of sources a request reads from ([`chain`]), single-flight fills
+//! ([`fill`]) writing through a [`spool`], and the readers that follow a file while it grows
+//! ([`read`]). A digest's path reads top-down: chain → fill → spool → store commit.
+
+pub mod chain;
+pub mod fill;
+pub mod read;
+pub(crate) mod spool;

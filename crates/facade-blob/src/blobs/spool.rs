@@ -1,0 +1,222 @@
+//! The spool of one fill: bytes arrive from the network on a runtime worker and are written and
+//! hashed on the blocking pool, in batches, while the next batch downloads.
+//!
+//! Writing and hashing a 256 MiB layer on a runtime worker stalled every other request served
+//! by that worker (the cold path ran at 0.4x of the upstream's speed, bench/RESULTS.md). A
+//! batch is handed to the blocking pool when it reaches [`BATCH`] bytes, or earlier when the
+//! network has nothing more right now ([`Spool::flush`]), so a trickle still reaches readers.
+//! At most one batch is being written at a time: the next waits for it, which keeps the file's
+//! byte order and bounds the memory a fast upstream can pile up to two batches.
+//!
+//! The spool is the fill's one interface to the store: reserve ([`Spool::reserve`]), append,
+//! verify ([`Spool::verify`]), then commit ([`Spool::commit`]) or drop (the temp file goes).
+
+use std::path::Path;
+
+use bytes::Bytes;
+use facade_oci::Digest;
+
+use crate::error::{Error, Result};
+use crate::store::{LocalStore, TempBlob};
+
+/// Bytes collected before a write is handed to the blocking pool.
+pub const BATCH: usize = 1 << 20;
+
+/// A temp blob being written off the runtime's workers.
+pub struct Spool {
+    /// `None` while a batch is being written (the blocking task owns it then).
+    temp: Option<TempBlob>,
+    writing: Option<tokio::task::JoinHandle<(TempBlob, Result<()>)>>,
+    pending: Vec<Bytes>,
+    pending_len: usize,
+    /// Bytes appended so far (on disk, being written, or pending).
+    accepted: u64,
+    /// Bytes on disk: readers may read this far.
+    written: u64,
+    /// A write that failed: every later call answers it.
+    broken: Option<String>,
+}
+
+impl Spool {
+    /// A spool for `digest`: in the store's temp directory when there is a store (so a commit
+    /// is a rename), else in `spool_dir`.
+    pub fn reserve(store: Option<&LocalStore>, spool_dir: &Path, digest: &Digest) -> Result<Spool> {
+        let temp = match store {
+            Some(s) => s.temp_blob(digest)?,
+            None => TempBlob::create(spool_dir, digest)?,
+        };
+        Ok(Spool::new(temp))
+    }
+
+    fn new(temp: TempBlob) -> Spool {
+        Spool {
+            temp: Some(temp),
+            writing: None,
+            pending: Vec::new(),
+            pending_len: 0,
+            accepted: 0,
+            written: 0,
+            broken: None,
+        }
+    }
+
+    /// The temp file's path (readers open it once, before any rename).
+    pub fn path(&self) -> Option<&Path> {
+        self.temp.as_ref().map(TempBlob::path)
+    }
+
+    /// Bytes appended so far, written or not: the offset a resumed download starts at.
+    pub fn accepted(&self) -> u64 {
+        self.accepted
+    }
+
+    /// Bytes on disk: how far readers may read.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Appends `bytes`; starts a write when a batch is full (waiting for the previous one).
+    pub async fn append(&mut self, bytes: Bytes) -> Result<()> {
+        self.check_broken()?;
+        self.accepted += bytes.len() as u64;
+        self.pending_len += bytes.len();
+        self.pending.push(bytes);
+        if self.pending_len >= BATCH {
+            self.start_write().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes everything appended and waits for it: afterwards `written() == accepted()`.
+    pub async fn flush(&mut self) -> Result<u64> {
+        if !self.pending.is_empty() {
+            self.start_write().await?;
+        }
+        self.wait().await?;
+        Ok(self.written)
+    }
+
+    /// Whether a write is under way or bytes wait for one.
+    pub fn is_dirty(&self) -> bool {
+        self.writing.is_some() || !self.pending.is_empty()
+    }
+
+    async fn start_write(&mut self) -> Result<()> {
+        self.wait().await?;
+        let Some(mut temp) = self.temp.take() else {
+            return Err(Error::Spool { reason: "spool has no file".into() });
+        };
+        let batch = std::mem::take(&mut self.pending);
+        self.pending_len = 0;
+        self.writing = Some(tokio::task::spawn_blocking(move || {
+            let result = batch.iter().try_for_each(|b| temp.write_all(b));
+            (temp, result)
+        }));
+        Ok(())
+    }
+
+    async fn wait(&mut self) -> Result<()> {
+        let Some(task) = self.writing.take() else { return Ok(()) };
+        match task.await {
+            Ok((temp, result)) => {
+                self.written = temp.written();
+                self.temp = Some(temp);
+                if let Err(e) = result {
+                    self.broken = Some(e.to_string());
+                    return Err(e);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // The temp file went with the task (its drop removed it).
+                let reason = format!("spool write task failed: {e}");
+                self.broken = Some(reason.clone());
+                Err(Error::Spool { reason })
+            }
+        }
+    }
+
+    fn check_broken(&self) -> Result<()> {
+        match &self.broken {
+            Some(reason) => Err(Error::Spool { reason: reason.clone() }),
+            None => Ok(()),
+        }
+    }
+
+    /// Flushes, then checks size and digest of everything written. Only after this may a
+    /// reader get the blob's last byte.
+    pub async fn verify(&mut self, digest: &Digest, size: u64) -> Result<()> {
+        self.flush().await?;
+        let temp = self.temp.as_mut().ok_or_else(|| Error::Spool { reason: "spool has no file".into() })?;
+        temp.check(digest, size)
+    }
+
+    /// Syncs and renames the verified spool into `store` (blocking work, on the blocking pool).
+    /// Without a store the spool is dropped (and its file removed) once every reader is done.
+    pub async fn commit(mut self, store: Option<LocalStore>, digest: &Digest, size: u64) -> Result<()> {
+        self.verify(digest, size).await?;
+        let (Some(store), Some(temp)) = (store, self.temp.take()) else { return Ok(()) };
+        let digest = digest.clone();
+        tokio::task::spawn_blocking(move || temp.commit(&store, &digest, size))
+            .await
+            .map_err(|e| Error::Spool { reason: format!("commit task failed: {e}") })?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn writes_in_order_off_the_runtime_and_reports_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..(3 * BATCH + 12345)).map(|i| (i % 251) as u8).collect();
+        let digest = Digest::sha256_of(&data);
+        let mut spool = Spool::reserve(None, dir.path(), &digest).unwrap();
+        let path = spool.path().unwrap().to_path_buf();
+        for chunk in data.chunks(16 * 1024 + 7) {
+            spool.append(Bytes::copy_from_slice(chunk)).await.unwrap();
+            assert!(spool.written() <= spool.accepted());
+        }
+        assert_eq!(spool.accepted(), data.len() as u64);
+        assert_eq!(spool.flush().await.unwrap(), data.len() as u64);
+        assert_eq!(std::fs::read(&path).unwrap(), data);
+        spool.verify(&digest, data.len() as u64).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_wrong_size_is_a_size_mismatch_and_wrong_bytes_a_digest_mismatch() {
+        let dir = tempfile::tempdir().unwrap();
+        let digest = Digest::sha256_of(b"hello");
+        let mut spool = Spool::reserve(None, dir.path(), &digest).unwrap();
+        spool.append(Bytes::from_static(b"hell")).await.unwrap();
+        assert!(matches!(spool.verify(&digest, 5).await, Err(Error::SizeMismatch { expected: 5, actual: 4, .. })));
+
+        let mut spool = Spool::reserve(None, dir.path(), &digest).unwrap();
+        spool.append(Bytes::from_static(b"jello")).await.unwrap();
+        match spool.verify(&digest, 5).await {
+            Err(Error::DigestMismatch { expected, actual, .. }) => assert_ne!(expected, actual),
+            other => panic!("expected a digest mismatch, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn commits_into_the_store_and_dropping_removes_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        let digest = Digest::sha256_of(b"hello");
+        let mut spool = Spool::reserve(Some(&store), dir.path(), &digest).unwrap();
+        spool.append(Bytes::from_static(b"hello")).await.unwrap();
+        spool.commit(Some(store.clone()), &digest, 5).await.unwrap();
+        assert!(store.contains(&digest));
+
+        let other = Digest::sha256_of(b"other");
+        let mut spool = Spool::reserve(Some(&store), dir.path(), &other).unwrap();
+        spool.append(Bytes::from_static(b"oth")).await.unwrap();
+        spool.flush().await.unwrap();
+        let path = spool.path().unwrap().to_path_buf();
+        assert!(path.exists());
+        drop(spool);
+        assert!(!path.exists(), "an abandoned spool left its file");
+    }
+}
