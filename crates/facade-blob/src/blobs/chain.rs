@@ -84,13 +84,18 @@ impl BlobChain {
         }
     }
 
-    /// The bytes `[start, end_exclusive)` of a prepared blob.
+    /// The bytes `[start, end_exclusive)` of a prepared blob. A blob that must be fetched is
+    /// answered only once its source has answered, so the response's status can still say what
+    /// the origin said (404, 401/403, 429) instead of a 200 that is cut.
     pub async fn read(&self, blob: PreparedBlob, start: u64, end_exclusive: u64) -> Result<BlobStream> {
-        let (source, stream) = self.open_source(blob, start, end_exclusive)?;
+        let (source, stream, fill) = self.open_source(blob, start, end_exclusive)?;
+        if let Some(fill) = fill {
+            fill.answered().await?;
+        }
         Ok(Box::pin(self.chain_metrics.meter(source, end_exclusive.saturating_sub(start), stream)))
     }
 
-    fn open_source(&self, blob: PreparedBlob, start: u64, end_exclusive: u64) -> Result<(Source, BlobStream)> {
+    fn open_source(&self, blob: PreparedBlob, start: u64, end_exclusive: u64) -> Result<Opened> {
         let PreparedBlob { digest, entry, stored } = blob;
         if let Some(stored) = stored {
             tracing::trace!(%digest, "serving from the local store");
@@ -101,22 +106,21 @@ impl BlobChain {
             return Ok((
                 Source::Store,
                 file_range_stream(Arc::new(stored.file), start, end_exclusive, entry.size, None, Some(guard)),
+                None,
             ));
         }
         match &entry.origin {
-            BlobOrigin::Bytes(b) => Ok((Source::Memory, bytes_range_stream(b.clone(), start, end_exclusive))),
+            BlobOrigin::Bytes(b) => Ok((Source::Memory, bytes_range_stream(b.clone(), start, end_exclusive), None)),
             BlobOrigin::Upstream(from) => {
                 if self.store.is_some() {
                     self.metrics.lookup(CacheName::Local, LookupResult::Miss);
                 }
                 let (fill, started) = self.fills.join(&digest, entry.size, &entry.media_type, from)?;
                 tracing::debug!(%digest, started, start, "serving from an upstream fill");
-                let file = fill.file();
-                let progress = fill.progress();
-                Ok((
-                    Source::Fill,
-                    file_range_stream(file, start, end_exclusive, entry.size, Some(progress), Some(Box::new(fill))),
-                ))
+                let (file, progress) = (fill.file(), fill.progress());
+                let guard: Box<dyn Send + Sync> = Box::new(fill.clone());
+                let stream = file_range_stream(file, start, end_exclusive, entry.size, Some(progress), Some(guard));
+                Ok((Source::Fill, stream, Some(fill)))
             }
             BlobOrigin::Stored => Err(Error::io(
                 format!("static layer {digest} is missing from the local store"),
@@ -126,6 +130,9 @@ impl BlobChain {
         }
     }
 }
+
+/// An opened source: its stream, and the fill to wait on when it is one.
+type Opened = (Source, BlobStream, Option<Arc<crate::blobs::fill::Fill>>);
 
 /// What a blob request gets, decided before any byte is read.
 #[derive(Debug)]

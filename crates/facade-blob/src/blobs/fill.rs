@@ -36,6 +36,7 @@ use crate::cluster::{BackfillOutcome, BackfillStore, ClusterCache, ClusterMetric
 use crate::error::{Error, Result};
 use crate::metrics::{ChainMetrics, RetryReason};
 use crate::store::{InUse, LocalStore};
+use crate::sync::lock;
 
 /// Knobs of fills.
 #[derive(Clone, Debug)]
@@ -57,6 +58,11 @@ pub struct FillConfig {
     pub idle_timeout: Duration,
     /// A fill still running after this long fails (a source that trickles forever).
     pub deadline: Duration,
+    /// A fill that moves fewer bytes than this per second, measured over `min_rate_window`,
+    /// fails: a source that keeps a download alive with a trickle must not hold its readers.
+    pub min_rate: u64,
+    /// The window `min_rate` is measured over.
+    pub min_rate_window: Duration,
 }
 
 impl Default for FillConfig {
@@ -71,12 +77,18 @@ impl Default for FillConfig {
             idle_timeout: Duration::from_secs(60),
             // 10 GiB at 3 MiB/s still fits: the deadline is for sources that never end.
             deadline: Duration::from_secs(3 * 3600),
+            // 8 KiB/s over a minute: far below any link a pull can finish on, far above a
+            // trickle that only keeps a connection open.
+            min_rate: 8 * 1024,
+            min_rate_window: Duration::from_secs(60),
         }
     }
 }
 
-/// Where a fill downloads from.
-#[derive(Clone, Debug)]
+/// Where a fill downloads from: the origin a workspace's image names for the blob. Fills are
+/// shared only between requests whose images name the same origin, so a registry one tenant
+/// controls can never serve, stall or break another tenant's download of the same digest.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct UpstreamBlob {
     /// Registry host as written in the image ref.
     pub registry: String,
@@ -171,8 +183,10 @@ pub struct Fill {
     pub digest: Digest,
     /// Its size.
     pub size: u64,
+    origin: UpstreamBlob,
     file: Arc<std::fs::File>,
     progress: watch::Receiver<Progress>,
+    head: watch::Receiver<Head>,
     /// Keeps the committed blob from eviction while readers (who hold the fill) read it.
     _in_use: Option<InUse>,
 }
@@ -187,6 +201,30 @@ impl Fill {
     pub fn progress(&self) -> watch::Receiver<Progress> {
         self.progress.clone()
     }
+
+    /// Waits until a source answered (so the response status can follow the origin's), or
+    /// returns the failure that ended the fill before any source did: a 404, 401, 403 or 429
+    /// of the origin reaches the client as that error, not as a 200 that is cut.
+    pub async fn answered(&self) -> Result<()> {
+        let mut head = self.head.clone();
+        let state = head.wait_for(|h| !matches!(h, Head::Waiting)).await;
+        match state.as_deref() {
+            Ok(Head::Failed(e)) => Err(Error::Shared(e.clone())),
+            Ok(_) => Ok(()),
+            Err(_) => Err(Error::Spool { reason: "fill ended before any source answered".into() }),
+        }
+    }
+}
+
+/// Whether a fill's source has answered yet.
+#[derive(Clone, Debug)]
+enum Head {
+    /// No source has answered yet.
+    Waiting,
+    /// A source answered with the blob's bytes on the way.
+    Answered,
+    /// The fill failed before any source answered.
+    Failed(Arc<Error>),
 }
 
 /// The table of in-flight fills.
@@ -197,7 +235,8 @@ pub struct Fills {
     cluster: Option<Arc<dyn ClusterBlobs>>,
     metrics: ClusterMetrics,
     chain_metrics: std::sync::OnceLock<ChainMetrics>,
-    inflight: Mutex<HashMap<Digest, Weak<Fill>>>,
+    /// The fills of each digest, one per origin at most.
+    inflight: Mutex<HashMap<Digest, Vec<Weak<Fill>>>>,
 }
 
 /// Batches progress notifications: every send wakes every reader, and per-chunk wake-ups of
@@ -230,6 +269,12 @@ impl Notifier {
     }
 }
 
+/// The fill task's ends of its readers' channels.
+struct Senders {
+    progress: watch::Sender<Progress>,
+    head: watch::Sender<Head>,
+}
+
 /// Where the bytes of a finished fill came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Came {
@@ -244,7 +289,11 @@ struct Run<'a> {
     fill: &'a Arc<Fill>,
     spool: Spool,
     tx: &'a watch::Sender<Progress>,
+    head: &'a watch::Sender<Head>,
     notify: Notifier,
+    /// Start of the current `min_rate` window and the bytes accepted at its start (tokio's
+    /// clock, like every other deadline of the fill).
+    window: (tokio::time::Instant, u64),
 }
 
 impl Run<'_> {
@@ -264,7 +313,36 @@ impl Run<'_> {
         if fills.abandoned(self.fill) {
             return Err(Error::Cancelled { digest: self.fill.digest.clone() });
         }
+        self.check_rate(&fills.config)
+    }
+
+    /// Fails a fill that moved fewer than `min_rate` bytes per second over the last window.
+    fn check_rate(&mut self, config: &FillConfig) -> Result<()> {
+        let (since, at) = self.window;
+        let elapsed = since.elapsed();
+        if elapsed < config.min_rate_window {
+            return Ok(());
+        }
+        let moved = self.spool.accepted() - at;
+        if (moved as f64) < config.min_rate as f64 * elapsed.as_secs_f64() {
+            return Err(Error::FillTimeout {
+                digest: self.fill.digest.clone(),
+                reason: format!("{moved} bytes in {elapsed:?}, below the minimum of {} bytes/s", config.min_rate),
+            });
+        }
+        self.window = (tokio::time::Instant::now(), self.spool.accepted());
         Ok(())
+    }
+
+    /// A source answered: requests waiting to send their status may go on.
+    fn answered(&self) {
+        self.head.send_if_modified(|h| match h {
+            Head::Waiting => {
+                *h = Head::Answered;
+                true
+            }
+            _ => false,
+        });
     }
 
     /// The next item of `body`. When nothing is ready, what is pending is written first, so
@@ -336,17 +414,28 @@ impl Fills {
 
     /// The table, even after a panic elsewhere poisoned its lock: the map itself is always
     /// consistent (each operation is one insert or remove).
-    fn table(&self) -> MutexGuard<'_, HashMap<Digest, Weak<Fill>>> {
-        self.inflight.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn table(&self) -> MutexGuard<'_, HashMap<Digest, Vec<Weak<Fill>>>> {
+        lock(&self.inflight)
     }
 
     /// Number of fills in flight.
     pub fn inflight(&self) -> usize {
-        self.table().values().filter(|w| w.strong_count() > 0).count()
+        self.table().values().flatten().filter(|w| w.strong_count() > 0).count()
     }
 
-    /// Joins the fill of `digest`, starting it if none runs. Returns the fill and whether this
-    /// call started it.
+    /// Takes `fill` out of the table (if it is still there).
+    fn remove(table: &mut HashMap<Digest, Vec<Weak<Fill>>>, fill: &Arc<Fill>) {
+        if let Some(list) = table.get_mut(&fill.digest) {
+            list.retain(|w| w.as_ptr() != Arc::as_ptr(fill) && w.strong_count() > 0);
+            if list.is_empty() {
+                table.remove(&fill.digest);
+            }
+        }
+    }
+
+    /// Joins the fill of `digest` from origin `from`, starting it if none runs. A fill of the
+    /// same digest from another origin is never joined (see [`UpstreamBlob`]). Returns the fill
+    /// and whether this call started it.
     pub fn join(
         self: &Arc<Self>,
         digest: &Digest,
@@ -357,9 +446,13 @@ impl Fills {
         let mut table = self.table();
         // Upgrading under the lock that `abandoned` takes: a fill is either still wanted, and
         // this reader keeps it going, or already out of the table.
-        if let Some(existing) = table.get(digest).and_then(Weak::upgrade)
-            && !matches!(*existing.progress.borrow(), Progress::Failed(_))
-        {
+        let existing = table
+            .get(digest)
+            .into_iter()
+            .flatten()
+            .filter_map(Weak::upgrade)
+            .find(|f| f.origin == *from && !matches!(*f.progress.borrow(), Progress::Failed(_)));
+        if let Some(existing) = existing {
             if let Some(m) = self.chain_metrics() {
                 m.joined();
             }
@@ -369,11 +462,21 @@ impl Fills {
         let path = spool.path().ok_or_else(|| Error::Spool { reason: "new spool has no file".into() })?;
         let file = std::fs::File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
         let (tx, rx) = watch::channel(Progress::Running { written: 0 });
+        let (head_tx, head) = watch::channel(Head::Waiting);
         let in_use = self.store.as_ref().map(|s| s.in_use(digest));
-        let fill = Arc::new(Fill { digest: digest.clone(), size, file: Arc::new(file), progress: rx, _in_use: in_use });
-        table.insert(digest.clone(), Arc::downgrade(&fill));
+        let fill = Arc::new(Fill {
+            digest: digest.clone(),
+            size,
+            origin: from.clone(),
+            file: Arc::new(file),
+            progress: rx,
+            head,
+            _in_use: in_use,
+        });
+        table.entry(digest.clone()).or_default().push(Arc::downgrade(&fill));
         drop(table);
-        tokio::spawn(self.clone().drive(fill.clone(), spool, from.clone(), media_type.to_string(), tx));
+        let senders = Senders { progress: tx, head: head_tx };
+        tokio::spawn(self.clone().drive(fill.clone(), spool, media_type.to_string(), senders));
         Ok((fill, true))
     }
 
@@ -389,27 +492,20 @@ impl Fills {
         if Arc::strong_count(fill) > 1 {
             return false;
         }
-        if table.get(&fill.digest).is_some_and(|w| w.as_ptr() == Arc::as_ptr(fill)) {
-            table.remove(&fill.digest);
-        }
+        Self::remove(&mut table, fill);
         true
     }
 
     /// The fill's task: runs it, tells the readers how it ended, counts it, publishes what came
     /// from the origin, and leaves the table.
-    async fn drive(
-        self: Arc<Self>,
-        fill: Arc<Fill>,
-        spool: Spool,
-        from: UpstreamBlob,
-        media_type: String,
-        tx: watch::Sender<Progress>,
-    ) {
+    async fn drive(self: Arc<Self>, fill: Arc<Fill>, spool: Spool, media_type: String, tx: Senders) {
         let started = Instant::now();
         if let Some(m) = self.chain_metrics() {
             m.fill_started();
         }
-        let result = match tokio::time::timeout(self.config.deadline, self.run(&fill, spool, &from, &tx)).await {
+        let from = fill.origin.clone();
+        let run = self.run(&fill, spool, &tx);
+        let result = match tokio::time::timeout(self.config.deadline, run).await {
             Ok(r) => r,
             Err(_) => Err(Error::FillTimeout {
                 digest: fill.digest.clone(),
@@ -422,20 +518,26 @@ impl Fills {
         self.report(&fill, &from, started, &result);
         match result {
             Ok(came) => {
-                let _ = tx.send(Progress::Verified);
+                let _ = tx.progress.send(Progress::Verified);
                 self.publish(&fill, &media_type, came);
             }
-            // A fill whose bytes were verified but could not be stored still served them:
-            // readers that saw `Verified` keep it (read.rs), new ones must not see a failure.
-            Err(e) if !matches!(*tx.borrow(), Progress::Verified) => {
-                let _ = tx.send(Progress::Failed(e.to_string().into()));
+            Err(e) => {
+                let e = Arc::new(e);
+                tx.head.send_if_modified(|h| match h {
+                    Head::Waiting => {
+                        *h = Head::Failed(e.clone());
+                        true
+                    }
+                    _ => false,
+                });
+                // A fill whose bytes were verified but could not be stored still served them:
+                // readers that saw `Verified` keep it (read.rs), new ones must not see a failure.
+                if !matches!(*tx.progress.borrow(), Progress::Verified) {
+                    let _ = tx.progress.send(Progress::Failed(e.to_string().into()));
+                }
             }
-            Err(_) => {}
         }
-        let mut table = self.table();
-        if table.get(&fill.digest).is_some_and(|w| w.as_ptr() == Arc::as_ptr(&fill)) {
-            table.remove(&fill.digest);
-        }
+        Self::remove(&mut self.table(), &fill);
     }
 
     /// One log line and the back-fill count of a finished fill. A cancel is no failure.
@@ -471,14 +573,16 @@ impl Fills {
     }
 
     /// cluster → origin → verify (the readers get the last byte) → commit.
-    async fn run(
-        &self,
-        fill: &Arc<Fill>,
-        spool: Spool,
-        from: &UpstreamBlob,
-        tx: &watch::Sender<Progress>,
-    ) -> Result<Came> {
-        let mut run = Run { fill, spool, tx, notify: Notifier::default() };
+    async fn run(&self, fill: &Arc<Fill>, spool: Spool, tx: &Senders) -> Result<Came> {
+        let from = &fill.origin;
+        let mut run = Run {
+            fill,
+            spool,
+            tx: &tx.progress,
+            head: &tx.head,
+            notify: Notifier::default(),
+            window: (tokio::time::Instant::now(), 0),
+        };
         let mut came = Came::Origin;
         if let Some(cluster) = &self.cluster
             && let Some(entry) = cluster.lookup(&fill.digest, fill.size).await
@@ -502,7 +606,7 @@ impl Fills {
         verified?;
         // Readers get the last byte as soon as the digest checks out; syncing and renaming into
         // the store (slow for a large blob) happens after.
-        let _ = tx.send(Progress::Verified);
+        let _ = tx.progress.send(Progress::Verified);
         run.spool.commit(self.store.clone(), &fill.digest, fill.size).await?;
         Ok(came)
     }
@@ -538,6 +642,7 @@ impl Fills {
             let Some(mut stream) = cluster.cat(&entry.cid, offset, size - offset).await else {
                 return Err(Error::Cluster { dependency: "ipfs", context: "cat".into(), reason: "no answer".into() });
             };
+            run.answered();
             let reason = loop {
                 match run.next(&mut stream, self.config.idle_timeout).await {
                     Ok(Some(Ok(bytes))) => run.append(self, bytes).await?,
@@ -576,7 +681,11 @@ impl Fills {
                 },
                 Err(e) => {
                     // A ranged request answered oddly is worth one more try; a first one is not.
-                    let retry = e.is_retryable() || (e.kind() == facade_upstream::ErrorKind::Protocol && offset > 0);
+                    // A 429 before any byte goes to the client with the origin's Retry-After
+                    // (the origin asked for a pause, not for our retries).
+                    let rate_limited = e.kind() == facade_upstream::ErrorKind::RateLimited && offset == 0;
+                    let retry = !rate_limited
+                        && (e.is_retryable() || (e.kind() == facade_upstream::ErrorKind::Protocol && offset > 0));
                     let err = Error::upstream(context(), e);
                     if !retry {
                         return Err(err);
@@ -615,6 +724,7 @@ impl Fills {
         {
             return Err(Error::SizeMismatch { digest: run.fill.digest.clone(), expected: size, actual: total });
         }
+        run.answered();
         loop {
             let err = match run.next(&mut stream.body, self.config.idle_timeout).await {
                 Ok(Some(Ok(bytes))) => {

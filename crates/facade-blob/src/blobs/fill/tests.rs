@@ -130,6 +130,8 @@ fn config(dir: &std::path::Path) -> FillConfig {
         max_cluster_resumes: 1,
         idle_timeout: Duration::from_secs(5),
         deadline: Duration::from_secs(600),
+        min_rate: 1024,
+        min_rate_window: Duration::from_secs(30),
     }
 }
 
@@ -240,6 +242,8 @@ async fn a_source_that_never_ends_hits_the_deadline() {
     let origin = Scripted::new(blob.clone(), vec![Step::Trickle(Duration::from_secs(1))]);
     let mut cfg = config(dir.path());
     cfg.deadline = Duration::from_secs(30);
+    // A trickle that meets the minimum rate: only the deadline can end it.
+    cfg.min_rate = 0;
     let f = Fills::with_origin(cfg, None, origin.clone(), None, ClusterMetrics::unregistered()).unwrap();
     let (fill, _) = f.join(&digest, blob.len() as u64, "x", &from()).unwrap();
     let mut progress = fill.progress();
@@ -413,4 +417,94 @@ async fn a_broken_ipfs_stream_hands_over_to_the_origin_at_its_offset() {
     assert_eq!(origin.opens(), vec![400_000], "the origin was not asked from IPFS's offset");
     assert_eq!(cluster.cats.load(Ordering::SeqCst), 2, "one resume of the IPFS stream, then hand-over");
     assert!(!cluster.forgotten.load(Ordering::SeqCst));
+}
+
+/// Two registries behind one client: each workspace's image names one of them.
+struct TwoRegistries {
+    honest: Arc<Scripted>,
+    hostile: Arc<Scripted>,
+}
+
+impl Origin for TwoRegistries {
+    fn open<'a>(
+        &'a self,
+        from: &'a UpstreamBlob,
+        digest: &'a Digest,
+        offset: u64,
+    ) -> BoxFuture<'a, facade_upstream::Result<facade_upstream::BlobStream>> {
+        if from.registry == "hostile.test" {
+            self.hostile.open(from, digest, offset)
+        } else {
+            self.honest.open(from, digest, offset)
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_download_from_another_registry_is_never_joined() {
+    let dir = tempfile::tempdir().unwrap();
+    let blob = data(2 << 20);
+    let digest = Digest::sha256_of(&blob);
+    let size = blob.len() as u64;
+    // The hostile registry claims the same digest and trickles garbage.
+    let hostile = Scripted::new(blob.clone(), vec![Step::Trickle(Duration::from_secs(1))]);
+    let honest = Scripted::new(blob.clone(), vec![Step::Serve { chunk: 64 << 10, cut: None }]);
+    let origin = Arc::new(TwoRegistries { honest: honest.clone(), hostile: hostile.clone() });
+    let store = LocalStore::open(&dir.path().join("store")).unwrap();
+    let f = fills(dir.path(), Some(store.clone()), origin);
+    let attacker = UpstreamBlob { registry: "hostile.test".into(), repo: RepoName::parse("x/y").unwrap() };
+    let (held, started) = f.join(&digest, size, "x", &attacker).unwrap();
+    assert!(started);
+    held.answered().await.unwrap();
+
+    let started = tokio::time::Instant::now();
+    assert_eq!(read_all(&f, &digest, size).await.unwrap(), blob);
+    assert!(started.elapsed() < Duration::from_secs(5), "the honest pull waited on the hostile download");
+    assert_eq!(honest.opens(), vec![0]);
+    assert_eq!(hostile.opens(), vec![0]);
+    drop(held);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_trickle_below_the_minimum_rate_fails_the_fill() {
+    let dir = tempfile::tempdir().unwrap();
+    let blob = data(1 << 20);
+    let digest = Digest::sha256_of(&blob);
+    let origin = Scripted::new(blob.clone(), vec![Step::Trickle(Duration::from_secs(1))]);
+    let f = fills(dir.path(), None, origin);
+    let started = tokio::time::Instant::now();
+    let err = read_all(&f, &digest, blob.len() as u64).await.unwrap_err();
+    assert!(err.to_string().contains("below the minimum"), "{err}");
+    let window = config(dir.path()).min_rate_window;
+    assert!(started.elapsed() >= window && started.elapsed() < window * 3, "{:?}", started.elapsed());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_origins_refusal_is_known_before_any_byte_and_429_is_not_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let blob = data(10_000);
+    let digest = Digest::sha256_of(&blob);
+    let size = blob.len() as u64;
+    let not_found = || facade_upstream::Error::NotFound { host: "registry.test".into(), what: "blob".into() };
+    let f = fills(dir.path(), None, Scripted::new(blob.clone(), vec![Step::Fail(not_found)]));
+    let (fill, _) = f.join(&digest, size, "x", &from()).unwrap();
+    let err = fill.answered().await.unwrap_err();
+    assert_eq!(err.kind(), crate::ErrorKind::ManifestUnknown, "{err}");
+
+    let limited = || facade_upstream::Error::RateLimited {
+        host: "registry.test".into(),
+        retry_after: Some(Duration::from_secs(30)),
+    };
+    let origin = Scripted::new(blob.clone(), vec![Step::Fail(limited)]);
+    let f = fills(dir.path(), None, origin.clone());
+    let (fill, _) = f.join(&digest, size, "x", &from()).unwrap();
+    let err = fill.answered().await.unwrap_err();
+    assert_eq!(err.kind(), crate::ErrorKind::RateLimited);
+    assert_eq!(err.retry_after(), Some(Duration::from_secs(30)));
+    assert_eq!(origin.opens().len(), 1, "a 429 was retried instead of passed on");
+
+    // Headers without a byte yet: answered.
+    let f = fills(dir.path(), None, Scripted::new(blob.clone(), vec![Step::Hang]));
+    let (fill, _) = f.join(&digest, size, "x", &from()).unwrap();
+    tokio::time::timeout(Duration::from_secs(1), fill.answered()).await.unwrap().unwrap();
 }
