@@ -3,11 +3,13 @@
 //! Owns: one pooled HTTP/1.1 + HTTP/2 client (rustls with ring, Mozilla roots plus an optional
 //! CA bundle) shared by every host; plain HTTP for loopback and configured hosts; Docker Hub
 //! host and `library/` mapping; Bearer and Basic auth with credentials from a docker
-//! `config.json`, a token cache per (realm, service, scope) and the scheme remembered per
-//! (host, repository) so warm requests skip the 401 round trip; HEAD-by-tag resolution;
-//! manifest and config fetches that are bounded and digest-checked; ranged blob streams with
-//! redirects, `Accept-Encoding: identity` and stall detection; and the classification of
-//! every failure ([`Error::kind`], [`Error::is_retryable`], [`Error::retry_after`]).
+//! `config.json`, a bounded token cache per (registry host, realm, service, scope) and the
+//! scheme remembered per (host, repository) so warm requests skip the 401 round trip;
+//! HEAD-by-tag resolution; manifest and config fetches that are bounded and digest-checked;
+//! ranged blob streams with redirects, `Accept-Encoding: identity` and stall detection; the
+//! classification of every failure ([`Error::kind`], [`Error::is_retryable`],
+//! [`Error::retry_after`]); and the address policy against request forgery ([`ssrf`], not yet
+//! called by the transport: see `docs/security-model.md`).
 //!
 //! Deliberately not here: retries and backoff, caching of manifests or tag resolutions,
 //! digest verification of blob streams (the caller hashes while it streams), and choosing a
@@ -24,6 +26,7 @@ mod docker_auth;
 mod error;
 pub mod host;
 mod metrics;
+pub mod ssrf;
 mod transport;
 
 pub use blob::BlobStream;

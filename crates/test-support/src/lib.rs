@@ -5,6 +5,7 @@
 
 pub mod containerd;
 pub mod fault_proxy;
+pub mod hostile_registry;
 pub mod image;
 pub mod ipfs;
 pub mod proc;
