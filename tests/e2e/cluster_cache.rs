@@ -156,7 +156,10 @@ fn a_second_node_pulls_with_zero_upstream_blob_gets() {
     assert!(a_gets > w.layers["ws1"].len(), "node A fetched layers and config upstream: {:?}", w.upstream.requests());
     let a_bytes = w.upstream.bytes_to_client();
     wait_until("node A's IPFS adds and index entries", Duration::from_secs(60), || indexed(&w, "ws1"));
-    assert_eq!(metric(&a, r#"registry_facade_backfill_total{outcome="ok",store="ipfs"}"#), 3.0);
+    // The count moves right after the index write the line above saw.
+    wait_until("node A's IPFS back-fills to be counted", Duration::from_secs(10), || {
+        metric(&a, r#"registry_facade_backfill_total{outcome="ok",store="ipfs"}"#) == 3.0
+    });
     assert_eq!(metric(&a, r#"registry_facade_backfill_total{outcome="ok",store="local"}"#), 3.0);
     assert!(w.ipfs.pins().unwrap().len() >= 3, "added blobs are pinned");
 
@@ -275,9 +278,11 @@ fn garbage_in_the_cluster_cache_never_completes_a_wrong_blob_nor_breaks_a_pull()
     let missing = "bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy";
     let size_of = |l: &BuiltLayer| l.size.to_string();
     w.redis.command(&["SET", &key(&ws1[0]), "{not json"]).unwrap();
-    let bogus = json!({"cid": missing, "mediaType": "x", "size": ws1[1].size}).to_string();
+    // The entries name the image's own origin: an entry of another origin is not even used.
+    let origins = [format!("{}/app", w.upstream.host())];
+    let bogus = json!({"cid": missing, "mediaType": "x", "size": ws1[1].size, "origins": origins}).to_string();
     w.redis.command(&["SET", &key(&ws1[1]), &bogus]).unwrap();
-    let wrong = json!({"cid": other_cid, "mediaType": "x", "size": ws1[2].size}).to_string();
+    let wrong = json!({"cid": other_cid, "mediaType": "x", "size": ws1[2].size, "origins": origins}).to_string();
     w.redis.command(&["SET", &key(&ws1[2]), &wrong]).unwrap();
     assert_eq!(size_of(&ws1[0]), size_of(&ws1[2]), "the layers must be the same size for this test");
 

@@ -62,7 +62,7 @@ impl facade_server::Backend for Engine {
     async fn blob(&self, req: BlobRequest) -> Result<BlobBody, BackendError> {
         let entry =
             self.images.blob(&req.provider, &req.id, &req.digest).await.map_err(|e| map_error(e, Route::Blob))?;
-        let content = match self.chain.prepare(&req.digest, &entry).map_err(|e| map_error(e, Route::Blob))? {
+        let content = match self.chain.prepare(&req.digest, &entry).await.map_err(|e| map_error(e, Route::Blob))? {
             Prepared::Redirect(url) => BlobContent::Redirect(url),
             Prepared::Content(blob) => BlobContent::Stream(Box::new(Opener { chain: self.chain.clone(), blob })),
         };

@@ -64,12 +64,19 @@ impl BlobChain {
     /// is opened now and held open until it is read (so neither this process nor another one
     /// sharing the store can evict it between this decision and the read), a remote content
     /// layer that is not stored is a redirect. A stored blob whose size disagrees with this
-    /// workspace's descriptor fails this request only ([`Error::ClaimMismatch`]).
-    pub fn prepare(&self, digest: &Digest, entry: &BlobEntry) -> Result<Prepared> {
-        let stored = match &self.store {
+    /// workspace's descriptor fails this request only ([`Error::ClaimMismatch`]). A stored
+    /// upstream layer is served only if the origin this workspace's image names has shown it
+    /// holds the content (see `possession.rs`); otherwise the request fills from that origin.
+    pub async fn prepare(&self, digest: &Digest, entry: &BlobEntry) -> Result<Prepared> {
+        let mut stored = match &self.store {
             Some(store) => store.open_blob(digest, entry.size)?,
             None => None,
         };
+        if let (Some(blob), BlobOrigin::Upstream(from)) = (&stored, &entry.origin)
+            && !self.fills.origin_holds(from, digest, &blob.file, entry.size).await
+        {
+            stored = None;
+        }
         match (&entry.origin, stored) {
             (BlobOrigin::Remote { url }, None) => Ok(Prepared::Redirect(url.clone())),
             (_, stored) => Ok(Prepared::Content(PreparedBlob { digest: digest.clone(), entry: entry.clone(), stored })),
@@ -78,7 +85,7 @@ impl BlobChain {
 
     /// The bytes `[start, end_exclusive)` of blob `digest` (prepare and read in one step).
     pub async fn open(&self, digest: &Digest, entry: &BlobEntry, start: u64, end_exclusive: u64) -> Result<BlobStream> {
-        match self.prepare(digest, entry)? {
+        match self.prepare(digest, entry).await? {
             Prepared::Content(blob) => self.read(blob, start, end_exclusive).await,
             Prepared::Redirect(_) => Err(Error::BlobNotInImage { digest: digest.clone() }),
         }

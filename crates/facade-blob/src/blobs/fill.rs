@@ -30,6 +30,7 @@ use futures::stream::BoxStream;
 use futures::{FutureExt, Stream, StreamExt};
 use tokio::sync::watch;
 
+use crate::blobs::possession::Vouched;
 use crate::blobs::read::Progress;
 use crate::blobs::spool::Spool;
 use crate::cluster::{BackfillOutcome, BackfillStore, ClusterCache, ClusterMetrics, IndexEntry};
@@ -96,6 +97,13 @@ pub struct UpstreamBlob {
     pub repo: RepoName,
 }
 
+impl UpstreamBlob {
+    /// `registry/repository`, as cluster index entries record origins.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.registry, self.repo)
+    }
+}
+
 /// The origin of a blob: its upstream registry. A trait so that the fill can be driven by a
 /// scripted origin in tests; [`facade_upstream::Client`] is the real one.
 pub trait Origin: Send + Sync {
@@ -134,11 +142,12 @@ pub trait ClusterBlobs: Send + Sync {
     fn failed(&self, reason: &str);
     /// Removes `digest`'s index entry: its content hashed to something else.
     fn forget<'a>(&'a self, digest: &'a Digest) -> BoxFuture<'a, ()>;
-    /// Adds a verified blob from `file` to the cluster.
+    /// Adds a verified blob from `file`, downloaded from `origin`, to the cluster.
     fn publish(
         self: Arc<Self>,
         digest: Digest,
         media_type: String,
+        origin: UpstreamBlob,
         file: Arc<std::fs::File>,
         size: u64,
     ) -> BoxFuture<'static, BackfillOutcome>;
@@ -170,10 +179,11 @@ impl ClusterBlobs for ClusterCache {
         self: Arc<Self>,
         digest: Digest,
         media_type: String,
+        origin: UpstreamBlob,
         file: Arc<std::fs::File>,
         size: u64,
     ) -> BoxFuture<'static, BackfillOutcome> {
-        Box::pin(async move { self.publish_blob(&digest, &media_type, file, size).await })
+        Box::pin(async move { self.publish_blob(&digest, &media_type, &origin.key(), file, size).await })
     }
 }
 
@@ -237,6 +247,8 @@ pub struct Fills {
     chain_metrics: std::sync::OnceLock<ChainMetrics>,
     /// The fills of each digest, one per origin at most.
     inflight: Mutex<HashMap<Digest, Vec<Weak<Fill>>>>,
+    /// Origins known to hold stored blobs (see `possession.rs`).
+    vouched: Vouched,
 }
 
 /// Batches progress notifications: every send wakes every reader, and per-chunk wake-ups of
@@ -400,6 +412,7 @@ impl Fills {
             metrics,
             chain_metrics: std::sync::OnceLock::new(),
             inflight: Mutex::new(HashMap::new()),
+            vouched: Vouched::new(100_000),
         }))
     }
 
@@ -416,6 +429,12 @@ impl Fills {
     /// consistent (each operation is one insert or remove).
     fn table(&self) -> MutexGuard<'_, HashMap<Digest, Vec<Weak<Fill>>>> {
         lock(&self.inflight)
+    }
+
+    /// Whether the node's stored copy of `digest` may be served to a request whose image names
+    /// origin `from`: only if `from` has shown it holds the content (see `possession.rs`).
+    pub async fn origin_holds(&self, from: &UpstreamBlob, digest: &Digest, stored: &std::fs::File, size: u64) -> bool {
+        self.vouched.check(self.origin.as_ref(), from, digest, stored, size).await
     }
 
     /// Number of fills in flight.
@@ -518,6 +537,8 @@ impl Fills {
         self.report(&fill, &from, started, &result);
         match result {
             Ok(came) => {
+                // From the origin, or from the cluster under an entry that names this origin.
+                self.vouched.vouch(&fill.digest, &from);
                 let _ = tx.progress.send(Progress::Verified);
                 self.publish(&fill, &media_type, came);
             }
@@ -586,6 +607,7 @@ impl Fills {
         let mut came = Came::Origin;
         if let Some(cluster) = &self.cluster
             && let Some(entry) = cluster.lookup(&fill.digest, fill.size).await
+            && entry.origins.contains(&from.key())
         {
             match self.fill_from_cluster(cluster.as_ref(), &entry, &mut run).await {
                 Ok(()) => came = Came::Cluster,
@@ -762,7 +784,13 @@ impl Fills {
             return;
         }
         let digest = fill.digest.clone();
-        let publish = cluster.clone().publish(digest.clone(), media_type.to_string(), fill.file(), fill.size);
+        let publish = cluster.clone().publish(
+            digest.clone(),
+            media_type.to_string(),
+            fill.origin.clone(),
+            fill.file(),
+            fill.size,
+        );
         tokio::spawn(async move {
             if publish.await == BackfillOutcome::Failed {
                 tracing::debug!(%digest, "blob not added to the cluster cache");

@@ -4,5 +4,6 @@
 
 pub mod chain;
 pub mod fill;
+pub(crate) mod possession;
 pub mod read;
 pub(crate) mod spool;

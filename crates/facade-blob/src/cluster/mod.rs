@@ -83,6 +83,12 @@ pub struct IndexEntry {
     pub media_type: String,
     /// Its size in bytes.
     pub size: u64,
+    /// The origins (`registry/repository`) the blob was downloaded from. A node serves an
+    /// entry only to requests whose image names one of them: a digest is no secret, and
+    /// naming it on a registry of one's own must not fetch another tenant's layer out of
+    /// the cluster (docs/security-model.md). Entries without origins are not used.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub origins: Vec<String>,
 }
 
 struct RedisSide {
@@ -416,10 +422,11 @@ impl ClusterCache {
         &self,
         digest: &Digest,
         media_type: &str,
+        origin: &str,
         file: Arc<std::fs::File>,
         size: u64,
     ) -> BackfillOutcome {
-        let outcome = self.publish_inner(digest, media_type, file, size).await;
+        let outcome = self.publish_inner(digest, media_type, origin, file, size).await;
         self.metrics.backfill(BackfillStore::Ipfs, outcome);
         outcome
     }
@@ -428,6 +435,7 @@ impl ClusterCache {
         &self,
         digest: &Digest,
         media_type: &str,
+        origin: &str,
         file: Arc<std::fs::File>,
         size: u64,
     ) -> BackfillOutcome {
@@ -439,7 +447,12 @@ impl ClusterCache {
         let Some(added) = i.breaker.call(add_timeout, i.store.add(file, size)).await else {
             return BackfillOutcome::Failed;
         };
-        let entry = IndexEntry { cid: added.cid.clone(), media_type: media_type.to_string(), size };
+        let entry = IndexEntry {
+            cid: added.cid.clone(),
+            media_type: media_type.to_string(),
+            size,
+            origins: vec![origin.to_string()],
+        };
         let Ok(value) = serde_json::to_vec(&entry) else { return BackfillOutcome::Failed };
         if self.redis_set(&["blob", digest.as_str()], &value, self.config.index_ttl).await {
             tracing::debug!(%digest, cid = %added.cid, size, "added blob to IPFS and the index");

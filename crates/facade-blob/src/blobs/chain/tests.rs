@@ -57,7 +57,7 @@ async fn a_stored_blob_prepared_for_reading_survives_eviction_by_another_process
     store.put_bytes(&digest, &bytes).unwrap();
     let chain = chain(&store, dir.path());
 
-    let Prepared::Content(blob) = chain.prepare(&digest, &remote(bytes.len() as u64)).unwrap() else {
+    let Prepared::Content(blob) = chain.prepare(&digest, &remote(bytes.len() as u64)).await.unwrap() else {
         panic!("a stored remote layer was redirected")
     };
     // Another process on the same store (a restart hand-over) evicts it right now.
@@ -66,7 +66,7 @@ async fn a_stored_blob_prepared_for_reading_survives_eviction_by_another_process
     assert_eq!(got, bytes);
 
     // Not stored any more: the next request is redirected, never a 404.
-    assert!(matches!(chain.prepare(&digest, &remote(bytes.len() as u64)).unwrap(), Prepared::Redirect(_)));
+    assert!(matches!(chain.prepare(&digest, &remote(bytes.len() as u64)).await.unwrap(), Prepared::Redirect(_)));
 }
 
 #[tokio::test]
@@ -80,8 +80,98 @@ async fn a_wrong_size_claim_fails_only_the_claiming_request() {
     let honest = BlobEntry { size: bytes.len() as u64, media_type: "x".into(), origin: BlobOrigin::Stored };
     let lying = BlobEntry { size: 1 << 30, ..honest.clone() };
 
-    assert!(matches!(chain.prepare(&digest, &lying), Err(Error::ClaimMismatch { .. })));
+    assert!(matches!(chain.prepare(&digest, &lying).await, Err(Error::ClaimMismatch { .. })));
     assert!(store.contains(&digest), "a manifest's claim removed a verified blob");
     let got = collect(chain.open(&digest, &honest, 0, bytes.len() as u64).await.unwrap()).await;
     assert_eq!(got, bytes);
+}
+
+/// An origin that serves `bytes` from any offset and counts its opens.
+struct Serving {
+    bytes: Bytes,
+    opens: std::sync::atomic::AtomicUsize,
+}
+
+impl Origin for Serving {
+    fn open<'a>(
+        &'a self,
+        _from: &'a UpstreamBlob,
+        _digest: &'a Digest,
+        offset: u64,
+    ) -> futures::future::BoxFuture<'a, facade_upstream::Result<facade_upstream::BlobStream>> {
+        self.opens.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let rest = self.bytes.slice(offset as usize..);
+        let total = Some(self.bytes.len() as u64);
+        Box::pin(async move {
+            let body = futures::stream::iter(vec![Ok(rest)]);
+            Ok(facade_upstream::BlobStream { total_size: total, offset, body: Box::pin(body) })
+        })
+    }
+}
+
+fn upstream_entry(registry: &str, size: u64) -> BlobEntry {
+    BlobEntry {
+        size,
+        media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+        origin: BlobOrigin::Upstream(UpstreamBlob {
+            registry: registry.into(),
+            repo: facade_oci::RepoName::parse("some/repo").unwrap(),
+        }),
+    }
+}
+
+#[tokio::test]
+async fn a_stored_layer_is_served_only_to_origins_that_show_they_hold_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::open(&dir.path().join("store")).unwrap();
+    let secret: Bytes = (0..100_000u32).map(|i| (i * 31 % 251) as u8).collect::<Vec<u8>>().into();
+    let digest = Digest::sha256_of(&secret);
+    store.put_bytes(&digest, &secret).unwrap();
+    let size = secret.len() as u64;
+
+    // A registry that really has the layer: one probe, then served from the store.
+    let honest = Arc::new(Serving { bytes: secret.clone(), opens: Default::default() });
+    let fills = Fills::with_origin(
+        FillConfig { spool_dir: dir.path().join("spool"), ..FillConfig::default() },
+        Some(store.clone()),
+        honest.clone(),
+        None,
+        ClusterMetrics::unregistered(),
+    )
+    .unwrap();
+    let chain = BlobChain::new(Some(store.clone()), fills);
+    for _ in 0..3 {
+        let Prepared::Content(blob) = chain.prepare(&digest, &upstream_entry("honest.test", size)).await.unwrap()
+        else {
+            panic!("redirected")
+        };
+        assert!(blob.stored.is_some(), "an origin holding the layer was not served the stored copy");
+        assert_eq!(collect(chain.read(blob, 0, size).await.unwrap()).await, secret);
+    }
+    assert_eq!(honest.opens.load(std::sync::atomic::Ordering::SeqCst), 1, "probed more than once");
+
+    // A registry that only knows the digest: never served the stored copy.
+    let hostile = Arc::new(Serving { bytes: Bytes::from(vec![0u8; secret.len()]), opens: Default::default() });
+    let fills = Fills::with_origin(
+        FillConfig { spool_dir: dir.path().join("spool"), ..FillConfig::default() },
+        Some(store.clone()),
+        hostile.clone(),
+        None,
+        ClusterMetrics::unregistered(),
+    )
+    .unwrap();
+    let chain = BlobChain::new(Some(store.clone()), fills);
+    let Prepared::Content(blob) = chain.prepare(&digest, &upstream_entry("hostile.test", size)).await.unwrap() else {
+        panic!("redirected")
+    };
+    assert!(blob.stored.is_none(), "the node's copy was handed to an origin that does not hold it");
+    let stream = chain.read(blob, 0, size).await.unwrap();
+    let got = stream
+        .try_fold(Vec::new(), |mut acc, b| async move {
+            acc.extend_from_slice(&b);
+            Ok(acc)
+        })
+        .await;
+    assert!(got.is_err(), "the hostile origin's bytes completed a read");
+    assert!(store.contains(&digest), "the stored layer was disturbed");
 }

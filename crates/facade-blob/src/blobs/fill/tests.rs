@@ -354,7 +354,9 @@ struct FlakyCluster {
 
 impl ClusterBlobs for FlakyCluster {
     fn lookup<'a>(&'a self, _digest: &'a Digest, size: u64) -> BoxFuture<'a, Option<IndexEntry>> {
-        Box::pin(async move { Some(IndexEntry { cid: "bafy".into(), media_type: "x".into(), size }) })
+        Box::pin(async move {
+            Some(IndexEntry { cid: "bafy".into(), media_type: "x".into(), size, origins: vec![from().key()] })
+        })
     }
 
     fn cat<'a>(
@@ -384,6 +386,7 @@ impl ClusterBlobs for FlakyCluster {
         self: Arc<Self>,
         _d: Digest,
         _m: String,
+        _o: UpstreamBlob,
         _f: Arc<std::fs::File>,
         _s: u64,
     ) -> BoxFuture<'static, BackfillOutcome> {
@@ -507,4 +510,48 @@ async fn the_origins_refusal_is_known_before_any_byte_and_429_is_not_retried() {
     let f = fills(dir.path(), None, Scripted::new(blob.clone(), vec![Step::Hang]));
     let (fill, _) = f.join(&digest, size, "x", &from()).unwrap();
     tokio::time::timeout(Duration::from_secs(1), fill.answered()).await.unwrap().unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cluster_entry_of_another_origin_is_not_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let blob = data(100_000);
+    let digest = Digest::sha256_of(&blob);
+    let origin = Scripted::new(blob.clone(), vec![Step::Serve { chunk: 8192, cut: None }]);
+    let cluster = Arc::new(FlakyCluster {
+        data: blob.clone(),
+        serve: blob.len(),
+        cats: AtomicUsize::new(0),
+        forgotten: AtomicBool::new(false),
+        published: AtomicUsize::new(0),
+    });
+    let f = Fills::with_origin(
+        config(dir.path()),
+        None,
+        origin.clone(),
+        Some(cluster.clone() as Arc<dyn ClusterBlobs>),
+        ClusterMetrics::unregistered(),
+    )
+    .unwrap();
+    // The index entry names `from()`; this request's image names another registry.
+    let other = UpstreamBlob { registry: "elsewhere.test".into(), repo: RepoName::parse("team/base").unwrap() };
+    let (fill, _) = f.join(&digest, blob.len() as u64, "x", &other).unwrap();
+    let stream = file_range_stream(
+        fill.file(),
+        0,
+        blob.len() as u64,
+        blob.len() as u64,
+        Some(fill.progress()),
+        Some(Box::new(fill)),
+    );
+    let got: Vec<u8> = stream
+        .try_fold(Vec::new(), |mut acc, b| async move {
+            acc.extend_from_slice(&b);
+            Ok(acc)
+        })
+        .await
+        .unwrap();
+    assert_eq!(got, blob);
+    assert_eq!(cluster.cats.load(Ordering::SeqCst), 0, "another origin's index entry was used");
+    assert_eq!(origin.opens(), vec![0]);
 }
