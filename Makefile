@@ -3,13 +3,23 @@ SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 CARGO ?= cargo
 
-.PHONY: run test deps build lint bench soak fmt fuzz fuzz-smoke
+.PHONY: run test deps build lint bench soak fmt fuzz fuzz-smoke image
 
 deps:
 	@bash scripts/install-deps.sh
 
 build: deps
 	$(CARGO) build --release --locked -p registry-facade -p test-support --bins
+
+# The container image without a container engine (scripts/build-image.sh with umoci): the
+# release binary, its glibc libraries and the CA bundle of this machine, as an OCI layout and an
+# OCI archive under target/image/ (IMAGE_TAG defaults to the workspace version, IMAGE_NAME, the
+# name the archive gives the image, to docker.io/library/registry-facade).
+IMAGE_TAG ?=
+IMAGE_NAME ?=
+image: deps
+	$(CARGO) build --release --locked -p registry-facade
+	bash scripts/build-image.sh $(if $(IMAGE_TAG),--tag $(IMAGE_TAG)) $(if $(IMAGE_NAME),--name $(IMAGE_NAME))
 
 # A facade serving a composed demo workspace image from a local upstream registry.
 run: build

@@ -5,10 +5,12 @@ set -euo pipefail
 
 need=()
 for pair in docker-registry:/usr/bin/docker-registry skopeo:/usr/bin/skopeo containerd:/usr/bin/containerd \
-            redis-server:/usr/bin/redis-server umoci:/usr/bin/umoci wrk:/usr/bin/wrk curl:/usr/bin/curl; do
+            redis-server:/usr/bin/redis-server umoci:/usr/bin/umoci wrk:/usr/bin/wrk curl:/usr/bin/curl tinyproxy:/usr/bin/tinyproxy; do
   pkg=${pair%%:*}; bin=${pair#*:}
   [ -x "$bin" ] || need+=("$pkg")
 done
+# `make image` copies Debian's CA bundle into the image (scripts/build-image.sh).
+[ -s /etc/ssl/certs/ca-certificates.crt ] || need+=(ca-certificates)
 if [ ${#need[@]} -gt 0 ]; then
   echo "install-deps: installing ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive

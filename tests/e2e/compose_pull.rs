@@ -8,10 +8,12 @@ use base64::Engine as _;
 use e2e::Facade;
 use e2e::http::request;
 use serde_json::{Value, json};
+use test_support::image::SKOPEO_TIMEOUT;
 use test_support::image::{
     BuiltImage, FileEntry, ImageBuilder, LayerCompression, PushFormat, build_layer, build_tar, gzip, push_image,
     push_index, sha256_digest,
 };
+use test_support::proc::run_bytes;
 use test_support::registry::Registry;
 use test_support::skopeo;
 
@@ -88,6 +90,8 @@ fn world() -> World {
     let specs = json!({
         "ws-docker": spec("base/docker:latest"),
         "ws-oci": spec("base/oci:latest"),
+        // The id `make run` serves and tells the user to inspect.
+        "demo": spec("base/docker:latest"),
         "ws-multiarch": {"baseRef": format!("{host}/base/multi:latest")},
     });
     std::fs::write(dir.path().join("specs.json"), specs.to_string()).unwrap();
@@ -158,14 +162,13 @@ fn check_composed(facade: &Facade, w: &World, id: &str, docker: bool) {
     for l in layers {
         assert!(l["mediaType"].as_str().unwrap().starts_with(prefix), "{l}");
     }
-    if docker {
-        assert!(img.manifest.get("annotations").is_none());
-    } else {
-        let a = &img.manifest["annotations"];
-        assert_eq!(a["io.gitpod.workspace-image.ref"], format!("{}/base/oci:latest", w.reg.host()));
-        let base_size: u64 = layers[..2].iter().map(|l| l["size"].as_u64().unwrap()).sum();
-        assert_eq!(a["io.gitpod.workspace-image.size"], base_size.to_string());
-    }
+    // ws-daemon reads the workspace-image annotations from every manifest, Docker schema 2
+    // included (the reference writes them into both families).
+    let a = &img.manifest["annotations"];
+    let base_ref = if docker { "base/docker" } else { "base/oci" };
+    assert_eq!(a["io.gitpod.workspace-image.ref"], format!("{}/{base_ref}:latest", w.reg.host()), "{id}");
+    let base_size: u64 = layers[..2].iter().map(|l| l["size"].as_u64().unwrap()).sum();
+    assert_eq!(a["io.gitpod.workspace-image.size"], base_size.to_string(), "{id}");
 
     // Config: diff_ids and history in step with layers, env edited, unknown fields kept.
     let raw_config = skopeo::inspect_config_raw(&format!("{}/fixed/{id}:latest", facade.host())).unwrap();
@@ -206,6 +209,50 @@ fn composes_docker_and_oci_bases_with_every_kind_of_layer() {
     let facade = Facade::start(&config(&w), w.dir.path()).unwrap();
     check_composed(&facade, &w, "ws-docker", true);
     check_composed(&facade, &w, "ws-oci", false);
+}
+
+/// `skopeo inspect docker://<facade>/fixed/demo:latest` (what `make run` suggests) lists the
+/// repository's tags before it reads the manifest and config: the tags route must answer.
+#[test]
+fn skopeo_inspect_and_list_tags_work() {
+    let w = world();
+    let facade = Facade::start(&config(&w), w.dir.path()).unwrap();
+    let h = facade.host();
+    for id in ["demo", "ws-oci"] {
+        let mut cmd = std::process::Command::new("skopeo");
+        cmd.args(["--insecure-policy", "inspect", "--tls-verify=false"]).arg(format!("docker://{h}/fixed/{id}:latest"));
+        let out: Value = serde_json::from_slice(&run_bytes(cmd, SKOPEO_TIMEOUT).unwrap()).unwrap();
+        assert_eq!(out["RepoTags"], json!(["latest"]), "{id}: {out}");
+        assert_eq!(out["Name"], format!("{h}/fixed/{id}"), "{id}: {out}");
+        let head = request(&h, "HEAD", &format!("/v2/fixed/{id}/manifests/latest"), &[], b"");
+        assert_eq!(out["Digest"], head.header("docker-content-digest").unwrap(), "{id}: {out}");
+        assert_eq!(out["Layers"].as_array().unwrap().len(), 8, "{id}: {out}");
+        let env: Vec<&str> = out["Env"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        assert!(env.contains(&"EDITOR=code"), "{id}: {env:?}");
+
+        let mut cmd = std::process::Command::new("skopeo");
+        cmd.args(["--insecure-policy", "list-tags", "--tls-verify=false"]).arg(format!("docker://{h}/fixed/{id}"));
+        let tags: Value = serde_json::from_slice(&run_bytes(cmd, SKOPEO_TIMEOUT).unwrap()).unwrap();
+        assert_eq!(tags["Tags"], json!(["latest"]), "{id}: {tags}");
+    }
+
+    let list = request(&h, "GET", "/v2/fixed/demo/tags/list", &[], b"");
+    assert_eq!(list.status, 200);
+    assert_eq!(serde_json::from_slice::<Value>(&list.body).unwrap(), json!({"name": "fixed/demo", "tags": ["latest"]}));
+    let head = request(&h, "HEAD", "/v2/fixed/demo/tags/list", &[], b"");
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("content-length").unwrap(), list.body.len().to_string());
+    let paged = request(&h, "GET", "/v2/fixed/demo/tags/list?n=1&last=a", &[], b"");
+    assert_eq!(serde_json::from_slice::<Value>(&paged.body).unwrap()["tags"], json!(["latest"]));
+    let past = request(&h, "GET", "/v2/fixed/demo/tags/list?last=latest", &[], b"");
+    assert_eq!(serde_json::from_slice::<Value>(&past.body).unwrap()["tags"], json!([]));
+    for unknown in ["/v2/fixed/nope/tags/list", "/v2/nope/demo/tags/list"] {
+        let r = request(&h, "GET", unknown, &[], b"");
+        assert_eq!(r.status, 404, "{unknown}");
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(v["errors"][0]["code"], "NAME_UNKNOWN", "{unknown}: {v}");
+        assert_eq!(request(&h, "HEAD", unknown, &[], b"").status, 404, "{unknown}");
+    }
 }
 
 #[test]

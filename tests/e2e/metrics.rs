@@ -1,6 +1,7 @@
 //! Issue #6: every metric moves when its event happens (requests, first bytes by source,
 //! upstream requests and retries, single-flight joins, cache hits, back-fill, digest
-//! mismatches, aborted responses, store size).
+//! mismatches, aborted responses, store size), and so do the Go facade's legacy series that
+//! dashboards query (`gitpod_registry_facade_{registry,downstream}_*`, `facade.legacyMetrics`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use e2e::Facade;
@@ -48,12 +49,17 @@ fn every_metric_moves_when_its_event_happens() {
     let small_digest = small.digest.clone();
     push_image(&reg, "small:1", &ImageBuilder::new().layer(small).build(), PushFormat::Oci).unwrap();
     let proxy = FaultProxy::start(reg.addr).unwrap();
+    // A second way to the same registry that refuses every connection: upstream requests that
+    // get no answer at all (a host of its own, so no pooled connection gets through).
+    let refusing = FaultProxy::start(reg.addr).unwrap();
+    refusing.set_faults(Faults { refuse: true, ..Faults::default() });
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("specs.json"),
         json!({"big": {"baseRef": format!("{}/big:1", proxy.host())},
                "big2": {"baseRef": format!("{}/big2:1", proxy.host())},
-               "small": {"baseRef": format!("{}/small:1", proxy.host())}})
+               "small": {"baseRef": format!("{}/small:1", proxy.host())},
+               "unreachable": {"baseRef": format!("{}/small:1", refusing.host())}})
         .to_string(),
     )
     .unwrap();
@@ -100,6 +106,9 @@ fn every_metric_moves_when_its_event_happens() {
     let warm = get(&h, &format!("/v2/fixed/big/blobs/{layer_digest}"), &[], None).unwrap();
     assert_eq!(warm.digest, layer_digest);
     let _ = get(&h, &format!("/v2/fixed/small/blobs/{small_digest}"), &[], None).unwrap();
+    // An upstream that never answers: the manifest request fails (5xx) on our side too.
+    let unreachable = request(&h, "GET", "/v2/fixed/unreachable/manifests/latest", &[], b"");
+    assert!(unreachable.status >= 500, "{}", unreachable.status);
 
     let after = scrape();
     let moved = |name: &str, labels: &[(&str, &str)]| {
@@ -128,6 +137,49 @@ fn every_metric_moves_when_its_event_happens() {
     moved("registry_facade_backfill_total", &[("store", "local"), ("outcome", "ok")]);
     moved("registry_facade_backfill_total", &[("store", "local"), ("outcome", "failed")]);
     moved("registry_facade_store_bytes", &[]);
+
+    // The Go facade's series, under its names, kinds and labels (docs/migration.md has the
+    // mapping): requests served to clients ...
+    let reg_ = |n: &str| format!("gitpod_registry_facade_registry_{n}");
+    moved(&reg_("manifest_req_seconds_count"), &[]);
+    moved(&reg_("blob_req_total"), &[]);
+    moved(&reg_("req_failed_total"), &[("type", "manifest")]);
+    moved(&reg_("req_failed_total"), &[("type", "blob")]);
+    for source in ["blobstore", "proxy", "config"] {
+        moved(&reg_("blob_req_dl_total"), &[("blobSource", source), ("ok", "true")]);
+        moved(&reg_("blob_req_bytes_total"), &[("blobSource", source)]);
+        moved(&reg_("blob_req_bytes_second_count"), &[("blobSource", source)]);
+    }
+    moved(&reg_("blob_req_dl_total"), &[("blobSource", "proxy"), ("ok", "false")]);
+    // ... and requests made upstream.
+    let down = |n: &str| format!("gitpod_registry_facade_downstream_{n}");
+    moved(&down("manifest_req_seconds_count"), &[]);
+    moved(&down("blob_req_total"), &[]);
+    moved(&down("req_failed_total"), &[("type", "manifest")]);
+    moved(&down("blob_req_dl_total"), &[("blobSource", "proxy"), ("ok", "true")]);
+    // Registered for dashboards, never counted into (as in the Go facade): bytes from upstream
+    // are in the registry-side series.
+    assert!(after.contains("gitpod_registry_facade_downstream_blob_req_bytes_total{"), "{after}");
+    // Kinds and buckets as the Go facade declared them.
+    for (name, kind) in [
+        ("gitpod_registry_facade_registry_manifest_req_seconds", "histogram"),
+        ("gitpod_registry_facade_registry_req_failed_total", "counter"),
+        ("gitpod_registry_facade_registry_blob_req_total", "counter"),
+        ("gitpod_registry_facade_registry_blob_req_dl_total", "counter"),
+        ("gitpod_registry_facade_registry_blob_req_bytes_total", "counter"),
+        ("gitpod_registry_facade_registry_blob_req_bytes_second", "histogram"),
+        ("gitpod_registry_facade_downstream_manifest_req_seconds", "histogram"),
+        ("gitpod_registry_facade_downstream_req_failed_total", "counter"),
+        ("gitpod_registry_facade_downstream_blob_req_total", "counter"),
+        ("gitpod_registry_facade_downstream_blob_req_dl_total", "counter"),
+        ("gitpod_registry_facade_downstream_blob_req_bytes_total", "counter"),
+    ] {
+        assert!(after.contains(&format!("# TYPE {name} {kind}")), "{name} is not a {kind}");
+    }
+    assert!(after.contains(r#"gitpod_registry_facade_registry_manifest_req_seconds_bucket{le="1800"}"#));
+    assert!(after.contains(
+        r#"gitpod_registry_facade_registry_blob_req_bytes_second_bucket{blobSource="proxy",le="17179869184"}"#
+    ));
     // Gauges return to zero once responses and fills are done (bounded wait: an aborted
     // response is dropped when its connection is).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -145,7 +197,36 @@ fn every_metric_moves_when_its_event_happens() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     // No series is labelled with a digest or a workspace id.
-    for line in after.lines().filter(|l| l.starts_with("registry_facade_")) {
+    for line in after.lines().filter(|l| l.starts_with("registry_facade_") || l.starts_with("gitpod_")) {
         assert!(!line.contains("sha256") && !line.contains("big") && !line.contains("small"), "{line}");
     }
+}
+
+#[test]
+fn legacy_metric_names_can_be_turned_off() {
+    let reg = Registry::start().unwrap();
+    let small = build_layer(&[FileEntry::file("small.txt", "small")], LayerCompression::Gzip);
+    let small_digest = small.digest.clone();
+    push_image(&reg, "small:1", &ImageBuilder::new().layer(small).build(), PushFormat::Oci).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("specs.json"),
+        json!({"small": {"baseRef": format!("{}/small:1", reg.host())}}).to_string(),
+    )
+    .unwrap();
+    let metrics_port = free_port();
+    let facade = Facade::start(
+        &json!({"registry": {"port": 0, "fixedSpecFN": "specs.json"},
+                "prometheusAddr": format!("127.0.0.1:{metrics_port}"),
+                "facade": {"listenHost": "127.0.0.1", "legacyMetrics": false}}),
+        dir.path(),
+    )
+    .unwrap();
+    let h = facade.host();
+    assert_eq!(request(&h, "GET", "/v2/fixed/small/manifests/latest", &[], b"").status, 200);
+    assert_eq!(get(&h, &format!("/v2/fixed/small/blobs/{small_digest}"), &[], None).unwrap().digest, small_digest);
+    let text =
+        String::from_utf8(request(&format!("127.0.0.1:{metrics_port}"), "GET", "/metrics", &[], b"").body).unwrap();
+    assert!(metric(&text, "registry_facade_blob_bytes_total", &[]) > 0.0, "{text}");
+    assert!(!text.contains("gitpod_registry_facade_"), "{text}");
 }

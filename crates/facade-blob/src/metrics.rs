@@ -3,6 +3,14 @@
 //! upstream retries and digest mismatches. Labels are bounded: `source` is `store` (local
 //! content store), `fill` (a single-flight download from the cluster cache or upstream) or
 //! `memory` (synthesized config, direct content layers, static files without a store).
+//!
+//! With the legacy names on (`facade.legacyMetrics`, the default), the same observations also
+//! feed the Go facade's `gitpod_registry_facade_registry_blob_req_{dl_total,bytes_total,
+//! bytes_second}` series, so dashboards built on them keep working during a migration. Their
+//! `blobSource` label maps our sources honestly (docs/migration.md): `store` → `blobstore`,
+//! `fill` → `proxy` (a single-flight download, whether its bytes come from upstream or from
+//! another node through IPFS), `memory` → `config` (the synthesized config, and direct
+//! content layers, which the Go facade counted as `composite`).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -10,7 +18,9 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use futures::Stream;
-use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, exponential_buckets,
+};
 
 /// Where a response's bytes are read from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,12 +34,77 @@ pub enum Source {
 }
 
 impl Source {
+    const ALL: [Source; 3] = [Source::Store, Source::Fill, Source::Memory];
+
     fn label(self) -> &'static str {
         match self {
             Source::Store => "store",
             Source::Fill => "fill",
             Source::Memory => "memory",
         }
+    }
+
+    /// The Go facade's `blobSource` value for this source.
+    fn legacy_label(self) -> &'static str {
+        match self {
+            Source::Store => "blobstore",
+            Source::Fill => "proxy",
+            Source::Memory => "config",
+        }
+    }
+}
+
+/// The Go facade's blob series (`gitpod_registry_facade_registry_blob_req_*`), kept under their
+/// old names, kinds, buckets and labels for dashboards that query them.
+#[derive(Clone, Debug)]
+struct LegacyBlobMetrics {
+    /// `blob_req_dl_total{blobSource,ok}`: blob bodies served, `ok="false"` when one failed or
+    /// the client went away before its last byte.
+    downloads: IntCounterVec,
+    /// `blob_req_bytes_total{blobSource}`: counted as the bytes go out (the Go facade added a
+    /// body's bytes when it was complete).
+    bytes: IntCounterVec,
+    /// `blob_req_bytes_second{blobSource}`: one observation per complete body.
+    speed: HistogramVec,
+}
+
+const LEGACY_PREFIX: &str = "gitpod_registry_facade_registry_";
+
+impl LegacyBlobMetrics {
+    fn new() -> prometheus::Result<Self> {
+        let m = LegacyBlobMetrics {
+            downloads: IntCounterVec::new(
+                Opts::new(format!("{LEGACY_PREFIX}blob_req_dl_total"), "number of blob download requests"),
+                &["blobSource", "ok"],
+            )?,
+            bytes: IntCounterVec::new(
+                Opts::new(format!("{LEGACY_PREFIX}blob_req_bytes_total"), "amount of blob bytes downloaded"),
+                &["blobSource"],
+            )?,
+            speed: HistogramVec::new(
+                HistogramOpts::new(
+                    format!("{LEGACY_PREFIX}blob_req_bytes_second"),
+                    "blob download speed in bytes per second",
+                )
+                .buckets(exponential_buckets(1024.0 * 1024.0, 2.0, 15)?),
+                &["blobSource"],
+            )?,
+        };
+        for s in Source::ALL {
+            let l = s.legacy_label();
+            m.bytes.with_label_values(&[l]);
+            m.speed.with_label_values(&[l]);
+            for ok in ["true", "false"] {
+                m.downloads.with_label_values(&[l, ok]);
+            }
+        }
+        Ok(m)
+    }
+
+    fn register(&self, registry: &Registry) -> prometheus::Result<()> {
+        registry.register(Box::new(self.downloads.clone()))?;
+        registry.register(Box::new(self.bytes.clone()))?;
+        registry.register(Box::new(self.speed.clone()))
     }
 }
 
@@ -53,12 +128,25 @@ pub struct ChainMetrics {
     inflight_bytes: IntGauge,
     retries: IntCounterVec,
     mismatches: IntCounterVec,
+    legacy: Option<LegacyBlobMetrics>,
 }
 
 impl ChainMetrics {
-    /// Creates the metrics and registers them into `registry`.
+    /// Creates the metrics, the Go facade's legacy blob series included, and registers them
+    /// into `registry`.
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
-        let m = Self::unregistered_inner()?;
+        Self::register_with(registry, true)
+    }
+
+    /// [`ChainMetrics::register`], with the legacy series only when `legacy` is set
+    /// (`facade.legacyMetrics`).
+    pub fn register_with(registry: &Registry, legacy: bool) -> prometheus::Result<Self> {
+        let mut m = Self::unregistered_inner()?;
+        if legacy {
+            let l = LegacyBlobMetrics::new()?;
+            l.register(registry)?;
+            m.legacy = Some(l);
+        }
         registry.register(Box::new(m.first_byte.clone()))?;
         registry.register(Box::new(m.bytes.clone()))?;
         registry.register(Box::new(m.outcomes.clone()))?;
@@ -111,6 +199,7 @@ impl ChainMetrics {
                 ),
                 &["source"],
             )?,
+            legacy: None,
         };
         for s in ["store", "fill", "memory"] {
             m.bytes.with_label_values(&[s]);
@@ -163,7 +252,34 @@ impl ChainMetrics {
     /// dropped before, `error` when it failed.
     pub fn meter<S>(&self, source: Source, len: u64, inner: S) -> Metered<S> {
         self.inflight_bytes.add(i64::try_from(len).unwrap_or(i64::MAX));
-        Metered { inner, metrics: self.clone(), source, opened: Instant::now(), first: true, done: false, left: len }
+        Metered {
+            inner,
+            metrics: self.clone(),
+            source,
+            opened: Instant::now(),
+            first: true,
+            done: false,
+            left: len,
+            sent: 0,
+        }
+    }
+
+    fn legacy_bytes(&self, source: Source, n: u64) {
+        if let Some(l) = &self.legacy {
+            l.bytes.with_label_values(&[source.legacy_label()]).inc_by(n);
+        }
+    }
+
+    /// A body ended: `ok` after its last byte, else failed or cancelled.
+    fn legacy_done(&self, source: Source, ok: bool, sent: u64, opened: Instant) {
+        let Some(l) = &self.legacy else { return };
+        let label = source.legacy_label();
+        l.downloads.with_label_values(&[label, if ok { "true" } else { "false" }]).inc();
+        if ok {
+            // A body from memory can take no measurable time; a floor keeps the rate finite.
+            let seconds = opened.elapsed().as_secs_f64().max(1e-6);
+            l.speed.with_label_values(&[label]).observe(sent as f64 / seconds);
+        }
     }
 }
 
@@ -176,6 +292,7 @@ pub struct Metered<S> {
     first: bool,
     done: bool,
     left: u64,
+    sent: u64,
 }
 
 impl<S: Stream<Item = std::io::Result<Bytes>> + Unpin> Stream for Metered<S> {
@@ -191,21 +308,26 @@ impl<S: Stream<Item = std::io::Result<Bytes>> + Unpin> Stream for Metered<S> {
                     self.metrics.first_byte.with_label_values(&[label]).observe(self.opened.elapsed().as_secs_f64());
                 }
                 self.metrics.bytes.with_label_values(&[label]).inc_by(b.len() as u64);
+                self.metrics.legacy_bytes(self.source, b.len() as u64);
+                self.sent += b.len() as u64;
                 let sent = (b.len() as u64).min(self.left);
                 self.metrics.inflight_bytes.sub(i64::try_from(sent).unwrap_or(i64::MAX));
                 self.left -= sent;
                 if self.left == 0 && !self.done {
                     self.done = true;
                     self.metrics.outcomes.with_label_values(&[label, "ok"]).inc();
+                    self.metrics.legacy_done(self.source, true, self.sent, self.opened);
                 }
             }
             Poll::Ready(Some(Err(_))) if !self.done => {
                 self.done = true;
                 self.metrics.outcomes.with_label_values(&[label, "error"]).inc();
+                self.metrics.legacy_done(self.source, false, self.sent, self.opened);
             }
             Poll::Ready(None) if !self.done => {
                 self.done = true;
                 self.metrics.outcomes.with_label_values(&[label, "ok"]).inc();
+                self.metrics.legacy_done(self.source, true, self.sent, self.opened);
             }
             _ => {}
         }
@@ -218,6 +340,7 @@ impl<S> Drop for Metered<S> {
         self.metrics.inflight_bytes.sub(i64::try_from(self.left).unwrap_or(i64::MAX));
         if !self.done {
             self.metrics.outcomes.with_label_values(&[self.source.label(), "cancelled"]).inc();
+            self.metrics.legacy_done(self.source, false, self.sent, self.opened);
         }
     }
 }
@@ -250,5 +373,50 @@ mod tests {
         let s = futures::stream::iter(vec![Err(std::io::Error::other("boom"))]);
         let _: Vec<_> = m.meter(Source::Memory, 1, s).collect().await;
         assert_eq!(m.outcomes.with_label_values(&["memory", "error"]).get(), 1);
+    }
+
+    #[tokio::test]
+    async fn feeds_the_legacy_series_under_their_go_names() {
+        let r = Registry::new();
+        let m = ChainMetrics::register(&r).unwrap();
+        let s = futures::stream::iter(vec![Ok(Bytes::from_static(b"abc")), Ok(Bytes::from_static(b"de"))]);
+        let _: Vec<_> = m.meter(Source::Store, 5, s).collect().await;
+        let s = futures::stream::iter(vec![Ok(Bytes::from_static(b"x")), Ok(Bytes::from_static(b"y"))]);
+        let mut cut = m.meter(Source::Fill, 2, s);
+        let _ = cut.next().await;
+        drop(cut);
+        let s = futures::stream::iter(vec![Err(std::io::Error::other("boom"))]);
+        let _: Vec<_> = m.meter(Source::Memory, 1, s).collect().await;
+
+        let l = m.legacy.as_ref().unwrap();
+        assert_eq!(l.downloads.with_label_values(&["blobstore", "true"]).get(), 1);
+        assert_eq!(l.downloads.with_label_values(&["proxy", "false"]).get(), 1);
+        assert_eq!(l.downloads.with_label_values(&["config", "false"]).get(), 1);
+        assert_eq!(l.bytes.with_label_values(&["blobstore"]).get(), 5);
+        assert_eq!(l.bytes.with_label_values(&["proxy"]).get(), 1);
+        assert_eq!(l.speed.with_label_values(&["blobstore"]).get_sample_count(), 1);
+        assert_eq!(l.speed.with_label_values(&["proxy"]).get_sample_count(), 0);
+
+        let text = prometheus::TextEncoder::new().encode_to_string(&r.gather()).unwrap();
+        for want in [
+            r#"gitpod_registry_facade_registry_blob_req_dl_total{blobSource="blobstore",ok="true"} 1"#,
+            r#"gitpod_registry_facade_registry_blob_req_bytes_total{blobSource="blobstore"} 5"#,
+            r#"gitpod_registry_facade_registry_blob_req_bytes_second_bucket{blobSource="blobstore",le="1048576"}"#,
+            r#"gitpod_registry_facade_registry_blob_req_bytes_second_bucket{blobSource="blobstore",le="17179869184"}"#,
+        ] {
+            assert!(text.contains(want), "{want} missing from\n{text}");
+        }
+        // 1 MiB × 2^k for k = 0..15: the 16th bound is not there.
+        assert!(!text.contains(r#"le="34359738368""#));
+    }
+
+    #[test]
+    fn legacy_series_can_be_turned_off() {
+        let r = Registry::new();
+        let m = ChainMetrics::register_with(&r, false).unwrap();
+        assert!(m.legacy.is_none());
+        let text = prometheus::TextEncoder::new().encode_to_string(&r.gather()).unwrap();
+        assert!(!text.contains("gitpod_"), "{text}");
+        assert!(text.contains("registry_facade_blob_bytes_total"));
     }
 }

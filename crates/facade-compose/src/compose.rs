@@ -41,7 +41,8 @@ pub(crate) struct AddedLayer<'a> {
 /// The config is the base's raw JSON with only `rootfs`, `history` and `config.Env` changed;
 /// every other key keeps its value and position. The manifest keeps the base's media-type
 /// family unless an added layer is zstd, which Docker cannot express: then the whole manifest
-/// becomes OCI. Only OCI manifests get the `io.gitpod.workspace-image.*` annotations.
+/// becomes OCI. Every manifest, Docker schema 2 included, gets the
+/// `io.gitpod.workspace-image.*` annotations (as the reference writes them).
 ///
 /// Byte-determinism: the result depends on nothing but the arguments (no clock, no
 /// randomness, no hash-map order), so equal inputs give equal bytes and digests everywhere.

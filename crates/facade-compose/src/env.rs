@@ -53,15 +53,18 @@ fn parse_rule(var: &str) -> Option<(Op, &str, &str)> {
 /// A variable keeps the position of its first occurrence; new ones are appended in order of
 /// first appearance. Base entries that nothing edits are returned verbatim, including entries
 /// without `=` and repeated names. When an edited name occurs more than once in the base, the
-/// first occurrence supplies the old value and the later ones are dropped, so the edited
-/// value is the only one a runtime can see.
+/// last occurrence supplies the old value (it is the one a runtime applies, and the one the
+/// reference facade edits), the edited variable stays at the first position and the later
+/// occurrences are dropped, so the edited value is the only one a runtime can see.
 pub fn apply_env_rules(base_env: &[String], added_envs: &[&[String]]) -> Vec<String> {
     let mut entries: Vec<(Option<String>, String)> = Vec::with_capacity(base_env.len());
     let mut first: HashMap<String, usize> = HashMap::new();
+    let mut last: HashMap<String, usize> = HashMap::new();
     for var in base_env {
         let name = var.split_once('=').map(|(n, _)| n.to_string());
         if let Some(n) = &name {
             first.entry(n.clone()).or_insert(entries.len());
+            last.insert(n.clone(), entries.len());
         }
         entries.push((name, var.clone()));
     }
@@ -79,6 +82,17 @@ pub fn apply_env_rules(base_env: &[String], added_envs: &[&[String]]) -> Vec<Str
                 entries.len() - 1
             }
         };
+        // The first edit of a repeated name starts from its last value.
+        if !edited.contains(name)
+            && let Some(&at) = last.get(name)
+            && at != idx
+            && let Some((_, last_text)) = entries.get(at)
+        {
+            let last_text = last_text.clone();
+            if let Some((_, text)) = entries.get_mut(idx) {
+                *text = last_text;
+            }
+        }
         let Some((_, text)) = entries.get_mut(idx) else {
             continue;
         };
@@ -215,7 +229,19 @@ mod tests {
     #[test]
     fn unedited_duplicates_are_kept_and_edited_ones_collapse_to_first_position() {
         let out = apply(&["A=1", "B=1", "A=2", "B=2"], &[&["GITPOD_ENV_APPEND_A=x:"]]);
-        assert_eq!(out, s(&["A=x:1", "B=1", "B=2"]));
+        assert_eq!(out, s(&["A=x:2", "B=1", "B=2"]));
+    }
+
+    #[test]
+    fn edit_of_a_repeated_variable_starts_from_its_last_value() {
+        // A runtime applies the last of repeated entries, so that is the value being edited.
+        let base = ["PATH=/first", "HOME=/root", "PATH=/usr/local/bin:/usr/bin"];
+        let out = apply(&base, &[&["GITPOD_ENV_APPEND_PATH=/ide/bin:"]]);
+        assert_eq!(out, s(&["PATH=/ide/bin:/usr/local/bin:/usr/bin", "HOME=/root"]));
+        let out = apply(&base, &[&["GITPOD_ENV_PREPEND_PATH=:/late"], &["GITPOD_ENV_APPEND_PATH=/early:"]]);
+        assert_eq!(out, s(&["PATH=/early:/usr/local/bin:/usr/bin:/late", "HOME=/root"]));
+        let out = apply(&["X=1", "X=2", "X=3"], &[&["GITPOD_ENV_SET_X=new"]]);
+        assert_eq!(out, s(&["X=new"]));
     }
 
     #[test]

@@ -24,9 +24,9 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
-    /// The skip-n label's value is not a non-negative integer. [`compose`](crate::compose)
-    /// reports it as [`Error::InvalidAddition`] naming the image.
-    #[error("label {SKIP_N_LABEL} has value {value:?}, which is not a non-negative integer")]
+    /// The skip-n label's value is not an unsigned decimal of at most 65535.
+    /// [`compose`](crate::compose) reports it as [`Error::InvalidAddition`] naming the image.
+    #[error("label {SKIP_N_LABEL} has value {value:?}, which is not an unsigned decimal integer up to 65535")]
     InvalidSkipN {
         /// The offending value (clipped).
         value: String,

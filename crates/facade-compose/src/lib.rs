@@ -154,18 +154,19 @@ impl Composed {
 /// The number of leading layers an added image drops, from its config labels: the
 /// [`SKIP_N_LABEL`] value, 0 when the label is absent.
 ///
-/// The value must be a non-negative decimal integer (as Go's `strconv.Atoi` reads it, so a
-/// leading `+` is accepted); anything else is [`Error::InvalidSkipN`]. A value too large for
-/// `usize` means "all layers".
+/// The value is read as the reference facade reads it (Go's `strconv.ParseUint(v, 10, 16)`): an
+/// unsigned 16-bit decimal, ASCII digits only (no sign, no spaces), at most 65535; anything
+/// else is [`Error::InvalidSkipN`], which fails the composition. A value at or above the
+/// image's layer count means "no layers".
 pub fn skip_n(labels: &BTreeMap<String, String>) -> Result<usize> {
     let Some(value) = labels.get(SKIP_N_LABEL) else {
         return Ok(0);
     };
-    let digits = value.strip_prefix('+').unwrap_or(value);
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(Error::InvalidSkipN { value: error::clip(value) });
+    let invalid = || Error::InvalidSkipN { value: error::clip(value) };
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(invalid());
     }
-    Ok(digits.parse::<usize>().unwrap_or(usize::MAX))
+    value.parse::<u16>().map(usize::from).map_err(|_| invalid())
 }
 
 #[cfg(test)]
@@ -188,18 +189,20 @@ mod tests {
     }
 
     #[test]
-    fn skip_n_reads_non_negative_integers() {
+    fn skip_n_reads_unsigned_16_bit_decimals() {
         assert_eq!(skip_n(&labels(Some("0"))), Ok(0));
         assert_eq!(skip_n(&labels(Some("1"))), Ok(1));
         assert_eq!(skip_n(&labels(Some("12"))), Ok(12));
         assert_eq!(skip_n(&labels(Some("007"))), Ok(7));
-        assert_eq!(skip_n(&labels(Some("+3"))), Ok(3));
-        assert_eq!(skip_n(&labels(Some("99999999999999999999999"))), Ok(usize::MAX));
+        assert_eq!(skip_n(&labels(Some("65535"))), Ok(65535));
+        assert_eq!(skip_n(&labels(Some("0000065535"))), Ok(65535));
     }
 
     #[test]
     fn skip_n_rejects_everything_else() {
-        for bad in ["abc", "-1", "", " 1", "1 ", "1.5", "+", "+-1", "0x10", "١"] {
+        for bad in
+            ["abc", "-1", "", " 1", "1 ", "1.5", "+", "+3", "+-1", "0x10", "١", "65536", "99999999999999999999999"]
+        {
             let err = skip_n(&labels(Some(bad))).unwrap_err();
             assert_eq!(err, Error::InvalidSkipN { value: bad.to_string() }, "{bad:?}");
             let text = err.to_string();

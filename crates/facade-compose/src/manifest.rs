@@ -131,17 +131,18 @@ pub(crate) fn build(
         });
     }
 
-    if target.family == Family::Oci {
-        // ws-daemon reads these from containerd's content store (compat with the reference).
-        let annotations = manifest.entry("annotations").or_insert(Value::Null);
-        if annotations.is_null() {
-            *annotations = Value::Object(Map::new());
-        }
-        let Value::Object(annotations) = annotations else {
-            return Err(Error::base("manifest annotations are not an object"));
-        };
-        annotations.insert(SIZE_ANNOTATION.to_string(), Value::String(base_size.to_string()));
-        annotations.insert(REF_ANNOTATION.to_string(), Value::String(target.base_ref.to_string()));
+    // ws-daemon reads these from containerd's content store on every manifest the facade
+    // serves, Docker schema 2 included: the reference writes them into both families (Docker
+    // schema 2 has no `annotations` field, but clients decode manifests leniently and
+    // containerd keeps the bytes as served).
+    let annotations = manifest.entry("annotations").or_insert(Value::Null);
+    if annotations.is_null() {
+        *annotations = Value::Object(Map::new());
     }
+    let Value::Object(annotations) = annotations else {
+        return Err(Error::base("manifest annotations are not an object"));
+    };
+    annotations.insert(SIZE_ANNOTATION.to_string(), Value::String(base_size.to_string()));
+    annotations.insert(REF_ANNOTATION.to_string(), Value::String(target.base_ref.to_string()));
     Ok(Built { manifest, layers })
 }

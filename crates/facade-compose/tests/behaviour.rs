@@ -108,7 +108,7 @@ fn layer_order_follows_addition_order_and_origins_index_the_slice() {
 #[test]
 fn skip_n_drops_first_layers_and_diff_ids() {
     let (m, c) = oci_base();
-    for (n, kept) in [("0", 3), ("1", 2), ("2", 1), ("3", 0), ("4", 0), ("999999999999999999999", 0)] {
+    for (n, kept) in [("0", 3), ("1", 2), ("2", 1), ("3", 0), ("4", 0), ("65535", 0)] {
         let (im, ic) =
             simple_image(mt::OCI_MANIFEST, mt::OCI_LAYER_GZIP, "img", 3, None, Some(json!({ SKIP_N_LABEL: n })));
         let additions =
@@ -129,7 +129,8 @@ fn skip_n_drops_first_layers_and_diff_ids() {
 #[test]
 fn invalid_skip_n_is_an_invalid_addition_naming_label_and_value() {
     let (m, c) = oci_base();
-    for bad in ["abc", "-1", "", "1.0"] {
+    // The reference reads the label as an unsigned 16-bit decimal: no sign, at most 65535.
+    for bad in ["abc", "-1", "", "1.0", "+1", "65536", "999999999999999999999"] {
         let (im, ic) =
             simple_image(mt::OCI_MANIFEST, mt::OCI_LAYER_GZIP, "img", 2, None, Some(json!({ SKIP_N_LABEL: bad })));
         let additions =
@@ -269,7 +270,7 @@ fn rootfs_type_is_forced_to_layers() {
 }
 
 #[test]
-fn docker_family_is_kept_and_added_layers_relabelled_without_annotations() {
+fn docker_family_is_kept_and_added_layers_relabelled_without_layer_annotations() {
     let (m, c) = docker_base();
     let mut l = layer(mt::OCI_LAYER_GZIP, "img-0", 7);
     l["annotations"] = json!({"a": "b"});
@@ -288,7 +289,10 @@ fn docker_family_is_kept_and_added_layers_relabelled_without_annotations() {
     let man = json(&out.manifest);
     assert_eq!(man["mediaType"], mt::DOCKER_MANIFEST);
     assert_eq!(man["config"]["mediaType"], mt::DOCKER_CONFIG);
-    assert!(man.get("annotations").is_none());
+    // The manifest carries the workspace-image annotations (ws-daemon reads them from Docker
+    // manifests too); the added layer descriptors do not keep theirs.
+    assert_eq!(man["annotations"][SIZE_ANNOTATION], json!(m_layer_total(&m).to_string()));
+    assert_eq!(man["annotations"][REF_ANNOTATION], REF);
     let layers = man["layers"].as_array().unwrap();
     assert_eq!(
         layers[2],
@@ -384,7 +388,7 @@ fn media_type_comes_from_the_transport_when_the_document_has_none() {
     assert_eq!(out.manifest_media_type, mt::DOCKER_MANIFEST);
     let man = json(&out.manifest);
     let keys: Vec<&String> = man.as_object().unwrap().keys().collect();
-    assert_eq!(keys, ["schemaVersion", "mediaType", "config", "layers"]);
+    assert_eq!(keys, ["schemaVersion", "mediaType", "config", "layers", "annotations"]);
     assert_eq!(man["config"]["mediaType"], mt::DOCKER_CONFIG);
 }
 
@@ -524,4 +528,9 @@ fn unknown_and_docker_only_config_keys_keep_value_and_order() {
     for k in ["zzz", "container_config", "docker_version", "aaa", "created", "architecture", "os", "config"] {
         assert_eq!(out[k], cfg[k], "{k}");
     }
+}
+
+/// Sum of the layer sizes of a manifest document.
+fn m_layer_total(manifest: &[u8]) -> u64 {
+    json(manifest)["layers"].as_array().unwrap().iter().map(|l| l["size"].as_u64().unwrap()).sum()
 }

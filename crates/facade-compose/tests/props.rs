@@ -6,7 +6,9 @@
 mod common;
 
 use common::{digest, json};
-use facade_compose::{Addition, BaseInput, Composed, LayerInput, LayerOrigin, SKIP_N_LABEL, compose};
+use facade_compose::{
+    Addition, BaseInput, Composed, LayerInput, LayerOrigin, REF_ANNOTATION, SIZE_ANNOTATION, SKIP_N_LABEL, compose,
+};
 use facade_oci::Digest;
 use facade_oci::media_types::{self as mt, Compression, Family};
 use proptest::collection::{btree_map, vec};
@@ -428,8 +430,9 @@ proptest! {
             prop_assert_eq!(layer_family(&l.media_type), Some(family), "{}", l.media_type);
             prop_assert_eq!(d["mediaType"].as_str(), Some(l.media_type.as_str()));
         }
-        let annotated = manifest.get("annotations").is_some();
-        prop_assert_eq!(annotated, family == Family::Oci || base.manifest_extra.iter().any(|(k, _)| k == "annotations"));
+        // Both families carry the workspace-image annotations, as the reference writes them.
+        prop_assert!(manifest["annotations"][SIZE_ANNOTATION].is_string());
+        prop_assert!(manifest["annotations"][REF_ANNOTATION].is_string());
     }
 
     #[test]

@@ -65,11 +65,19 @@ pub struct IndexView {
 impl IndexView {
     /// The first entry whose platform serves `want`, skipping attestation entries. The image
     /// index spec says the first match wins; entry 0 is never taken blindly.
+    ///
+    /// An index whose only entry has no `platform` (the field is optional, and some single-image
+    /// builders leave it out) resolves to that entry, as the reference facade did: there is no
+    /// other image it could mean.
     pub fn select(&self, want: &Platform) -> Option<&Descriptor> {
-        self.manifests
-            .iter()
-            .filter(|d| mt::is_image_manifest(&d.media_type) || d.media_type.is_empty())
-            .find(|d| d.platform.as_ref().is_some_and(|p| want.matches(p)))
+        let mut images =
+            self.manifests.iter().filter(|d| mt::is_image_manifest(&d.media_type) || d.media_type.is_empty());
+        if let [only] = self.manifests.as_slice()
+            && only.platform.is_none()
+        {
+            return images.next();
+        }
+        images.find(|d| d.platform.as_ref().is_some_and(|p| want.matches(p)))
     }
 }
 
@@ -230,6 +238,33 @@ mod tests {
         assert_eq!(i.select(&Platform::parse("linux/amd64").unwrap()).unwrap().size, 3);
         assert_eq!(i.select(&Platform::parse("linux/arm64/v8").unwrap()).unwrap().size, 2);
         assert!(i.select(&Platform::parse("linux/s390x").unwrap()).is_none());
+    }
+
+    #[test]
+    fn only_entry_without_platform_is_selected() {
+        let m = mt::OCI_MANIFEST;
+        let oci_index = mt::OCI_INDEX;
+        let one = format!(r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"{m}","digest":"{D}","size":7}}]}}"#);
+        let ParsedManifest::Index(i) = ParsedManifest::parse(one.as_bytes(), Some(oci_index)).unwrap() else {
+            panic!()
+        };
+        assert_eq!(i.select(&Platform::parse("linux/amd64").unwrap()).unwrap().size, 7);
+        assert_eq!(i.select(&Platform::parse("linux/arm64").unwrap()).unwrap().size, 7);
+        // Two entries without platform: neither is picked (which one would be a guess).
+        let two = format!(
+            r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"{m}","digest":"{D}","size":7}},{{"mediaType":"{m}","digest":"{D}","size":8}}]}}"#
+        );
+        let ParsedManifest::Index(i) = ParsedManifest::parse(two.as_bytes(), Some(oci_index)).unwrap() else {
+            panic!()
+        };
+        assert!(i.select(&Platform::parse("linux/amd64").unwrap()).is_none());
+        // The only entry being something other than an image manifest is not picked.
+        let nested =
+            format!(r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"{oci_index}","digest":"{D}","size":7}}]}}"#);
+        let ParsedManifest::Index(i) = ParsedManifest::parse(nested.as_bytes(), Some(oci_index)).unwrap() else {
+            panic!()
+        };
+        assert!(i.select(&Platform::parse("linux/amd64").unwrap()).is_none());
     }
 
     #[test]

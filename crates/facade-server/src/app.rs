@@ -281,7 +281,8 @@ impl<B: Backend> App<B> {
             Route::Blob { name, digest } if readable => {
                 handlers::blob::respond(&*self.backend, name, digest, parts).await
             }
-            Route::Base | Route::Manifest { .. } | Route::Blob { .. } | Route::Upload => {
+            Route::Tags { name } if readable => handlers::tags::respond(&*self.backend, name, parts).await,
+            Route::Base | Route::Manifest { .. } | Route::Blob { .. } | Route::Tags { .. } | Route::Upload => {
                 Err(Rejection::MethodNotAllowed)
             }
         }
@@ -296,6 +297,7 @@ fn context(route: Route<'_>, parts: &Parts) -> RequestContext {
     let (name, reference) = match route {
         Route::Manifest { name, reference } => (name, reference),
         Route::Blob { name, digest } => (name, digest),
+        Route::Tags { name } => (name, ""),
         Route::Base | Route::Upload | Route::NotFound => (parts.uri.path(), ""),
     };
     RequestContext {

@@ -1,5 +1,6 @@
 //! `requireAuth`: HTTP Basic credentials checked against a bcrypt htpasswd file, which is
-//! re-read when it changes (see `reload.rs`).
+//! re-read when it changes (see `reload.rs`), or, without a file, the reference facade's
+//! meaning of `requireAuth`: a request must carry Basic credentials, which are not checked.
 //!
 //! bcrypt costs 50–100 ms of CPU per check by design, and one pull is dozens of requests, so a
 //! successful check is remembered for a few minutes, keyed by (file version, user, SHA-256 of
@@ -28,10 +29,27 @@ use crate::reload::{self, Load, PollFiles, ReloadCounters, Watched};
 /// One `user:hash` per line; blank lines and lines starting with `#` are ignored. Only bcrypt
 /// hashes (`$2y$`, `$2b$`, `$2a$`, as written by `htpasswd -B`) are accepted: a file with any
 /// other hash (Apache MD5, SHA-1, crypt) is refused as a whole, naming the line.
+///
+/// An empty path is [`AuthFile::credentials_present`]: no file, only well-formed Basic
+/// credentials required.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AuthFile {
     /// Path of the file; followed through symlinks on every reload.
     pub htpasswd: PathBuf,
+}
+
+impl AuthFile {
+    /// The reference facade's `requireAuth`: a request without well-formed Basic credentials
+    /// gets the 401 challenge; any user name and password pass. Nothing is remembered and no
+    /// file is read.
+    pub fn credentials_present() -> AuthFile {
+        AuthFile { htpasswd: PathBuf::new() }
+    }
+
+    /// Whether this is [`AuthFile::credentials_present`].
+    pub fn is_credentials_present(&self) -> bool {
+        self.htpasswd.as_os_str().is_empty()
+    }
 }
 
 /// Why a request was refused; the bounded `reason` label of
@@ -178,9 +196,17 @@ struct CheckKey {
     password_sha256: [u8; 32],
 }
 
+/// A poller for the credentials-present mode, which follows no file.
+struct NoFiles;
+
+impl PollFiles for NoFiles {
+    fn poll(&self) {}
+}
+
 /// Checks `Authorization` headers against the current htpasswd file.
 pub(crate) struct Authenticator {
-    file: Arc<Watched<HtpasswdFile>>,
+    /// `None`: the credentials-present mode.
+    file: Option<Arc<Watched<HtpasswdFile>>>,
     /// Successful checks → when they stop counting.
     remembered: Mutex<HashMap<CheckKey, Instant>>,
     remember_for: Duration,
@@ -201,10 +227,14 @@ impl Authenticator {
         counters: ReloadCounters,
         strict: bool,
     ) -> Result<Self> {
-        let watched = Watched::open(HtpasswdFile { path: file.htpasswd.clone() }, counters, strict)?;
+        let watched = if file.is_credentials_present() {
+            None
+        } else {
+            Some(Arc::new(Watched::open(HtpasswdFile { path: file.htpasswd.clone() }, counters, strict)?))
+        };
         let slots = std::thread::available_parallelism().map_or(2, std::num::NonZero::get).max(2);
         Ok(Authenticator {
-            file: Arc::new(watched),
+            file: watched,
             remembered: Mutex::new(HashMap::new()),
             remember_for,
             bcrypt_slots: Semaphore::new(slots),
@@ -212,14 +242,22 @@ impl Authenticator {
     }
 
     pub(crate) fn poller(&self) -> Arc<dyn PollFiles> {
-        Arc::clone(&self.file) as Arc<dyn PollFiles>
+        match &self.file {
+            Some(file) => Arc::clone(file) as Arc<dyn PollFiles>,
+            None => Arc::new(NoFiles),
+        }
     }
 
-    /// `Ok` when `authorization` carries a user and password of the current file.
+    /// `Ok` when `authorization` carries a user and password of the current file (in the
+    /// credentials-present mode: any Basic credentials).
     pub(crate) async fn check(&self, authorization: Option<&HeaderValue>) -> std::result::Result<(), AuthFailure> {
         let header = authorization.ok_or(AuthFailure::Missing)?;
+        let Some(file) = &self.file else {
+            // The reference accepts what Go's `Request.BasicAuth` parses, an empty user too.
+            return has_basic_credentials(header.as_bytes()).then_some(()).ok_or(AuthFailure::Malformed);
+        };
         let (user, password) = parse_basic(header.as_bytes()).ok_or(AuthFailure::Malformed)?;
-        let table = self.file.current().ok_or(AuthFailure::Unavailable)?;
+        let table = file.current().ok_or(AuthFailure::Unavailable)?;
         let key = CheckKey {
             generation: table.generation,
             user: user.clone(),
@@ -253,6 +291,14 @@ impl Authenticator {
         }
         remembered.insert(key, now + self.remember_for);
     }
+}
+
+/// Whether `value` is `Basic base64(user:password)`, the user possibly empty.
+fn has_basic_credentials(value: &[u8]) -> bool {
+    let Some((scheme, encoded)) = std::str::from_utf8(value).ok().and_then(|t| t.trim().split_once(' ')) else {
+        return false;
+    };
+    scheme.eq_ignore_ascii_case("basic") && STANDARD.decode(encoded.trim()).is_ok_and(|d| d.contains(&b':'))
 }
 
 /// `Basic base64(user:password)` → (user, password). The password may contain `:`.
@@ -323,6 +369,34 @@ mod tests {
         for bad in [enc("nocolon"), enc(":p"), "Bearer abc".into(), "Basic !!!".into(), "Basic".into(), String::new()] {
             assert_eq!(parse_basic(bad.as_bytes()), None, "{bad}");
         }
+    }
+
+    #[tokio::test]
+    async fn credentials_present_mode_asks_only_for_basic_credentials() {
+        let counters = ReloadCounters {
+            ok: prometheus::IntCounter::new("ok", "ok").unwrap(),
+            error: prometheus::IntCounter::new("err", "err").unwrap(),
+        };
+        let file = AuthFile::credentials_present();
+        assert!(file.is_credentials_present());
+        assert!(!AuthFile { htpasswd: "/etc/htpasswd".into() }.is_credentials_present());
+        let auth = Authenticator::open(&file, Duration::from_secs(60), counters, true).unwrap();
+        let header = |v: String| HeaderValue::try_from(v).unwrap();
+        assert_eq!(auth.check(None).await, Err(AuthFailure::Missing));
+        for ok in ["anyone:anything", ":", "u:p:w", "user:"] {
+            let v = header(format!("Basic {}", STANDARD.encode(ok)));
+            assert_eq!(auth.check(Some(&v)).await, Ok(()), "{ok}");
+        }
+        for bad in [
+            "Bearer abc".to_string(),
+            "Basic !!!".into(),
+            format!("Basic {}", STANDARD.encode("no-colon")),
+            "Basic".into(),
+        ] {
+            assert_eq!(auth.check(Some(&header(bad.clone()))).await, Err(AuthFailure::Malformed), "{bad}");
+        }
+        auth.poller().poll();
+        assert!(auth.remembered.lock().unwrap().is_empty(), "nothing to remember without a file");
     }
 
     #[tokio::test]

@@ -32,6 +32,39 @@ pub trait Backend: Send + Sync + 'static {
     /// Metadata of a blob of this workspace's composed image. Must not open content: HEAD never
     /// downloads, and GET opens through [`BlobContent::Stream`] only once the range is known.
     fn blob(&self, req: BlobRequest) -> impl Future<Output = std::result::Result<BlobBody, BackendError>> + Send;
+
+    /// Whether workspace `req` exists, for `GET /v2/<provider>/<id>/tags/list` (which always
+    /// lists the one tag a client can pull). `Ok` means it does; [`ErrorKind::NameUnknown`]
+    /// (or [`ErrorKind::ManifestUnknown`]) that it does not. The default asks for the
+    /// manifest of `latest`, which composes the image; backends that can ask the spec provider
+    /// alone should.
+    fn workspace_exists(&self, req: TagsRequest) -> impl Future<Output = std::result::Result<(), BackendError>> + Send {
+        async move {
+            let reference = Reference::parse(LATEST).map_err(|e| BackendError::internal(e.to_string()))?;
+            self.manifest(ManifestRequest {
+                provider: req.provider,
+                id: req.id,
+                reference,
+                accept: Vec::new(),
+                method_head: true,
+            })
+            .await
+            .map(|_| ())
+        }
+    }
+}
+
+/// The one tag every workspace image has: any tag names the current composition, and this is
+/// the one clients are told to pull.
+pub const LATEST: &str = "latest";
+
+/// A tags list GET or HEAD.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TagsRequest {
+    /// First name segment (`remote`, `fixed`).
+    pub provider: String,
+    /// The workspace id.
+    pub id: String,
 }
 
 /// A manifest GET or HEAD.

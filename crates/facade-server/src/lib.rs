@@ -32,8 +32,8 @@ pub use admin::{Readiness, serve_admin};
 pub use app::{App, ServerConfig};
 pub use auth::AuthFile;
 pub use backend::{
-    Backend, BackendError, BlobBody, BlobContent, BlobOpener, BlobRequest, BlobStream, ByteRange, ErrorKind,
-    ManifestBody, ManifestRequest, OpenFuture,
+    Backend, BackendError, BlobBody, BlobContent, BlobOpener, BlobRequest, BlobStream, ByteRange, ErrorKind, LATEST,
+    ManifestBody, ManifestRequest, OpenFuture, TagsRequest,
 };
 pub use body::Body;
 pub use error::{Error, Result};

@@ -1,8 +1,14 @@
 //! Request metrics. Labels are bounded: route, method, status class, abort reason — never a
 //! digest, workspace id, repository or URL (those go to logs).
+//!
+//! With the legacy names on (`facade.legacyMetrics`, the default), requests also feed the Go
+//! facade's `gitpod_registry_facade_registry_{manifest_req_seconds,req_failed_total,
+//! blob_req_total}` series, for dashboards and alerts written against it (docs/migration.md).
 
 use http::{Method, StatusCode};
-use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 use crate::auth::AuthFailure;
 use crate::error::{Error, Result};
@@ -67,6 +73,57 @@ impl Limit {
 /// Time-to-headers buckets, in seconds; containerd gives up after 30 s without headers.
 const DURATION_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0];
 
+const LEGACY_MANIFEST_SECONDS: &str = "gitpod_registry_facade_registry_manifest_req_seconds";
+const LEGACY_FAILED: &str = "gitpod_registry_facade_registry_req_failed_total";
+const LEGACY_BLOBS: &str = "gitpod_registry_facade_registry_blob_req_total";
+
+/// The Go facade's request series, under their old names, kinds, buckets and labels.
+#[derive(Clone, Debug)]
+struct LegacyServerMetrics {
+    /// Manifest requests, time to response headers (the Go facade timed its whole handler,
+    /// which for a manifest is the same but for the last write).
+    manifest_seconds: Histogram,
+    /// `type` = `manifest|blob`: answered with a 5xx, or cut after the headers because the
+    /// source failed (the Go facade registered this series but never counted into it).
+    failed: IntCounterVec,
+    /// Blob requests answered, whatever the outcome.
+    blobs: IntCounter,
+}
+
+impl LegacyServerMetrics {
+    fn register(registry: &Registry) -> Result<Self> {
+        let manifest_seconds = Histogram::with_opts(
+            HistogramOpts::new(LEGACY_MANIFEST_SECONDS, "time of manifest requests made to the downstream registry")
+                .buckets(vec![0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 60.0, 300.0, 600.0, 1800.0]),
+        )
+        .map_err(|e| metric_error(LEGACY_MANIFEST_SECONDS, e))?;
+        let failed = IntCounterVec::new(Opts::new(LEGACY_FAILED, "number of requests that failed"), &["type"])
+            .map_err(|e| metric_error(LEGACY_FAILED, e))?;
+        let blobs = IntCounter::new(LEGACY_BLOBS, "number of blob requests made to the downstream registry")
+            .map_err(|e| metric_error(LEGACY_BLOBS, e))?;
+        for (name, collector) in [
+            (LEGACY_MANIFEST_SECONDS, Box::new(manifest_seconds.clone()) as Box<dyn prometheus::core::Collector>),
+            (LEGACY_FAILED, Box::new(failed.clone())),
+            (LEGACY_BLOBS, Box::new(blobs.clone())),
+        ] {
+            registry.register(collector).map_err(|e| metric_error(name, e))?;
+        }
+        for t in ["manifest", "blob"] {
+            failed.with_label_values(&[t]);
+        }
+        Ok(LegacyServerMetrics { manifest_seconds, failed, blobs })
+    }
+
+    /// The `req_failed_total` counter of a route, for the routes the Go facade had.
+    fn failed_of(&self, route: RouteLabel) -> Option<IntCounter> {
+        match route {
+            RouteLabel::Manifest => Some(self.failed.with_label_values(&["manifest"])),
+            RouteLabel::Blob => Some(self.failed.with_label_values(&["blob"])),
+            _ => None,
+        }
+    }
+}
+
 /// The server's metrics, registered into a registry passed in by the binary.
 #[derive(Clone, Debug)]
 pub struct ServerMetrics {
@@ -78,15 +135,23 @@ pub struct ServerMetrics {
     auth_failures: IntCounterVec,
     file_reloads: IntCounterVec,
     limited: IntCounterVec,
+    legacy: Option<LegacyServerMetrics>,
 }
 
 /// The `file` label values of `registry_facade_file_reloads_total`.
 const RELOADED_FILES: [&str; 2] = ["tls", "htpasswd"];
 
 impl ServerMetrics {
-    /// Creates the metrics and registers them in `registry`. Every route and abort reason is
-    /// pre-created at zero so dashboards and alerts see the series before the first event.
+    /// Creates the metrics, the Go facade's legacy request series included, and registers them
+    /// in `registry`. Every route and abort reason is pre-created at zero so dashboards and
+    /// alerts see the series before the first event.
     pub fn register(registry: &Registry) -> Result<Self> {
+        Self::register_with(registry, true)
+    }
+
+    /// [`ServerMetrics::register`], with the legacy series only when `legacy` is set
+    /// (`facade.legacyMetrics`).
+    pub fn register_with(registry: &Registry, legacy: bool) -> Result<Self> {
         let requests = IntCounterVec::new(
             Opts::new("registry_facade_http_requests_total", "HTTP requests answered"),
             &["route", "method", "status_class"],
@@ -182,6 +247,7 @@ impl ServerMetrics {
             auth_failures,
             file_reloads,
             limited,
+            legacy: if legacy { Some(LegacyServerMetrics::register(registry)?) } else { None },
         })
     }
 
@@ -205,6 +271,18 @@ impl ServerMetrics {
         let r = route.as_str();
         self.requests.with_label_values(&[r, method_label(method), status_class(status)]).inc();
         self.duration.with_label_values(&[r]).observe(seconds);
+        if let Some(l) = &self.legacy {
+            match route {
+                RouteLabel::Manifest => l.manifest_seconds.observe(seconds),
+                RouteLabel::Blob => l.blobs.inc(),
+                _ => {}
+            }
+            if status.is_server_error()
+                && let Some(failed) = l.failed_of(route)
+            {
+                failed.inc();
+            }
+        }
     }
 
     /// Counts the request as in flight until the guard (moved into the response body) drops.
@@ -218,6 +296,7 @@ impl ServerMetrics {
         BodyMeter {
             bytes: self.response_bytes.with_label_values(&[route.as_str()]),
             aborted: self.aborted.clone(),
+            legacy_failed: self.legacy.as_ref().and_then(|l| l.failed_of(route)),
             _inflight: inflight,
         }
     }
@@ -266,6 +345,7 @@ impl Drop for InflightGuard {
 pub(crate) struct BodyMeter {
     bytes: IntCounter,
     aborted: IntCounterVec,
+    legacy_failed: Option<IntCounter>,
     _inflight: InflightGuard,
 }
 
@@ -276,6 +356,12 @@ impl BodyMeter {
 
     pub(crate) fn aborted(&self, reason: AbortReason) {
         self.aborted.with_label_values(&[reason.as_str()]).inc();
+        // A client that went away is not a failure of ours.
+        if reason != AbortReason::ClientGone
+            && let Some(failed) = &self.legacy_failed
+        {
+            failed.inc();
+        }
     }
 }
 
@@ -301,6 +387,39 @@ mod tests {
             assert!(text.contains(name), "{name} missing");
         }
         assert!(ServerMetrics::register(&registry).is_err(), "double registration must fail");
+    }
+
+    #[test]
+    fn feeds_the_legacy_series_and_can_leave_them_out() {
+        let registry = Registry::new();
+        let m = ServerMetrics::register(&registry).unwrap();
+        m.observe_response(RouteLabel::Manifest, &Method::GET, StatusCode::OK, 0.2);
+        m.observe_response(RouteLabel::Manifest, &Method::GET, StatusCode::SERVICE_UNAVAILABLE, 0.3);
+        m.observe_response(RouteLabel::Manifest, &Method::GET, StatusCode::NOT_FOUND, 0.01);
+        m.observe_response(RouteLabel::Blob, &Method::GET, StatusCode::OK, 0.01);
+        m.observe_response(RouteLabel::Blob, &Method::HEAD, StatusCode::OK, 0.01);
+        let meter = m.body_meter(RouteLabel::Blob, m.inflight(RouteLabel::Blob));
+        meter.aborted(AbortReason::SourceError);
+        meter.aborted(AbortReason::ClientGone);
+        let l = m.legacy.as_ref().unwrap();
+        assert_eq!(l.manifest_seconds.get_sample_count(), 3);
+        assert_eq!(l.failed.with_label_values(&["manifest"]).get(), 1);
+        assert_eq!(l.failed.with_label_values(&["blob"]).get(), 1);
+        assert_eq!(l.blobs.get(), 2);
+        let text = prometheus::TextEncoder::new().encode_to_string(&registry.gather()).unwrap();
+        for want in [
+            "gitpod_registry_facade_registry_manifest_req_seconds_bucket{le=\"1800\"} 3",
+            "gitpod_registry_facade_registry_req_failed_total{type=\"blob\"} 1",
+            "gitpod_registry_facade_registry_blob_req_total 2",
+        ] {
+            assert!(text.contains(want), "{want} missing from\n{text}");
+        }
+
+        let registry = Registry::new();
+        let m = ServerMetrics::register_with(&registry, false).unwrap();
+        m.observe_response(RouteLabel::Manifest, &Method::GET, StatusCode::OK, 0.2);
+        let text = prometheus::TextEncoder::new().encode_to_string(&registry.gather()).unwrap();
+        assert!(!text.contains("gitpod_"), "{text}");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Path → route. One function, parsed from the right: names contain `/`, so the last two
-//! segments (`manifests|blobs` and the reference) are fixed and everything before is the name.
+//! segments (`manifests|blobs` and the reference, or `tags/list`) are fixed and everything
+//! before is the name.
 
 /// A matched route; the pieces are raw (not percent-decoded) path text, validated later.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -10,6 +11,8 @@ pub(crate) enum Route<'a> {
     Manifest { name: &'a str, reference: &'a str },
     /// `/v2/<name>/blobs/<digest>`
     Blob { name: &'a str, digest: &'a str },
+    /// `/v2/<name>/tags/list`
+    Tags { name: &'a str },
     /// `/v2/<name>/blobs/uploads/[<session>]`: push only, always refused.
     Upload,
     /// Anything else.
@@ -22,18 +25,20 @@ pub(crate) enum RouteLabel {
     Base,
     Manifest,
     Blob,
+    Tags,
     Other,
 }
 
 impl RouteLabel {
-    pub(crate) const ALL: [RouteLabel; 4] =
-        [RouteLabel::Base, RouteLabel::Manifest, RouteLabel::Blob, RouteLabel::Other];
+    pub(crate) const ALL: [RouteLabel; 5] =
+        [RouteLabel::Base, RouteLabel::Manifest, RouteLabel::Blob, RouteLabel::Tags, RouteLabel::Other];
 
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             RouteLabel::Base => "base",
             RouteLabel::Manifest => "manifest",
             RouteLabel::Blob => "blob",
+            RouteLabel::Tags => "tags",
             RouteLabel::Other => "other",
         }
     }
@@ -45,6 +50,7 @@ impl Route<'_> {
             Route::Base => RouteLabel::Base,
             Route::Manifest { .. } => RouteLabel::Manifest,
             Route::Blob { .. } | Route::Upload => RouteLabel::Blob,
+            Route::Tags { .. } => RouteLabel::Tags,
             Route::NotFound => RouteLabel::Other,
         }
     }
@@ -78,6 +84,7 @@ pub(crate) fn parse<'a>(prefix: &str, path: &'a str) -> Route<'a> {
         "manifests" => Route::Manifest { name, reference: last },
         "blobs" if last == "uploads" => Route::Upload,
         "blobs" => Route::Blob { name, digest: last },
+        "tags" if last == "list" => Route::Tags { name },
         // `<name>/blobs/uploads/` (POST) and `<name>/blobs/uploads/<session>` (PATCH, PUT)
         "uploads" if name.ends_with("/blobs") || name == "blobs" => Route::Upload,
         _ => Route::NotFound,
@@ -104,7 +111,12 @@ mod tests {
             ("", "/v2/remote/abc/blobs/uploads/", Route::Upload),
             ("", "/v2/remote/abc/blobs/uploads", Route::Upload),
             ("", "/v2/remote/abc/blobs/uploads/1234-abcd", Route::Upload),
-            ("", "/v2/remote/abc/tags/list", Route::NotFound),
+            ("", "/v2/remote/abc/tags/list", Route::Tags { name: "remote/abc" }),
+            ("", "/v2/remote/a/b/tags/list", Route::Tags { name: "remote/a/b" }),
+            ("", "/v2/remote/abc/tags/other", Route::NotFound),
+            ("", "/v2/tags/list", Route::NotFound),
+            ("", "/v2/a/tags/list/manifests/x", Route::Manifest { name: "a/tags/list", reference: "x" }),
+            ("/registry", "/registry/v2/fixed/demo/tags/list", Route::Tags { name: "fixed/demo" }),
             ("", "/v2/remote/abc/referrers/sha256:00", Route::NotFound),
             ("", "/v2/manifests/latest", Route::NotFound),
             ("", "/v2/remote", Route::NotFound),

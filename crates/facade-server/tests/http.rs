@@ -57,7 +57,7 @@ async fn base_route_answers_empty_json() {
 async fn unmatched_paths_get_an_oci_404() {
     let (server, _) = standard().await;
     let client = http1_client();
-    for path in ["/", "/v1/", "/v2x", "/v2/remote/ws1/tags/list", "/v2/remote/ws1/referrers/x", "/healthz"] {
+    for path in ["/", "/v1/", "/v2x", "/v2/remote/ws1/tags/other", "/v2/remote/ws1/referrers/x", "/healthz"] {
         let r = get(&client, &server.url(path)).await;
         assert_error(&r, 404, "UNSUPPORTED");
     }

@@ -20,6 +20,7 @@ use crate::config::Config;
 use crate::docker_auth::DockerAuth;
 use crate::error::{Error, Result};
 use crate::host::{api_host, api_repo, scheme_for};
+use crate::retry::{Retry, retrying};
 use crate::transport::{Redirectable, Transport, content_length, drain, read_bounded, status_error};
 
 /// `Docker-Content-Digest`.
@@ -167,6 +168,16 @@ impl Client {
         tokio::time::timeout(timeout, fut).await.map_err(|_| Error::Timeout { host: t.host.clone(), timeout })?
     }
 
+    /// `attempt` retried within the retry budget, all of it within `metadata_timeout`.
+    async fn retried<T, F, Fut>(&self, t: &Target, kind: &'static str, attempt: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let r = Retry { kind, budget: self.inner.config.retry_budget, metrics: self.inner.transport.metrics.as_ref() };
+        self.deadline(t, retrying(r, attempt)).await
+    }
+
     /// The Authorization header to send before any challenge, from what this (host, repo)
     /// asked for last time.
     async fn preauth(&self, state: &AuthState, t: &Target) -> Result<(Option<HeaderValue>, Sent)> {
@@ -265,39 +276,42 @@ impl Client {
     /// Resolves a reference to a descriptor with HEAD (Docker Hub does not count HEAD as a
     /// pull). Falls back to GET when HEAD gives no usable `Docker-Content-Digest`, media type
     /// or length. For a digest reference a different announced digest is a mismatch.
+    /// Transient failures are retried within `retry_budget`.
     pub async fn resolve(&self, registry: &str, repo: &RepoName, reference: &Reference) -> Result<Resolved> {
         let t = self.target(registry, repo)?;
-        self.deadline(&t, async {
-            let path = format!("/v2/{}/manifests/{reference}", t.repo);
-            let resp = self.send(&t, Method::HEAD, &path, manifest_headers()).await?;
-            let h = resp.headers();
-            if !resp.status().is_success() {
-                return Err(status_error(&t.host, resp.status(), h, || format!("manifest {reference} in {}", t.repo)));
+        self.retried(&t, "tag", || self.resolve_once(&t, reference)).await
+    }
+
+    async fn resolve_once(&self, t: &Target, reference: &Reference) -> Result<Resolved> {
+        let path = format!("/v2/{}/manifests/{reference}", t.repo);
+        let resp = self.send(t, Method::HEAD, &path, manifest_headers()).await?;
+        let h = resp.headers();
+        if !resp.status().is_success() {
+            return Err(status_error(&t.host, resp.status(), h, || format!("manifest {reference} in {}", t.repo)));
+        }
+        let digest = header_digest(h).and_then(|d| d.ok());
+        let media_type = media_type_of(h).filter(|m| mt::is_index(m) || mt::is_image_manifest(m));
+        if let (Some(digest), Some(media_type), Some(size)) = (digest, media_type, content_length(h)) {
+            if let Reference::Digest(want) = reference
+                && *want != digest
+            {
+                return Err(Error::DigestMismatch { host: t.host.clone(), expected: want.clone(), actual: digest });
             }
-            let digest = header_digest(h).and_then(|d| d.ok());
-            let media_type = media_type_of(h).filter(|m| mt::is_index(m) || mt::is_image_manifest(m));
-            if let (Some(digest), Some(media_type), Some(size)) = (digest, media_type, content_length(h)) {
-                if let Reference::Digest(want) = reference
-                    && *want != digest
-                {
-                    return Err(Error::DigestMismatch { host: t.host.clone(), expected: want.clone(), actual: digest });
-                }
-                return Ok(Resolved { digest, media_type, size });
-            }
-            drop(resp);
-            tracing::debug!(host = %t.host, repo = %t.repo, %reference, "HEAD gave no digest, media type or length; resolving with GET");
-            let m = self.fetch_manifest(&t, reference).await?;
-            Ok(Resolved { size: m.bytes.len() as u64, digest: m.digest, media_type: m.media_type })
-        })
-        .await
+            return Ok(Resolved { digest, media_type, size });
+        }
+        drop(resp);
+        tracing::debug!(host = %t.host, repo = %t.repo, %reference, "HEAD gave no digest, media type or length; resolving with GET");
+        let m = self.fetch_manifest(t, reference).await?;
+        Ok(Resolved { size: m.bytes.len() as u64, digest: m.digest, media_type: m.media_type })
     }
 
     /// GETs a manifest or index with the full Accept set. Fetched by digest, the bytes must
     /// hash to it; fetched by tag, the sha256 of the bytes is the digest and must agree with
-    /// `Docker-Content-Digest` when upstream sends one.
+    /// `Docker-Content-Digest` when upstream sends one. Transient failures are retried within
+    /// `retry_budget`; a digest mismatch is not.
     pub async fn manifest(&self, registry: &str, repo: &RepoName, reference: &Reference) -> Result<FetchedManifest> {
         let t = self.target(registry, repo)?;
-        self.deadline(&t, self.fetch_manifest(&t, reference)).await
+        self.retried(&t, "manifest", || self.fetch_manifest(&t, reference)).await
     }
 
     async fn fetch_manifest(&self, t: &Target, reference: &Reference) -> Result<FetchedManifest> {
@@ -344,23 +358,25 @@ impl Client {
     }
 
     /// GETs a small blob (an image config) whole, bounded by `max_metadata_bytes`, and checks
-    /// it against `digest`.
+    /// it against `digest`. Transient failures are retried within `retry_budget`; a digest
+    /// mismatch is not.
     pub async fn blob_bytes(&self, registry: &str, repo: &RepoName, digest: &Digest) -> Result<Bytes> {
         let t = self.target(registry, repo)?;
-        self.deadline(&t, async {
-            let path = format!("/v2/{}/blobs/{digest}", t.repo);
-            let resp = self.send(&t, Method::GET, &path, blob_headers()).await?;
-            if !resp.status().is_success() {
-                return Err(status_error(&t.host, resp.status(), resp.headers(), || {
-                    format!("blob {digest} in {}", t.repo)
-                }));
-            }
-            reject_encoded(&resp, &t.host)?;
-            let bytes = read_bounded(resp, self.inner.config.max_metadata_bytes, &t.host).await?;
-            verify(digest, &bytes, &t.host)?;
-            Ok(bytes)
-        })
-        .await
+        self.retried(&t, "config", || self.blob_bytes_once(&t, digest)).await
+    }
+
+    async fn blob_bytes_once(&self, t: &Target, digest: &Digest) -> Result<Bytes> {
+        let path = format!("/v2/{}/blobs/{digest}", t.repo);
+        let resp = self.send(t, Method::GET, &path, blob_headers()).await?;
+        if !resp.status().is_success() {
+            return Err(status_error(&t.host, resp.status(), resp.headers(), || {
+                format!("blob {digest} in {}", t.repo)
+            }));
+        }
+        reject_encoded(&resp, &t.host)?;
+        let bytes = read_bounded(resp, self.inner.config.max_metadata_bytes, &t.host).await?;
+        verify(digest, &bytes, &t.host)?;
+        Ok(bytes)
     }
 
     /// Opens a blob body, from byte `offset` when it is not 0 (`Range: bytes=offset-`).

@@ -41,6 +41,16 @@ pub enum Error {
         #[source]
         source: BoxError,
     },
+    /// The TLS handshake refused the peer: a certificate no configured CA vouches for, a
+    /// name mismatch, no common protocol. Not retried: the next handshake would end the same.
+    #[error("{host}: TLS handshake failed")]
+    Tls {
+        /// Upstream host.
+        host: String,
+        /// The cause.
+        #[source]
+        source: BoxError,
+    },
     /// The connection failed after it was set up (reset, protocol error, broken body).
     #[error("{host}: transport error")]
     Transport {
@@ -216,13 +226,14 @@ impl Error {
             | Error::DigestMismatch { .. }
             | Error::TooLarge { .. }
             | Error::TooManyRedirects { .. }
-            | Error::RangeIgnored { .. } => ErrorKind::Protocol,
+            | Error::RangeIgnored { .. }
+            | Error::Tls { .. } => ErrorKind::Protocol,
         }
     }
 
     /// Whether trying the same request again may succeed: transport failures, timeouts,
-    /// stalls, short bodies, 429, 502, 503 and 504. Never a 404, a 400, a bad media type or a
-    /// 401 after a token refresh.
+    /// stalls, short bodies, 429, 502, 503 and 504. Never a 404, a 400, a 401 or 403, a bad
+    /// media type, a digest mismatch or a refused TLS handshake.
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Connect { .. }
@@ -250,6 +261,7 @@ impl Error {
             Error::Config { .. } | Error::DockerConfig { .. } => (None, None),
             Error::InvalidHost { host } => (Some(host), None),
             Error::Connect { host, .. }
+            | Error::Tls { host, .. }
             | Error::Transport { host, .. }
             | Error::Timeout { host, .. }
             | Error::Stalled { host, .. }

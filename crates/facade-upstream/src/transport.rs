@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{AUTHORIZATION, CONTENT_LENGTH, HOST, LOCATION, RETRY_AFTER, USER_AGENT};
+use http::header::{AUTHORIZATION, CONTENT_LENGTH, HOST, LOCATION, PROXY_AUTHORIZATION, RETRY_AFTER, USER_AGENT};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
@@ -19,6 +19,7 @@ use url::Url;
 
 use crate::config::Config;
 use crate::error::{BoxError, Error, Result};
+use crate::proxy::{Connector, Proxies, Route};
 
 /// Blob redirects go to CDNs and object storage; more hops than this is a loop.
 pub(crate) const MAX_REDIRECTS: usize = 5;
@@ -30,27 +31,50 @@ const POOL_IDLE: Duration = Duration::from_secs(90);
 const DRAIN_LIMIT: usize = 64 << 10;
 const DRAIN_TIME: Duration = Duration::from_secs(1);
 
-type HttpClient = HyperClient<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+type HttpClient = HyperClient<HttpsConnector<Connector>, Empty<Bytes>>;
 
 pub(crate) struct Transport {
     http: HttpClient,
+    proxies: Arc<Proxies>,
     user_agent: HeaderValue,
     pub(crate) metrics: Option<crate::metrics::UpstreamMetrics>,
 }
 
-fn tls_config(config: &Config) -> Result<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+/// The certificates of a PEM bundle; a bundle without any is an error.
+pub fn parse_ca_bundle(pem: &str) -> Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::Config { reason: format!("CA bundle: {e}") })?;
+    if certs.is_empty() {
+        return Err(Error::Config { reason: "CA bundle holds no PEM certificate".into() });
+    }
+    Ok(certs)
+}
+
+/// The roots every upstream is checked against: the system's CA bundle (`SSL_CERT_FILE` and
+/// `SSL_CERT_DIR` are honoured, as Go does) plus the configured CA. Mozilla's roots stand in
+/// only when the system has no bundle at all (a scratch image without `ca-certificates`).
+fn root_store(config: &Config) -> Result<rustls::RootCertStore> {
+    let mut roots = rustls::RootCertStore::empty();
+    let system = rustls_native_certs::load_native_certs();
+    for e in &system.errors {
+        tracing::warn!(error = %e, "cannot read part of the system CA bundle");
+    }
+    let (added, ignored) = roots.add_parsable_certificates(system.certs);
+    if added == 0 {
+        tracing::warn!(ignored, "no usable system CA certificates; trusting the compiled-in Mozilla roots");
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    }
     if let Some(pem) = &config.extra_ca_pem {
-        let mut added = 0;
-        for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-            let cert = cert.map_err(|e| Error::Config { reason: format!("extra CA bundle: {e}") })?;
+        for cert in parse_ca_bundle(pem)? {
             roots.add(cert).map_err(|e| Error::Config { reason: format!("extra CA certificate: {e}") })?;
-            added += 1;
-        }
-        if added == 0 {
-            return Err(Error::Config { reason: "extra CA bundle holds no PEM certificate".into() });
         }
     }
+    Ok(roots)
+}
+
+fn tls_config(config: &Config) -> Result<rustls::ClientConfig> {
+    let roots = root_store(config)?;
     // ring, explicitly: the workspace builds no aws-lc.
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     Ok(rustls::ClientConfig::builder_with_provider(provider)
@@ -67,6 +91,8 @@ impl Transport {
         http.set_connect_timeout(Some(config.connect_timeout));
         http.set_nodelay(true);
         http.set_keepalive(Some(Duration::from_secs(60)));
+        let proxies = Arc::new(Proxies::new(&config.proxy)?);
+        let http = Connector::new(http, proxies.clone(), &config.resolve);
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls_config(config)?)
             .https_or_http()
@@ -80,7 +106,7 @@ impl Transport {
             .build(https);
         let user_agent = HeaderValue::from_str(&config.user_agent)
             .map_err(|_| Error::Config { reason: "user_agent is not a valid header value".into() })?;
-        Ok(Transport { http, user_agent, metrics: None })
+        Ok(Transport { http, proxies, user_agent, metrics: None })
     }
 
     /// One request, no redirects, no auth logic. `host` labels errors.
@@ -95,11 +121,21 @@ impl Transport {
             .as_str()
             .parse()
             .map_err(|_| Error::Protocol { host: host.to_string(), reason: "unusable URL".into() })?;
+        // A forward proxy sees the request itself, so its credentials ride on it (a CONNECT
+        // tunnel carries them in the CONNECT instead).
+        let proxy_auth = match self.proxies.route(&uri) {
+            Route::Forward(p) => p.basic_auth().cloned(),
+            _ => None,
+        };
         let mut req = Request::builder().method(method.clone()).uri(uri);
         if let Some(h) = req.headers_mut() {
             h.extend(headers.iter().map(|(k, v)| (k.clone(), v.clone())));
             h.insert(USER_AGENT, self.user_agent.clone());
             h.remove(HOST);
+            h.remove(PROXY_AUTHORIZATION);
+            if let Some(a) = proxy_auth {
+                h.insert(PROXY_AUTHORIZATION, a);
+            }
         }
         let req = req
             .body(Empty::new())
@@ -112,8 +148,11 @@ impl Transport {
         }
         answer.map_err(|e| {
             let connect = e.is_connect();
+            let tls = is_tls_failure(&e);
             let source: BoxError = Box::new(e);
-            if connect {
+            if tls {
+                Error::Tls { host: host.to_string(), source }
+            } else if connect {
                 Error::Connect { host: host.to_string(), source }
             } else {
                 Error::Transport { host: host.to_string(), source }
@@ -210,6 +249,26 @@ pub(crate) fn status_error(
 
 pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers.get(CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
+}
+
+/// Whether the TLS layer refused the peer (untrusted or wrong-name certificate, no common
+/// protocol, an alert): trying again gets the same answer. rustls errors reach us inside an
+/// `io::Error`, whose `source()` skips the error it wraps, so both paths are walked.
+pub(crate) fn is_tls_failure(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if e.downcast_ref::<rustls::Error>().is_some() {
+            return true;
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && let Some(inner) = io.get_ref()
+            && (inner.downcast_ref::<rustls::Error>().is_some() || is_tls_failure(inner))
+        {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
 }
 
 /// Whether a body error means the peer closed before the promised length.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use facade_oci::media_types as mt;
 use facade_oci::{Digest, Reference, RepoName};
-use facade_upstream::{Client, Config, DockerAuth, Error, ErrorKind};
+use facade_upstream::{Client, Config, DockerAuth, Error, ErrorKind, ProxyConfig, UpstreamMetrics};
 use futures::StreamExt;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -160,13 +160,21 @@ fn tag() -> Reference {
     Reference::Tag("t".into())
 }
 
+/// One answer per call: the tests here look at how each answer is classified. Retries have
+/// their own tests (`retried_*` below, and tests/retries.rs against a real registry).
 fn fast_config() -> Config {
     Config {
         connect_timeout: Duration::from_secs(2),
         metadata_timeout: Duration::from_secs(5),
         read_timeout: Duration::from_millis(300),
+        retry_budget: Duration::ZERO,
+        proxy: ProxyConfig::none(),
         ..Config::default()
     }
+}
+
+fn retrying_config(budget: Duration) -> Config {
+    Config { retry_budget: budget, metadata_timeout: Duration::from_secs(20), ..fast_config() }
 }
 
 fn client() -> Client {
@@ -667,4 +675,78 @@ fn accepts_an_extra_ca_bundle() {
     assert!(Client::new(cfg, DockerAuth::empty()).is_ok());
     let cfg = Config { extra_ca_pem: Some("garbage".into()), ..Config::default() };
     assert!(matches!(Client::new(cfg, DockerAuth::empty()), Err(Error::Config { .. })));
+}
+
+/// A registry that answers 503 with `Retry-After: 1` to the first manifest request: the call
+/// waits that second and succeeds, within one client call.
+#[tokio::test]
+async fn retried_503_honours_retry_after() {
+    let seen = Arc::new(AtomicUsize::new(0));
+    let s = seen.clone();
+    let fake = Fake::start(move |_| {
+        if s.fetch_add(1, Ordering::SeqCst) == 0 {
+            response("503 Service Unavailable", &[("Retry-After", "1")], b"")
+        } else {
+            manifest_reply()
+        }
+    })
+    .await;
+    let metrics = UpstreamMetrics::register(&prometheus::Registry::new()).unwrap();
+    let c = Client::with_metrics(retrying_config(Duration::from_secs(7)), DockerAuth::empty(), Some(metrics.clone()))
+        .unwrap();
+    let t0 = Instant::now();
+    c.manifest(&fake.host(), &repo(), &tag()).await.unwrap();
+    assert!(t0.elapsed() >= Duration::from_secs(1), "Retry-After is a floor: {:?}", t0.elapsed());
+    assert_eq!(fake.requests().len(), 2);
+    assert_eq!(metrics.retries("manifest", "status"), 1);
+}
+
+/// A `Retry-After` longer than the budget is passed on at once (the client answers 429 with
+/// it), not slept on.
+#[tokio::test]
+async fn retry_after_beyond_the_budget_is_not_waited_for() {
+    let fake = Fake::start(|_| response("429 Too Many Requests", &[("Retry-After", "30")], b"")).await;
+    let c = Client::new(retrying_config(Duration::from_secs(7)), DockerAuth::empty()).unwrap();
+    let t0 = Instant::now();
+    let e = c.resolve(&fake.host(), &repo(), &tag()).await.unwrap_err();
+    assert_eq!((e.kind(), e.retry_after()), (ErrorKind::RateLimited, Some(Duration::from_secs(30))));
+    assert_eq!(fake.requests().len(), 1);
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+}
+
+/// The token server resets the first token request: the manifest call still succeeds, with
+/// one retried attempt, and the refused answers are never retried.
+#[tokio::test]
+async fn retried_token_request_after_a_reset() {
+    let tokens = Arc::new(AtomicUsize::new(0));
+    let t = tokens.clone();
+    let addr_cell: Arc<Mutex<String>> = Arc::default();
+    let a = addr_cell.clone();
+    let fake = Fake::start(move |req| {
+        if req.path.starts_with("/token") {
+            if t.fetch_add(1, Ordering::SeqCst) == 0 {
+                return Reply { bytes: b"HTTP/1.1 200 OK\r\nContent-Le".to_vec(), after: After::Reset };
+            }
+            return response("200 OK", &[], br#"{"token":"tok","expires_in":300}"#);
+        }
+        if req.header("authorization") == Some("Bearer tok") {
+            return manifest_reply();
+        }
+        let challenge = format!(r#"Bearer realm="http://{}/token",service="fake""#, a.lock().unwrap());
+        response("401 Unauthorized", &[("WWW-Authenticate", &challenge)], b"")
+    })
+    .await;
+    *addr_cell.lock().unwrap() = fake.host();
+    let metrics = UpstreamMetrics::register(&prometheus::Registry::new()).unwrap();
+    let c = Client::with_metrics(retrying_config(Duration::from_secs(7)), DockerAuth::empty(), Some(metrics.clone()))
+        .unwrap();
+    c.manifest(&fake.host(), &repo(), &tag()).await.unwrap();
+    assert_eq!(tokens.load(Ordering::SeqCst), 2);
+    assert_eq!(metrics.retries("manifest", "reset"), 1);
+
+    // A 404 after the token is final: one request.
+    let fake404 = Fake::start(|_| response("404 Not Found", &[], br#"{"errors":[{"code":"MANIFEST_UNKNOWN"}]}"#)).await;
+    let e = c.manifest(&fake404.host(), &repo(), &tag()).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound);
+    assert_eq!(fake404.requests().len(), 1);
 }

@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::Engine;
-use crate::config::Config;
+use crate::config::{ClientAuth, Config};
 use crate::reload::{ProviderFactory, Reloader};
 
 /// A facade with its listeners bound.
@@ -48,6 +48,9 @@ struct Parts {
 impl App {
     /// Builds every component and binds the listeners.
     pub async fn build(config: Config) -> anyhow::Result<App> {
+        for notice in config.startup_notices() {
+            tracing::info!("{notice}");
+        }
         let metrics = prometheus::Registry::new();
         let auth = match &config.docker_auth {
             Some(p) => {
@@ -64,10 +67,11 @@ impl App {
                 connect_timeout: connect,
                 metadata_timeout: metadata,
                 read_timeout: read,
+                extra_ca_pem: config.upstream_ca_pem.clone(),
                 ..facade_upstream::Config::default()
             },
             auth,
-            Some(facade_upstream::UpstreamMetrics::register(&metrics).context("metrics")?),
+            Some(facade_upstream::UpstreamMetrics::register_with(&metrics, config.legacy_metrics).context("metrics")?),
         )
         .context("upstream client")?;
 
@@ -119,15 +123,19 @@ impl App {
         let gc_store = store.clone();
         let chain = Arc::new(
             BlobChain::with_metrics(store, fills, cluster_metrics)
-                .with_chain_metrics(ChainMetrics::register(&metrics).context("metrics")?),
+                .with_chain_metrics(ChainMetrics::register_with(&metrics, config.legacy_metrics).context("metrics")?),
         );
         let engine = Arc::new(Engine { images, chain });
 
-        let server_metrics = ServerMetrics::register(&metrics).context("metrics")?;
+        let server_metrics = ServerMetrics::register_with(&metrics, config.legacy_metrics).context("metrics")?;
         let server_config = ServerConfig {
             prefix: config.prefix.clone(),
             tls: config.tls.as_ref().map(|(cert, key)| TlsFiles { cert: cert.clone(), key: key.clone() }),
-            auth: config.htpasswd.as_ref().map(|p| AuthFile { htpasswd: p.clone() }),
+            auth: match &config.client_auth {
+                ClientAuth::Off => None,
+                ClientAuth::CredentialsPresent => Some(AuthFile::credentials_present()),
+                ClientAuth::Htpasswd(p) => Some(AuthFile { htpasswd: p.clone() }),
+            },
             max_header_bytes: config.limits.max_header_bytes,
             max_url_bytes: config.limits.max_url_bytes,
             max_requests_per_client: config.limits.max_requests_per_client,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use facade_blob::{BlobChain, ErrorKind as K, Images, Prepared, PreparedBlob};
 use facade_server::{
     BackendError, BlobBody, BlobContent, BlobOpener, BlobRequest, ByteRange, ErrorKind, ManifestBody, ManifestRequest,
-    OpenFuture,
+    OpenFuture, TagsRequest,
 };
 
 /// Images plus the blob chain.
@@ -67,6 +67,23 @@ impl facade_server::Backend for Engine {
             Prepared::Content(blob) => BlobContent::Stream(Box::new(Opener { chain: self.chain.clone(), blob })),
         };
         Ok(BlobBody { size: entry.size, media_type: entry.media_type, content })
+    }
+
+    /// Asks the spec provider only (through its cache): listing tags must not compose the
+    /// image or touch upstream.
+    async fn workspace_exists(&self, req: TagsRequest) -> Result<(), BackendError> {
+        let providers = self.images.providers();
+        let provider =
+            providers.get(&req.provider).map_err(|e| BackendError::new(ErrorKind::NameUnknown, e.to_string()))?;
+        match provider.get_spec(&req.id).await {
+            // An invalid spec still names a workspace; its manifest request says what is wrong.
+            Ok(_) | Err(facade_spec::Error::InvalidSpec { .. }) => Ok(()),
+            Err(e @ facade_spec::Error::NotFound { .. }) => {
+                Err(BackendError::new(ErrorKind::NameUnknown, e.to_string()))
+            }
+            Err(e @ facade_spec::Error::Unavailable { .. }) => Err(BackendError::unavailable(e.to_string())),
+            Err(e) => Err(BackendError::internal(e.to_string())),
+        }
     }
 }
 

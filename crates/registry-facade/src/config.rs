@@ -11,20 +11,27 @@ use facade_oci::{ImageRef, Platform};
 use serde::Deserialize;
 
 /// The whole file.
+///
+/// The reference's keys take `null` as their default, as Go's decoder does: its encoder writes a
+/// nil slice or pointer as `null` (see [`null_as_default`]).
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     /// The registry section (reference keys).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub registry: RegistrySection,
     /// Path of a docker `config.json` with upstream credentials.
-    #[serde(rename = "dockerAuth", default)]
+    #[serde(rename = "dockerAuth", default, deserialize_with = "null_as_default")]
     pub docker_auth: String,
+    /// The reference's Go profiler address. Nothing here serves it (see
+    /// [`Config::startup_notices`]); accepted because the reference's installer always writes it.
+    #[serde(rename = "pprofAddr", default, deserialize_with = "null_as_default")]
+    pub pprof_addr: String,
     /// Where `/metrics` listens.
-    #[serde(rename = "prometheusAddr", default)]
+    #[serde(rename = "prometheusAddr", default, deserialize_with = "null_as_default")]
     pub prometheus_addr: String,
     /// Where `/ready` and `/live` listen.
-    #[serde(rename = "readinessProbeAddr", default)]
+    #[serde(rename = "readinessProbeAddr", default, deserialize_with = "null_as_default")]
     pub readiness_probe_addr: String,
     /// Keys of our own.
     #[serde(default)]
@@ -36,28 +43,29 @@ pub struct FileConfig {
 #[serde(deny_unknown_fields)]
 pub struct RegistrySection {
     /// Port the registry listens on (0: any free port).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub port: u16,
     /// URL prefix before `/v2`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub prefix: String,
     /// TLS certificate and key.
     #[serde(default)]
     pub tls: Option<TlsSection>,
     /// Local content store directory ("" = none).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub store: String,
     /// Whether clients must authenticate.
-    #[serde(rename = "requireAuth", default)]
+    #[serde(rename = "requireAuth", default, deserialize_with = "null_as_default")]
     pub require_auth: bool,
     /// Static layers.
-    #[serde(rename = "staticLayer", default)]
+    #[serde(rename = "staticLayer", default, deserialize_with = "null_as_default")]
     pub static_layer: Vec<StaticLayerEntry>,
-    /// gRPC spec providers.
-    #[serde(rename = "remoteSpecProvider", default)]
+    /// gRPC spec providers: a list, or one object as the reference's installer wrote it before
+    /// it could name several.
+    #[serde(rename = "remoteSpecProvider", default, deserialize_with = "one_or_many")]
     pub remote_spec_provider: Vec<RemoteProviderEntry>,
     /// The `fixed` provider's file.
-    #[serde(rename = "fixedSpecFN", default)]
+    #[serde(rename = "fixedSpecFN", default, deserialize_with = "null_as_default")]
     pub fixed_spec_file: String,
     /// Redis index.
     #[serde(default)]
@@ -71,11 +79,15 @@ pub struct RegistrySection {
 #[derive(Debug, Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct TlsSection {
+    /// The reference's `Authority`. Its registry listener never reads it (no client certificates
+    /// are asked for), and its installer writes `""`; accepted with that meaning.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub ca: String,
     /// Certificate file.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub crt: String,
     /// Key file.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub key: String,
 }
 
@@ -96,6 +108,7 @@ pub struct StaticLayerEntry {
 #[serde(deny_unknown_fields)]
 pub struct RemoteProviderEntry {
     /// gRPC target (`dns:///host:port`, `host:port`).
+    #[serde(deserialize_with = "null_as_default")]
     pub addr: String,
     /// mTLS files.
     #[serde(default)]
@@ -107,13 +120,13 @@ pub struct RemoteProviderEntry {
 #[serde(deny_unknown_fields)]
 pub struct ClientTlsSection {
     /// CA bundle.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub ca: String,
     /// Client certificate.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub crt: String,
     /// Client key.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub key: String,
 }
 
@@ -122,17 +135,21 @@ pub struct ClientTlsSection {
 #[serde(deny_unknown_fields)]
 pub struct RedisSection {
     /// Whether to use it.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub enabled: bool,
     /// `host:port`.
-    #[serde(rename = "singleHostAddr", default)]
+    #[serde(rename = "singleHostAddr", default, deserialize_with = "null_as_default")]
     pub single_host_addr: String,
     /// ACL user name.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub username: String,
     /// TLS to Redis.
-    #[serde(rename = "useTLS", default)]
+    #[serde(rename = "useTLS", default, deserialize_with = "null_as_default")]
     pub use_tls: bool,
+    /// With `useTLS`: accept any server certificate (the reference's Go `InsecureSkipVerify`,
+    /// for managed Redis services whose certificates carry no usable name).
+    #[serde(rename = "insecureSkipVerify", default, deserialize_with = "null_as_default")]
+    pub insecure_skip_verify: bool,
 }
 
 /// `registry.ipfs`.
@@ -140,11 +157,56 @@ pub struct RedisSection {
 #[serde(deny_unknown_fields)]
 pub struct IpfsSection {
     /// Whether to use it.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub enabled: bool,
     /// Multiaddr of the node's RPC API.
-    #[serde(rename = "ipfsAddr", default)]
+    #[serde(rename = "ipfsAddr", default, deserialize_with = "null_as_default")]
     pub ipfs_addr: String,
+}
+
+/// `null` as the type's default. Go's decoder leaves a field alone on `null`, and Go's encoder
+/// writes a nil slice or pointer as `null`, so the reference's tools can write
+/// `"staticLayer": null`.
+fn null_as_default<'de, D, T>(de: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(de)?.unwrap_or_default())
+}
+
+/// `registry.remoteSpecProvider`: a list of providers, one provider object (the reference's
+/// installer wrote a single `RSProvider` before the list), or `null`. A visitor rather than an
+/// untagged enum, so an unknown key inside is still reported with its full path.
+fn one_or_many<'de, D>(de: D) -> Result<Vec<RemoteProviderEntry>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    struct OneOrMany;
+    impl<'de> serde::de::Visitor<'de> for OneOrMany {
+        type Value = Vec<RemoteProviderEntry>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a list of {\"addr\", \"tls\"} objects, or one such object")
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(Vec::new())
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(Vec::new())
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(e) = seq.next_element()? {
+                out.push(e);
+            }
+            Ok(out)
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            let one = RemoteProviderEntry::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+            Ok(vec![one])
+        }
+    }
+    de.deserialize_any(OneOrMany)
 }
 
 /// `facade`: our own keys, each with a default.
@@ -175,6 +237,9 @@ pub struct FacadeSection {
     /// Longest wait for upstream body bytes before resuming (default 15s).
     #[serde(rename = "upstreamReadTimeout", default)]
     pub upstream_read_timeout: Option<String>,
+    /// PEM bundle of CA certificates trusted for upstream registries besides the system's.
+    #[serde(rename = "upstreamCA", default)]
+    pub upstream_ca: Option<String>,
     /// Most bytes the local store keeps before evicting least recently used blobs: a number of
     /// bytes or a size such as "512MiB" or "20GiB" (default "20GiB"; 0: unbounded).
     #[serde(rename = "storeMaxBytes", default)]
@@ -229,6 +294,10 @@ pub struct FacadeSection {
     /// A response making no progress for this long is cut (default "5m"; "0s": never).
     #[serde(rename = "responseIdleTimeout", default)]
     pub response_idle_timeout: Option<String>,
+    /// Also export the Go facade's metric names (`gitpod_registry_facade_*`) next to ours, for
+    /// dashboards and alerts written against it (default true; see docs/migration.md).
+    #[serde(rename = "legacyMetrics", default)]
+    pub legacy_metrics: Option<bool>,
 }
 
 /// The validated configuration the binary wires from.
@@ -238,8 +307,12 @@ pub struct Config {
     pub listen: SocketAddr,
     /// TLS certificate and key files of the registry listener.
     pub tls: Option<(PathBuf, PathBuf)>,
-    /// htpasswd file clients authenticate against (`registry.requireAuth`).
-    pub htpasswd: Option<PathBuf>,
+    /// What `registry.requireAuth` asks of clients.
+    pub client_auth: ClientAuth,
+    /// `pprofAddr` as written (nothing serves it; see [`Config::startup_notices`]).
+    pub pprof_addr: Option<String>,
+    /// `registry.tls.ca` as written when not empty (not read; see [`Config::startup_notices`]).
+    pub registry_tls_ca: Option<String>,
     /// URL prefix.
     pub prefix: String,
     /// Local store.
@@ -274,10 +347,51 @@ pub struct Config {
     pub plain_http_hosts: Vec<String>,
     /// Upstream timeouts: connect, metadata, read.
     pub upstream_timeouts: (Duration, Duration, Duration),
+    /// PEM of the extra upstream CAs (`facade.upstreamCA`), read and checked at load.
+    pub upstream_ca_pem: Option<String>,
     /// SIGTERM grace.
     pub shutdown_grace: Duration,
     /// Request limits of the registry listener (`facade.max*`, `facade.responseIdleTimeout`).
     pub limits: RequestLimits,
+    /// `facade.legacyMetrics`: export the Go facade's metric names too.
+    pub legacy_metrics: bool,
+}
+
+/// `registry.requireAuth`, and `facade.htpasswd` with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// Anyone may pull.
+    Off,
+    /// The reference's meaning of `requireAuth` (no htpasswd file): a request must carry Basic
+    /// credentials, whatever they are.
+    CredentialsPresent,
+    /// Basic credentials checked against this bcrypt htpasswd file.
+    Htpasswd(PathBuf),
+}
+
+impl Config {
+    /// One line for each reference key that is accepted without doing here what it does in the
+    /// reference, or does less: logged once at startup, so an operator moving from the
+    /// reference's installer sees what serves instead.
+    pub fn startup_notices(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        if let Some(addr) = &self.pprof_addr {
+            notes.push(format!(
+                "pprofAddr {addr:?}: the Go profiler has no counterpart here and nothing listens there; metrics are on prometheusAddr at /metrics and detail comes from the logs (RUST_LOG=debug or --log-level debug)"
+            ));
+        }
+        if let Some(ca) = &self.registry_tls_ca {
+            notes.push(format!(
+                "registry.tls.ca {ca:?}: not read; as in the reference facade, the registry port does not ask clients for certificates"
+            ));
+        }
+        if self.client_auth == ClientAuth::CredentialsPresent {
+            notes.push(
+                "registry.requireAuth without facade.htpasswd: as in the reference facade, every request must carry Basic credentials, which are not checked; set facade.htpasswd to check them".into(),
+            );
+        }
+        notes
+    }
 }
 
 /// The validated request limits of the registry listener.
@@ -547,6 +661,7 @@ fn parse_cluster(
             c.username = Some(rs.username.clone()).filter(|u| !u.is_empty());
             c.password = env.var("REDIS_PASSWORD").filter(|p| !p.is_empty());
             c.tls = rs.use_tls;
+            c.insecure_skip_verify = rs.insecure_skip_verify;
             c.timeout = redis_timeout;
             Some(c)
         }
@@ -590,6 +705,9 @@ fn parse_cluster(
     let store_ttl = Some(store_ttl).filter(|d| !d.is_zero());
     (store_max_bytes, store_ttl, ClusterSettings { redis, ipfs, tag_ttl })
 }
+
+/// The registry's listen address when `facade.listenHost` is not set.
+pub const LISTEN_HOST_ENV: &str = "REGISTRY_FACADE_LISTEN_HOST";
 
 /// Looks up environment variables (injected so tests need not touch the process environment).
 pub trait Env {
@@ -653,13 +771,19 @@ pub fn parse(text: &str, base_dir: &std::path::Path, env: &dyn Env) -> Result<Co
         }
     };
 
-    let listen_host = file.facade.listen_host.clone().unwrap_or_else(|| "0.0.0.0".into());
+    // A config file written by the reference's installer has no `facade` section, so the
+    // environment can set the listen address where the file cannot be changed.
+    let (listen_key, listen_host) = match (&file.facade.listen_host, env.var(LISTEN_HOST_ENV)) {
+        (Some(h), _) => ("facade.listenHost", h.clone()),
+        (None, Some(h)) if !h.is_empty() => (LISTEN_HOST_ENV, h),
+        (None, _) => ("facade.listenHost", "0.0.0.0".to_string()),
+    };
     let listen = match format!("{listen_host}:{}", r.port).parse::<SocketAddr>() {
         Ok(a) => a,
         Err(_) => match format!("[{listen_host}]:{}", r.port).parse::<SocketAddr>() {
             Ok(a) => a,
             Err(_) => {
-                errs.push(format!("facade.listenHost: {listen_host:?} is not an IP address"));
+                errs.push(format!("{listen_key}: {listen_host:?} is not an IP address"));
                 SocketAddr::from(([0, 0, 0, 0], r.port))
             }
         },
@@ -686,21 +810,21 @@ pub fn parse(text: &str, base_dir: &std::path::Path, env: &dyn Env) -> Result<Co
         }
         _ => None,
     };
-    let htpasswd = match (&file.facade.htpasswd, r.require_auth) {
-        (Some(p), true) => check_file("facade.htpasswd", p, &mut errs),
-        (None, true) => {
-            errs.push(
-                "registry.requireAuth: needs facade.htpasswd, the bcrypt htpasswd file of the users allowed to pull"
-                    .into(),
-            );
-            None
+    let client_auth = match (&file.facade.htpasswd, r.require_auth) {
+        (Some(p), true) if p.is_empty() => {
+            errs.push("facade.htpasswd: empty; name the bcrypt htpasswd file, or leave the key out to only require that pulls carry credentials".into());
+            ClientAuth::Off
         }
+        (Some(p), true) => check_file("facade.htpasswd", p, &mut errs).map_or(ClientAuth::Off, ClientAuth::Htpasswd),
+        (None, true) => ClientAuth::CredentialsPresent,
         (Some(_), false) => {
             errs.push("facade.htpasswd: set, but registry.requireAuth is false; refusing to guess whether pulls should be authenticated".into());
-            None
+            ClientAuth::Off
         }
-        (None, false) => None,
+        (None, false) => ClientAuth::Off,
     };
+    let pprof_addr = Some(file.pprof_addr.trim().to_string()).filter(|a| !a.is_empty());
+    let registry_tls_ca = r.tls.as_ref().map(|t| t.ca.trim().to_string()).filter(|ca| !ca.is_empty());
     let remote_spec_providers = parse_remote_providers(&r.remote_spec_provider, &check_file, &mut errs);
     let (store_max_bytes, store_ttl, cluster) = parse_cluster(&file, env, &mut errs);
 
@@ -791,13 +915,37 @@ pub fn parse(text: &str, base_dir: &std::path::Path, env: &dyn Env) -> Result<Co
             "registry: neither fixedSpecFN nor remoteSpecProvider is set, so no image could ever be served".into(),
         );
     }
+    // Read here, so a missing file or one without a certificate stops the start with one line.
+    let upstream_ca_pem = f.upstream_ca.as_deref().and_then(|s| {
+        if s.is_empty() {
+            errs.push("facade.upstreamCA: empty; name a PEM file of CA certificates, or leave the key out".into());
+            return None;
+        }
+        let p = path_of(s);
+        let text = std::fs::read_to_string(&p)
+            .map_err(|e| errs.push(format!("facade.upstreamCA: cannot read {}: {e}", p.display())))
+            .ok()?;
+        match facade_upstream::parse_ca_bundle(&text) {
+            Ok(_) => Some(text),
+            Err(e) => {
+                let reason = match e {
+                    facade_upstream::Error::Config { reason } => reason,
+                    e => e.to_string(),
+                };
+                errs.push(format!("facade.upstreamCA: {}: {reason}", p.display()));
+                None
+            }
+        }
+    });
     if !errs.is_empty() {
         return Err(ConfigError(errs));
     }
     Ok(Config {
         listen,
         tls,
-        htpasswd,
+        client_auth,
+        pprof_addr,
+        registry_tls_ca,
         prefix,
         store,
         store_max_bytes,
@@ -822,8 +970,10 @@ pub fn parse(text: &str, base_dir: &std::path::Path, env: &dyn Env) -> Result<Co
         tag_ttl,
         plain_http_hosts: f.plain_http_hosts.clone(),
         upstream_timeouts: (connect, metadata, read),
+        upstream_ca_pem,
         shutdown_grace,
         limits,
+        legacy_metrics: f.legacy_metrics.unwrap_or(true),
     })
 }
 
@@ -848,6 +998,20 @@ mod tests {
     }
 
     #[test]
+    fn legacy_metrics_default_on_and_can_be_turned_off() {
+        let on = parse_str(r#"{"registry": {"port": 0, "fixedSpecFN": "specs.json"}}"#).unwrap();
+        assert!(on.legacy_metrics);
+        let off =
+            parse_str(r#"{"registry": {"port": 0, "fixedSpecFN": "specs.json"}, "facade": {"legacyMetrics": false}}"#)
+                .unwrap();
+        assert!(!off.legacy_metrics);
+        let bad =
+            parse_str(r#"{"registry": {"port": 0, "fixedSpecFN": "specs.json"}, "facade": {"legacyMetrics": "no"}}"#)
+                .unwrap_err();
+        assert!(bad.to_string().contains("legacyMetrics"), "{bad}");
+    }
+
+    #[test]
     fn accepts_the_reference_shape() {
         let c = parse_str(
             r#"{"registry": {"port": 31750, "prefix": "", "store": "/tmp/x", "requireAuth": false,
@@ -862,6 +1026,192 @@ mod tests {
         assert_eq!(c.readiness_addr.unwrap().to_string(), "0.0.0.0:8086");
         assert_eq!(c.static_layers.len(), 1);
         assert_eq!(c.compose_ttl, Duration::from_secs(30));
+    }
+
+    /// The reference installer's rendering, as in the repository's notes on the reference
+    /// (`gitpod-compat.md`), with its placeholders replaced by real files.
+    const INSTALLER_RENDERING: &str = r#"{
+  "registry": {
+    "port": 31750,
+    "prefix": "",
+    "staticLayer": [
+      {"ref": "<registry>/gitpod/supervisor:commit-…", "type": "image"},
+      {"ref": "<registry>/gitpod/workspacekit:commit-…", "type": "image"},
+      {"ref": "<registry>/gitpod/docker-up:commit-…", "type": "image"}
+    ],
+    "remoteSpecProvider": [{"addr": "dns:///ws-manager-mk2:8080",
+                            "tls": {"ca": "<client-certs>/ca.crt",
+                                    "crt": "<client-certs>/tls.crt",
+                                    "key": "<client-certs>/tls.key"}}],
+    "store": "<cache-dir>",
+    "requireAuth": false,
+    "tls": {"ca": "", "crt": "<certs>/tls.crt", "key": "<certs>/tls.key"},
+    "redis": {"enabled": true, "singleHostAddr": "redis:6379"},
+    "ipfs": {"enabled": true, "ipfsAddr": "/ip4/$IPFS_HOST/tcp/5001"}
+  },
+  "dockerAuth": "<pull-secret>/pull-secret.json",
+  "pprofAddr": "127.0.0.1:6060",
+  "prometheusAddr": "127.0.0.1:9500",
+  "readinessProbeAddr": ":8086"
+}"#;
+
+    /// A directory with every file the installer's rendering names, and that rendering.
+    fn installer_files() -> (tempfile::TempDir, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for sub in ["client-certs", "certs", "pull-secret"] {
+            std::fs::create_dir(d.join(sub)).unwrap();
+        }
+        for f in
+            ["client-certs/ca.crt", "client-certs/tls.crt", "client-certs/tls.key", "certs/tls.crt", "certs/tls.key"]
+        {
+            std::fs::write(d.join(f), "x").unwrap();
+        }
+        std::fs::write(d.join("pull-secret/pull-secret.json"), r#"{"auths": {}}"#).unwrap();
+        let text = INSTALLER_RENDERING
+            .replace("<registry>", "registry.example.com")
+            .replace("commit-…", "commit-0123abcd")
+            .replace("<client-certs>", &d.join("client-certs").display().to_string())
+            .replace("<certs>", &d.join("certs").display().to_string())
+            .replace("<pull-secret>", &d.join("pull-secret").display().to_string())
+            .replace("<cache-dir>", &d.join("cache").display().to_string());
+        (dir, text)
+    }
+
+    fn ipfs_host_env() -> MapEnv {
+        MapEnv(BTreeMap::from([("IPFS_HOST".to_string(), "10.0.0.7".to_string())]))
+    }
+
+    #[test]
+    fn starts_from_the_installer_rendering_unchanged() {
+        let (dir, text) = installer_files();
+        let c = parse(&text, dir.path(), &ipfs_host_env()).unwrap();
+        assert_eq!(c.listen, "0.0.0.0:31750".parse().unwrap());
+        assert_eq!(c.tls, Some((dir.path().join("certs/tls.crt"), dir.path().join("certs/tls.key"))));
+        assert_eq!(c.registry_tls_ca, None, "\"ca\": \"\" is no CA");
+        assert_eq!(c.client_auth, ClientAuth::Off);
+        assert_eq!(c.static_layers.len(), 3);
+        let p = &c.remote_spec_providers;
+        assert_eq!((p.len(), p[0].addr.as_str()), (1, "dns:///ws-manager-mk2:8080"));
+        let tls = p[0].tls.as_ref().unwrap();
+        assert_eq!(tls.ca, dir.path().join("client-certs/ca.crt"));
+        assert!(tls.identity.is_some());
+        assert_eq!(c.spec.server_name, "ws-manager");
+        assert_eq!(c.store, Some(dir.path().join("cache")));
+        let redis = c.cluster.redis.as_ref().unwrap();
+        assert_eq!((redis.addr.as_str(), redis.tls, redis.insecure_skip_verify), ("redis:6379", false, false));
+        assert_eq!(c.cluster.ipfs.as_ref().unwrap().api, "http://10.0.0.7:5001");
+        assert_eq!(c.docker_auth, Some(dir.path().join("pull-secret/pull-secret.json")));
+        assert_eq!(c.pprof_addr.as_deref(), Some("127.0.0.1:6060"));
+        assert_eq!(c.prometheus_addr, Some("127.0.0.1:9500".parse().unwrap()));
+        assert_eq!(c.readiness_addr, Some("0.0.0.0:8086".parse().unwrap()));
+        let notices = c.startup_notices();
+        assert_eq!(notices.len(), 1, "{notices:?}");
+        assert!(
+            notices[0].starts_with("pprofAddr \"127.0.0.1:6060\"") && notices[0].contains("/metrics"),
+            "{notices:?}"
+        );
+
+        // Go's encoder writes a nil slice as null; an empty TLS section (no certificate
+        // configured in the installer) is plain HTTP.
+        let text = text
+            .replace(r#""prefix": """#, r#""prefix": null"#)
+            .replace(r#""tls": {"ca": "","#, r#""tls": {"ca": null,"#);
+        let text = text.replacen(r#""staticLayer": ["#, r#""staticLayer": null, "unused": ["#, 1);
+        let e = parse(&text, dir.path(), &ipfs_host_env()).unwrap_err().to_string();
+        assert!(e.contains("registry.unused: unknown field `unused`"), "{e}");
+    }
+
+    #[test]
+    fn accepts_every_reference_key_with_its_meaning() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["specs.json", "ca.pem", "crt.pem", "key.pem", "docker.json"] {
+            std::fs::write(dir.path().join(f), "{}").unwrap();
+        }
+        let env = MapEnv(BTreeMap::from([("REDIS_PASSWORD".to_string(), "pw".to_string())]));
+        let c = parse(
+            r#"{"registry": {"port": 0, "prefix": "/mirror", "staticLayer": null,
+                 "remoteSpecProvider": {"addr": "dns:///ws-manager:8080", "tls": {"ca": "ca.pem", "crt": "crt.pem", "key": "key.pem"}},
+                 "fixedSpecFN": "specs.json", "store": "", "requireAuth": true,
+                 "tls": {"ca": "ca.pem", "crt": "crt.pem", "key": "key.pem"},
+                 "redis": {"enabled": true, "singleHostAddr": "redis.example:6380", "username": "facade",
+                           "useTLS": true, "insecureSkipVerify": true},
+                 "ipfs": {"enabled": true, "ipfsAddr": "/dns4/ipfs.example/tcp/5001"}},
+               "dockerAuth": "docker.json", "pprofAddr": "localhost:6060", "prometheusAddr": "",
+               "readinessProbeAddr": null}"#,
+            dir.path(),
+            &env,
+        )
+        .unwrap();
+        assert_eq!(c.prefix, "/mirror");
+        assert!(c.static_layers.is_empty());
+        assert_eq!(c.remote_spec_providers.len(), 1, "one provider object, as older installers wrote it");
+        assert!(c.fixed_spec_file.is_some());
+        assert_eq!(c.client_auth, ClientAuth::CredentialsPresent);
+        assert_eq!(c.registry_tls_ca.as_deref(), Some("ca.pem"));
+        let redis = c.cluster.redis.as_ref().unwrap();
+        assert_eq!(
+            (redis.username.as_deref(), redis.password.as_deref(), redis.tls, redis.insecure_skip_verify),
+            (Some("facade"), Some("pw"), true, true)
+        );
+        assert_eq!((c.prometheus_addr, c.readiness_addr), (None, None));
+        let notices = c.startup_notices().join("\n");
+        for needle in [
+            "pprofAddr \"localhost:6060\"",
+            "registry.tls.ca \"ca.pem\": not read",
+            "registry.requireAuth without facade.htpasswd",
+        ] {
+            assert!(notices.contains(needle), "{needle} missing from:\n{notices}");
+        }
+
+        // With facade.htpasswd, requireAuth keeps checking the file.
+        std::fs::write(dir.path().join("htpasswd"), "").unwrap();
+        let c = parse(
+            r#"{"registry": {"fixedSpecFN": "specs.json", "requireAuth": true}, "facade": {"htpasswd": "htpasswd"}}"#,
+            dir.path(),
+            &env,
+        )
+        .unwrap();
+        assert_eq!(c.client_auth, ClientAuth::Htpasswd(dir.path().join("htpasswd")));
+        assert!(c.startup_notices().is_empty());
+    }
+
+    #[test]
+    fn typos_in_reference_keys_are_still_refused_by_name() {
+        for (text, needle) in [
+            (r#"{"registry": {"fixedSpecFN": "specs.json"}, "pprofAdr": "127.0.0.1:6060"}"#, "pprofAdr: unknown field"),
+            (r#"{"registry": {"fixedSpecFN": "specs.json", "tls": {"cA": ""}}}"#, "registry.tls.cA: unknown field"),
+            (
+                r#"{"registry": {"fixedSpecFN": "specs.json", "redis": {"enabled": true, "singleHostAddr": "r:1", "insecureSkipverify": true}}}"#,
+                "registry.redis.insecureSkipverify: unknown field",
+            ),
+            (
+                r#"{"registry": {"remoteSpecProvider": {"addr": "h:1", "tsl": {}}}}"#,
+                "registry.remoteSpecProvider.tsl: unknown field",
+            ),
+            (r#"{"registry": {"remoteSpecProvider": "h:1"}}"#, "registry.remoteSpecProvider: invalid type"),
+            (r#"{"registry": {"fixedSpecFN": "specs.json"}, "facade": {"listenhost": "::1"}}"#, "facade.listenhost"),
+        ] {
+            let e = parse_str(text).unwrap_err().to_string();
+            assert!(e.contains(needle), "{text}: {e}");
+            assert!(!e.contains('\n'), "multi-line error: {e}");
+        }
+    }
+
+    #[test]
+    fn the_environment_sets_the_listen_host_the_file_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("specs.json"), "{}").unwrap();
+        let env = |v: &str| MapEnv(BTreeMap::from([(LISTEN_HOST_ENV.to_string(), v.to_string())]));
+        let text = r#"{"registry": {"port": 31750, "fixedSpecFN": "specs.json"}}"#;
+        assert_eq!(parse(text, dir.path(), &env("127.0.0.1")).unwrap().listen, "127.0.0.1:31750".parse().unwrap());
+        assert_eq!(parse(text, dir.path(), &env("::1")).unwrap().listen, "[::1]:31750".parse().unwrap());
+        assert_eq!(parse(text, dir.path(), &env("")).unwrap().listen, "0.0.0.0:31750".parse().unwrap());
+        let e = parse(text, dir.path(), &env("localhost")).unwrap_err().to_string();
+        assert!(e.contains(&format!("{LISTEN_HOST_ENV}: \"localhost\" is not an IP address")), "{e}");
+        let with_key =
+            r#"{"registry": {"port": 31750, "fixedSpecFN": "specs.json"}, "facade": {"listenHost": "10.1.1.1"}}"#;
+        assert_eq!(parse(with_key, dir.path(), &env("127.0.0.1")).unwrap().listen, "10.1.1.1:31750".parse().unwrap());
     }
 
     #[test]

@@ -34,7 +34,8 @@ enum Command {
         config: PathBuf,
     },
     /// Point this node's containerd at the facade: write
-    /// `<hostfs>/etc/containerd/certs.d/<hostname>:<port>/hosts.toml` (and the CA with --ca).
+    /// `<hostfs>/etc/containerd/certs.d/<hostname>:<port>/hosts.toml` and the CA next to it, and
+    /// map the host name to 127.0.0.1 in `<hostfs>/etc/hosts`.
     Setup {
         /// Host name or IP the node's containerd reaches the facade at.
         #[arg(long)]
@@ -45,7 +46,8 @@ enum Command {
         /// The node's root filesystem as mounted here (`/` when run on the node itself).
         #[arg(long)]
         hostfs: PathBuf,
-        /// PEM CA of the facade's serving certificate (when it serves TLS).
+        /// PEM CA of the facade's serving certificate. Default: the CA the installer mounts at
+        /// /usr/local/share/ca-certificates/gitpod-ca.crt; with neither, plain HTTP.
         #[arg(long)]
         ca: Option<PathBuf>,
     },

@@ -136,7 +136,7 @@ impl Reloader {
         let differs = |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
         for (key, changed) in [
             ("registry.tls", differs(&new.tls, &old.tls)),
-            ("registry.requireAuth/facade.htpasswd", differs(&new.htpasswd, &old.htpasswd)),
+            ("registry.requireAuth/facade.htpasswd", differs(&new.client_auth, &old.client_auth)),
             ("registry.redis/registry.ipfs/facade.cluster*", differs(&new.cluster, &old.cluster)),
             (
                 "facade.storeMaxBytes/storeTTL",
@@ -151,8 +151,10 @@ impl Reloader {
                     &(&old.plain_http_hosts, old.upstream_timeouts),
                 ),
             ),
+            ("facade.upstreamCA", new.upstream_ca_pem != old.upstream_ca_pem),
             ("facade.shutdownGrace", new.shutdown_grace != old.shutdown_grace),
             ("facade.maxRequest*/maxURLBytes/responseIdleTimeout", differs(&new.limits, &old.limits)),
+            ("facade.legacyMetrics", new.legacy_metrics != old.legacy_metrics),
         ] {
             if changed {
                 restart_needed.push(key);

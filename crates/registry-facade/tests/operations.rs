@@ -285,7 +285,10 @@ fn bad_configs_are_refused_with_one_line_and_exit_code_2() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("specs.json"), "{}").unwrap();
     for (cfg, needle) in [
-        (json!({"registry": {"port": 1, "fixedSpecFN": "specs.json", "requireAuth": true}}), "registry.requireAuth"),
+        (
+            json!({"registry": {"port": 1, "fixedSpecFN": "specs.json", "requireAuth": true}, "facade": {"htpasswd": ""}}),
+            "facade.htpasswd: empty",
+        ),
         (
             json!({"registry": {"port": 1, "fixedSpecFN": "specs.json", "tls": {"crt": "missing.pem", "key": "k.pem"}}}),
             "registry.tls.crt",

@@ -3,11 +3,17 @@
 //!
 //! Needs root (containerd refuses to manage its root otherwise). It does not touch a system
 //! containerd: every path it writes (root, state, gRPC and ttrpc sockets, the `opt` plugin's
-//! dir) is in the temp dir, the CRI plugin is disabled (it would want CNI, a sandbox image and
-//! a streaming port), and no container is ever run. Images are unpacked with the `native`
+//! dir) is in the temp dir, and no container is ever run. The CRI plugin is disabled unless
+//! [`Options::cri_registry_config_path`] asks for it (then it pulls as the kubelet would, see
+//! `crate::cri`, with its CNI dirs in the temp dir, its streaming server on a loopback port and
+//! no pod ever started). Images are unpacked with the `native`
 //! snapshotter, which copies directories instead of mounting overlays, so it works without
 //! overlayfs and leaves no mounts behind; its committed snapshots are plain directories that can
 //! be read while containerd runs.
+//!
+//! This type's methods run no container. A test may (tests/e2e/image_run.rs runs the facade's
+//! image with `ctr run` and runc through [`Containerd::ctr`]); it must delete its tasks before
+//! this is dropped, because runc shims and their containers outlive containerd.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -25,6 +31,9 @@ use crate::proc::{KillOnDrop, have};
 /// The namespace every `ctr` call uses.
 pub const NAMESPACE: &str = "test";
 
+/// The namespace of the images the CRI plugin pulls; `ctr` calls use it when CRI is on.
+pub const CRI_NAMESPACE: &str = "k8s.io";
+
 /// The snapshotter images are unpacked with.
 pub const SNAPSHOTTER: &str = "native";
 
@@ -34,11 +43,24 @@ pub const PULL_TIMEOUT: Duration = Duration::from_secs(120);
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 const CTR_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How to start containerd beyond the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Enable the CRI plugin with `[plugins."io.containerd.grpc.v1.cri".registry] config_path`
+    /// set to this directory (the `certs.d` holding `<host>/hosts.toml`).
+    pub cri_registry_config_path: Option<PathBuf>,
+    /// Run containerd in a private mount namespace (`unshare --mount`) with this file
+    /// bind-mounted onto `/etc/hosts`, so host names resolve as a node's hosts file says without
+    /// touching this machine's.
+    pub etc_hosts: Option<PathBuf>,
+}
+
 /// A running containerd; killed on drop (the temp dir then goes with it).
 pub struct Containerd {
     // Field order matters: the process dies before its directory is removed.
     proc: KillOnDrop,
     socket: PathBuf,
+    namespace: &'static str,
     dir: tempfile::TempDir,
 }
 
@@ -50,6 +72,11 @@ impl Containerd {
 
     /// Starts containerd and waits (at most 20 s) until `ctr version` gets an answer.
     pub fn start() -> anyhow::Result<Containerd> {
+        Self::start_with(Options::default())
+    }
+
+    /// [`Containerd::start`] with [`Options`].
+    pub fn start_with(opts: Options) -> anyhow::Result<Containerd> {
         anyhow::ensure!(have("containerd") && have("ctr"), "containerd or ctr is not installed");
         anyhow::ensure!(is_root(), "containerd needs root");
         let dir = tempfile::Builder::new().prefix("containerd-").tempdir()?;
@@ -61,11 +88,33 @@ impl Containerd {
             socket.display()
         );
         let cfg = dir.path().join("config.toml");
-        std::fs::write(&cfg, config_toml(dir.path(), &socket))?;
-        let mut cmd = Command::new("containerd");
-        cmd.arg("--config").arg(&cfg);
+        let mut text = config_toml(dir.path(), &socket, opts.cri_registry_config_path.is_none());
+        if let Some(config_path) = &opts.cri_registry_config_path {
+            text.push_str(&cri_config_toml(dir.path(), config_path));
+        }
+        std::fs::write(&cfg, text)?;
+        let cmd = match &opts.etc_hosts {
+            None => {
+                let mut cmd = Command::new("containerd");
+                cmd.arg("--config").arg(&cfg);
+                cmd
+            }
+            Some(hosts) => {
+                anyhow::ensure!(have("unshare") && have("mount"), "unshare or mount (util-linux) is not installed");
+                // unshare makes the new namespace's mounts private, so the bind mount is seen by
+                // this containerd only; `exec` keeps the pid, which KillOnDrop kills.
+                let mut cmd = Command::new("unshare");
+                cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+                    .arg(r#"mount --bind "$1" /etc/hosts && exec containerd --config "$2""#)
+                    .arg("sh")
+                    .arg(hosts)
+                    .arg(&cfg);
+                cmd
+            }
+        };
         let proc = KillOnDrop::spawn("containerd", cmd, &dir.path().join("containerd.log"))?;
-        let mut c = Containerd { proc, socket, dir };
+        let namespace = if opts.cri_registry_config_path.is_some() { CRI_NAMESPACE } else { NAMESPACE };
+        let mut c = Containerd { proc, socket, namespace, dir };
         c.wait_ready()?;
         Ok(c)
     }
@@ -94,10 +143,11 @@ impl Containerd {
         }
     }
 
-    /// `ctr --address <socket> -n test`, for anything this type has no method for.
+    /// `ctr --address <socket> -n test` (`-n k8s.io` with CRI), for anything this type has no
+    /// method for.
     pub fn ctr(&self) -> Command {
         let mut cmd = Command::new("ctr");
-        cmd.arg("--address").arg(&self.socket).args(["-n", NAMESPACE]);
+        cmd.arg("--address").arg(&self.socket).args(["-n", self.namespace]);
         cmd
     }
 
@@ -161,7 +211,14 @@ impl Containerd {
         };
         let mut cmd = self.ctr();
         cmd.args(["snapshots", "--snapshotter", SNAPSHOTTER, "rm", &key]);
-        run_bytes(cmd, CTR_TIMEOUT)?;
+        // `ctr snapshots view` holds no lease, so containerd's garbage collector (run after the
+        // pull's lease is deleted) may already have removed the view: gone is what we want. The
+        // files read were the committed parent's, which the image keeps.
+        match run_bytes(cmd, CTR_TIMEOUT) {
+            Ok(_) => {}
+            Err(e) if e.to_string().contains("not found") => {}
+            Err(e) => return Err(e),
+        }
         result
     }
 
@@ -217,12 +274,12 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-fn config_toml(dir: &Path, socket: &Path) -> String {
+fn config_toml(dir: &Path, socket: &Path, disable_cri: bool) -> String {
     format!(
         r#"version = 2
 root = "{root}"
 state = "{state}"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
+disabled_plugins = [{disabled}]
 
 [grpc]
   address = "{socket}"
@@ -232,8 +289,39 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 "#,
         root = dir.join("root").display(),
         state = dir.join("state").display(),
+        disabled = if disable_cri { r#""io.containerd.grpc.v1.cri""# } else { "" },
         socket = socket.display(),
         opt = dir.join("opt").display(),
+    )
+}
+
+/// The CRI plugin's section (containerd 1.6, config version 2): images go to the `native`
+/// snapshotter (no overlayfs needed, readable with [`Containerd::rootfs_files`]); CNI is pointed
+/// at empty temp dirs (no pod network is ever set up, CRI only logs that none is configured);
+/// SELinux, AppArmor and cgroups are off because no container runs; the streaming server gets a
+/// free loopback port; registry hosts come from `config_path` only.
+fn cri_config_toml(dir: &Path, config_path: &Path) -> String {
+    format!(
+        r#"
+[plugins."io.containerd.grpc.v1.cri"]
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  enable_selinux = false
+  disable_apparmor = true
+  disable_cgroup = true
+  restrict_oom_score_adj = true
+  netns_mounts_under_state_dir = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "{snapshotter}"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{cni}/bin"
+    conf_dir = "{cni}/net.d"
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "{config_path}"
+"#,
+        snapshotter = SNAPSHOTTER,
+        cni = dir.join("cni").display(),
+        config_path = config_path.display(),
     )
 }
 

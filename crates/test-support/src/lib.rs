@@ -3,7 +3,9 @@
 //! injects faults. Every process is killed on `Drop` and every wait is bounded.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod cargo_bin;
 pub mod containerd;
+pub mod cri;
 pub mod fault_proxy;
 pub mod hostile_registry;
 pub mod image;
@@ -12,5 +14,7 @@ pub mod proc;
 pub mod redis;
 pub mod registry;
 pub mod skopeo;
+pub mod tinyproxy;
+pub mod tls_registry;
 pub mod token_server;
 pub mod wire;

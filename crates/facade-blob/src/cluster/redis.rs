@@ -23,6 +23,8 @@ pub struct RedisConfig {
     pub password: Option<String>,
     /// Speak TLS (server certificates checked against the system's roots).
     pub tls: bool,
+    /// With `tls`: accept any server certificate (the reference's `insecureSkipVerify`).
+    pub insecure_skip_verify: bool,
     /// Prefix of every key, so the facade can share a Redis with other users.
     pub namespace: String,
     /// Connect and response deadline of one command.
@@ -37,6 +39,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("tls", &self.tls)
+            .field("insecure_skip_verify", &self.insecure_skip_verify)
             .field("namespace", &self.namespace)
             .field("timeout", &self.timeout)
             .finish()
@@ -51,6 +54,7 @@ impl RedisConfig {
             username: None,
             password: None,
             tls: false,
+            insecure_skip_verify: false,
             namespace: "registry-facade".into(),
             timeout: Duration::from_millis(500),
         }
@@ -89,7 +93,7 @@ impl RedisKv {
         let (host, port) = split_host_port(&config.addr)
             .ok_or_else(|| err("configuring", format!("{:?} is not host:port", config.addr)))?;
         let addr = if config.tls {
-            ConnectionAddr::TcpTls { host, port, insecure: false, tls_params: None }
+            ConnectionAddr::TcpTls { host, port, insecure: config.insecure_skip_verify, tls_params: None }
         } else {
             ConnectionAddr::Tcp(host, port)
         };

@@ -1,9 +1,10 @@
-//! One module per route: `/v2/`, manifests, blobs. Each returns a response or a
+//! One module per route: `/v2/`, manifests, blobs, tags. Each returns a response or a
 //! [`Rejection`]; statuses for failures are decided in `error.rs` only.
 
 pub(crate) mod base;
 pub(crate) mod blob;
 pub(crate) mod manifest;
+pub(crate) mod tags;
 
 use facade_oci::{Digest, RepoName};
 use http::HeaderValue;
