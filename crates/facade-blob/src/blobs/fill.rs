@@ -699,7 +699,12 @@ impl Fills {
             let broke = match self.origin.open(from, &digest, offset).await {
                 Ok(stream) => match self.copy_body(run, stream, &context).await? {
                     None => continue,
-                    Some(broke) => broke,
+                    Some(broke) => {
+                        // The resume budget counts broken bodies; failed requests are bounded
+                        // by the backoff's attempts without progress.
+                        resumes += 1;
+                        broke
+                    }
                 },
                 Err(e) => {
                     // A ranged request answered oddly is worth one more try; a first one is not.
@@ -719,7 +724,6 @@ impl Fills {
             if run.spool.accepted() == run.fill.size {
                 return Ok(());
             }
-            resumes += 1;
             if resumes > self.config.max_resumes {
                 return Err(broke);
             }
