@@ -3,12 +3,20 @@ SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 CARGO ?= cargo
 
-.PHONY: run test deps build lint bench soak fmt fuzz fuzz-smoke image
+.PHONY: run test deps demo-deps build demo-build lint bench soak fmt fuzz fuzz-smoke image
 
+# Everything the tests, the benchmark and the soak use (scripts/install-deps.sh, profile `test`).
 deps:
-	@bash scripts/install-deps.sh
+	@bash scripts/install-deps.sh test
+
+# Only what the demo uses (docker-registry, skopeo, curl): `make run` installs no test tooling.
+demo-deps:
+	@bash scripts/install-deps.sh demo
 
 build: deps
+	$(CARGO) build --release --locked -p registry-facade -p test-support --bins
+
+demo-build: demo-deps
 	$(CARGO) build --release --locked -p registry-facade -p test-support --bins
 
 # The container image without a container engine (scripts/build-image.sh with umoci): the
@@ -22,7 +30,7 @@ image: deps
 	bash scripts/build-image.sh $(if $(IMAGE_TAG),--tag $(IMAGE_TAG)) $(if $(IMAGE_NAME),--name $(IMAGE_NAME))
 
 # A facade serving a composed demo workspace image from a local upstream registry.
-run: build
+run: demo-build
 	./target/release/demo --facade ./target/release/registry-facade
 
 # The facade side by side with a distribution pull-through cache, direct upstream and a minimal

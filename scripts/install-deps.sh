@@ -1,16 +1,36 @@
 #!/usr/bin/env bash
-# Installs what `make run`, `make test` and `make bench` need on a fresh Debian machine, and only
-# what is missing: the real parts the tests talk to, and a check that cargo is usable.
+# Installs what the make targets need on a fresh Debian machine, and only what is missing.
+#
+#   scripts/install-deps.sh [demo|test]
+#
+# `demo` (for `make run`): what the demo binary uses (crates/test-support/src/bin/demo.rs starts
+# a docker-registry, pushes its images with skopeo and prints a skopeo/curl command to try) and a
+# check that cargo is usable. `test` (the default; `make test`, `make bench`, `make soak`):
+# everything, i.e. also the parts the tests talk to, js-ipfs, grpcio-tools and cargo-fuzz.
 set -euo pipefail
 
+profile=${1:-test}
+case "$profile" in
+  demo | test) ;;
+  *) echo "install-deps: unknown profile '$profile' (use demo or test)" >&2; exit 2 ;;
+esac
+
+# Debian package:program pairs; a package is installed only when its program is missing.
+pairs=(docker-registry:/usr/bin/docker-registry skopeo:/usr/bin/skopeo curl:/usr/bin/curl)
+if [ "$profile" = test ]; then
+  # kubernetes-client: the deploy test builds deploy/ with `kubectl kustomize`.
+  pairs+=(containerd:/usr/bin/containerd redis-server:/usr/bin/redis-server umoci:/usr/bin/umoci
+          wrk:/usr/bin/wrk tinyproxy:/usr/bin/tinyproxy kubernetes-client:/usr/bin/kubectl)
+fi
 need=()
-for pair in docker-registry:/usr/bin/docker-registry skopeo:/usr/bin/skopeo containerd:/usr/bin/containerd \
-            redis-server:/usr/bin/redis-server umoci:/usr/bin/umoci wrk:/usr/bin/wrk curl:/usr/bin/curl tinyproxy:/usr/bin/tinyproxy; do
+for pair in "${pairs[@]}"; do
   pkg=${pair%%:*}; bin=${pair#*:}
   [ -x "$bin" ] || need+=("$pkg")
 done
 # `make image` copies Debian's CA bundle into the image (scripts/build-image.sh).
-[ -s /etc/ssl/certs/ca-certificates.crt ] || need+=(ca-certificates)
+if [ "$profile" = test ] && [ ! -s /etc/ssl/certs/ca-certificates.crt ]; then
+  need+=(ca-certificates)
+fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "install-deps: installing ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -19,6 +39,17 @@ if [ ${#need[@]} -gt 0 ]; then
   # fine: tests start their own instances on free loopback ports.
   apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
 fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  if [ -x "$HOME/.cargo/bin/cargo" ]; then
+    echo "install-deps: cargo is in $HOME/.cargo/bin; add it to PATH" >&2
+  else
+    echo "install-deps: cargo not found; install a Rust toolchain (rustup, Rust >= 1.85)" >&2
+  fi
+  exit 1
+fi
+
+[ "$profile" = demo ] && exit 0
 
 # A real IPFS node for the cluster-cache tests: js-ipfs 0.66 (speaks the Kubo RPC API), installed
 # at the repository root only when node_modules/ipfs is missing. --no-save keeps package files out
@@ -33,15 +64,6 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 if [ ! -d "$root/node_modules/ipfs" ]; then
   echo "install-deps: installing js-ipfs (npm install ipfs@0.66.1)"
   (cd "$root" && npm install --no-save --no-package-lock --no-audit --no-fund --loglevel=error ipfs@0.66.1 >/dev/null)
-fi
-
-if ! command -v cargo >/dev/null 2>&1; then
-  if [ -x "$HOME/.cargo/bin/cargo" ]; then
-    echo "install-deps: cargo is in $HOME/.cargo/bin; add it to PATH" >&2
-  else
-    echo "install-deps: cargo not found; install a Rust toolchain (rustup, Rust >= 1.85)" >&2
-  fi
-  exit 1
 fi
 
 # The e2e test of a spec server written by someone else generates Python gRPC stubs from proto/

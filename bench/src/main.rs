@@ -2,8 +2,8 @@
 //! mode, the upstream registry itself and a minimal copy server (this machine's practical limit),
 //! all on this machine at once. It measures cold and warm single-stream throughput and time to
 //! first byte of one large layer, N concurrent cold pulls (upstream bytes, wall time, peak RSS)
-//! and warm manifest HEAD requests per second, prints a table of ratios against the targets of
-//! issue #3 and writes it to `bench/RESULTS.md`.
+//! and warm manifest HEAD requests per second, prints a table of ratios against the streaming
+//! targets (`bench/README.md`) and writes it to `bench/RESULTS.md`.
 //!
 //! It is a measurement, not a test: it fails only when something is broken (a wrong byte, a
 //! system that does not start), never because a target is missed.
@@ -474,7 +474,7 @@ fn concurrent(world: &World, p: &Params, kind: Kind<'_>, verified: &mut Vec<Stri
 /// blob in tens of seconds).
 const PUBLISH_WAIT: Duration = Duration::from_secs(180);
 
-/// Issue #5: two facades ("nodes", each with its own empty store) sharing a real Redis and a real
+/// The cluster cache across nodes: two facades ("nodes", each with its own empty store) sharing a real Redis and a real
 /// IPFS node, and one counting proxy to the upstream. Node A pulls the layer cold; once it has
 /// published the blob to the cluster cache, node B pulls it cold. Redis or IPFS that cannot start
 /// or a pull that fails is a result for the row (`Err`), not a broken bench; a wrong byte is.

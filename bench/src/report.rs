@@ -137,7 +137,7 @@ impl NodePull {
     }
 }
 
-/// Issue #5: a second node's cold pull against the first's, through the cluster cache.
+/// The cluster cache across nodes: a second node's cold pull against the first's, through the cluster cache.
 #[derive(Clone, Debug, Default)]
 pub struct TwoNodes {
     /// Node A: empty store, empty cluster cache.
@@ -462,7 +462,8 @@ fn rows(r: &Results, p: &Params) -> (Vec<Row>, Verdict) {
     (rows, verdict)
 }
 
-/// Not one of the issue #3 targets, so it does not count in the verdict.
+/// Not one of the streaming targets (throughput, first byte, concurrent pulls, RSS, manifest
+/// rate), so it does not count in the verdict.
 fn two_nodes_row(t: &Option<Result<TwoNodes, String>>) -> Row {
     let dash = || "–".to_string();
     let mut row = Row {
@@ -472,7 +473,7 @@ fn two_nodes_row(t: &Option<Result<TwoNodes, String>>) -> Row {
         direct: dash(),
         copy: dash(),
         ratio: dash(),
-        target: "B upstream bytes = 0 (issue #5; not an issue #3 target)".into(),
+        target: "B upstream bytes = 0 (cluster cache; not a streaming target)".into(),
         met: dash(),
     };
     match t {
@@ -701,7 +702,7 @@ out), so the HEAD numbers come from the bench's own wrk-shaped client: 2 event-l
 keep-alive connections, the next request sent as soon as an answer's head is in. `wrk -t2 -c16` \
 then measures GET on the same URLs as a cross-check of that client. A run with non-2xx answers or \
 errors does not meet its target.
-- Two nodes (issue #5), run last: a real `redis-server` and a real IPFS node, then two facade \
+- Two nodes (the cluster cache), run last: a real `redis-server` and a real IPFS node, then two facade \
 processes (node A, node B), each with its own empty store, both with `registry.redis` and \
 `registry.ipfs` enabled against them, reaching the upstream through one fresh counting proxy. \
 Node A starts, fetches the manifest and pulls the layer (timed); upstream bytes, blob GETs and \
@@ -711,7 +712,7 @@ proxy counters, starts node B and does the same. Each node's one cold pull is ha
 timed (it is the only cold pull a node has), so both times include the client's SHA-256. The IPFS \
 node is js-ipfs 0.66 (what `scripts/install-deps.sh` installs), much slower than Kubo, so node \
 B's time measures js-ipfs as much as the facade. \"Met\" here is node B having taken no byte from \
-upstream; it is not one of the issue #3 targets counted above.
+upstream; it is not one of the streaming targets counted above.
 - Everything runs on this one machine at once (client, systems, upstream, proxies) on 127.0.0.1, so \
 the numbers are comparable with each other, not with other machines.
 ";

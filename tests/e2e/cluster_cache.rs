@@ -1,4 +1,4 @@
-//! Issue #5: the cluster cache. Facades on different "nodes" (each with its own local store)
+//! The cluster cache (README, "Blobs", source 2). Facades on different "nodes" (each with its own local store)
 //! share a real `redis-server` (the index) and a real IPFS node (js-ipfs 0.66 speaking the Kubo
 //! RPC API, the content). Upstream is a real docker-registry behind a fault proxy that counts
 //! requests; IPFS sits behind a second fault proxy so its streams can be throttled.
@@ -21,6 +21,7 @@ use test_support::ipfs::Ipfs;
 use test_support::redis::Redis;
 use test_support::registry::Registry;
 use test_support::skopeo;
+use test_support::wait;
 
 const MIB: usize = 1 << 20;
 
@@ -127,20 +128,10 @@ fn indexed(w: &World, ws: &str) -> bool {
     w.layers[ws].iter().all(|l| keys.contains(&format!("registry-facade:blob:{}", l.digest)))
 }
 
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// The value of one series (`name{labels}`) on the facade's `/metrics`.
 fn metric(f: &Facade, series: &str) -> f64 {
     let text = String::from_utf8(request(&f.admin[0].to_string(), "GET", "/metrics", &[], b"").body).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
+    test_support::metrics::series(&text, series).unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
 }
 
 fn stored(f_dir: &std::path::Path, digest: &str) -> bool {
@@ -155,9 +146,9 @@ fn a_second_node_pulls_with_zero_upstream_blob_gets() {
     let a_gets = upstream_blob_gets(&w);
     assert!(a_gets > w.layers["ws1"].len(), "node A fetched layers and config upstream: {:?}", w.upstream.requests());
     let a_bytes = w.upstream.bytes_to_client();
-    wait_until("node A's IPFS adds and index entries", Duration::from_secs(60), || indexed(&w, "ws1"));
+    wait::until("node A's IPFS adds and index entries", Duration::from_secs(60), || indexed(&w, "ws1"));
     // The count moves right after the index write the line above saw.
-    wait_until("node A's IPFS back-fills to be counted", Duration::from_secs(10), || {
+    wait::until("node A's IPFS back-fills to be counted", Duration::from_secs(10), || {
         metric(&a, r#"registry_facade_backfill_total{outcome="ok",store="ipfs"}"#) == 3.0
     });
     assert_eq!(metric(&a, r#"registry_facade_backfill_total{outcome="ok",store="local"}"#), 3.0);
@@ -193,12 +184,12 @@ fn redis_killed_mid_pull_then_the_cache_is_used_again() {
     w.upstream.set_faults(Faults { throttle_bytes_per_sec: Some(4 * MIB as u64), ..Faults::default() });
     let a = node(&w, "a", json!({}));
     let pulling = pull_in_background(&w, &a, "ws1");
-    wait_until("the pull to be under way", Duration::from_secs(60), || w.upstream.bytes_to_client() > 3 * MIB as u64);
+    wait::until("the pull to be under way", Duration::from_secs(60), || w.upstream.bytes_to_client() > 3 * MIB as u64);
     w.redis.kill();
     assert!(w.upstream.bytes_to_client() < layer_bytes(&w, "ws1"), "the kill came after the pull");
     pulling.join().expect("the pull failed while Redis was down");
     // The outage was noticed (the index writes after the fills failed) and counted.
-    wait_until("the Redis outage to be counted", Duration::from_secs(30), || {
+    wait::until("the Redis outage to be counted", Duration::from_secs(30), || {
         metric(&a, r#"registry_facade_cluster_dependency_failures_total{dependency="redis"}"#) > 0.0
     });
     assert_eq!(metric(&a, r#"registry_facade_cluster_dependency_up{dependency="redis"}"#), 0.0);
@@ -206,12 +197,12 @@ fn redis_killed_mid_pull_then_the_cache_is_used_again() {
     // Redis comes back (empty: nothing was persisted); node A notices by itself.
     w.redis.restart().unwrap();
     w.upstream.clear_faults();
-    wait_until("node A to see Redis again", Duration::from_secs(60), || {
+    wait::until("node A to see Redis again", Duration::from_secs(60), || {
         metric(&a, r#"registry_facade_cluster_dependency_up{dependency="redis"}"#) == 1.0
     });
     // Node A uses the cache again: what it pulls now is indexed, and node B gets it from IPFS.
     pull(&w, &a, "ws2");
-    wait_until("node A's index entries after the outage", Duration::from_secs(60), || indexed(&w, "ws2"));
+    wait::until("node A's index entries after the outage", Duration::from_secs(60), || indexed(&w, "ws2"));
     let b = node(&w, "b", json!({}));
     w.upstream.reset_counters();
     pull(&w, &b, "ws2");
@@ -224,14 +215,14 @@ fn ipfs_killed_mid_pull_then_the_cache_is_used_again() {
     let a = node(&w, "a", json!({}));
     pull(&w, &a, "ws1");
     pull(&w, &a, "ws2");
-    wait_until("node A's index entries", Duration::from_secs(60), || indexed(&w, "ws1") && indexed(&w, "ws2"));
+    wait::until("node A's index entries", Duration::from_secs(60), || indexed(&w, "ws1") && indexed(&w, "ws2"));
 
     // Node B streams from IPFS at 2 MiB/s per connection; IPFS dies a few MiB in.
     w.ipfs_proxy.set_faults(Faults { throttle_bytes_per_sec: Some(2 * MIB as u64), ..Faults::default() });
     let b = node(&w, "b", json!({}));
     w.upstream.reset_counters();
     let pulling = pull_in_background(&w, &b, "ws1");
-    wait_until("the IPFS streams to be under way", Duration::from_secs(60), || {
+    wait::until("the IPFS streams to be under way", Duration::from_secs(60), || {
         w.ipfs_proxy.bytes_to_client() > 4 * MIB as u64
     });
     w.ipfs.kill();
@@ -252,7 +243,7 @@ fn ipfs_killed_mid_pull_then_the_cache_is_used_again() {
     // IPFS comes back with its repo; node B notices by itself and serves ws2 from it.
     w.ipfs.restart().unwrap();
     w.ipfs_proxy.clear_faults();
-    wait_until("node B to see IPFS again", Duration::from_secs(60), || {
+    wait::until("node B to see IPFS again", Duration::from_secs(60), || {
         metric(&b, r#"registry_facade_cluster_dependency_up{dependency="ipfs"}"#) == 1.0
     });
     w.upstream.reset_counters();
@@ -265,7 +256,7 @@ fn garbage_in_the_cluster_cache_never_completes_a_wrong_blob_nor_breaks_a_pull()
     let w = world(2 * MIB);
     let a = node(&w, "a", json!({}));
     pull(&w, &a, "ws1");
-    wait_until("node A's index entries", Duration::from_secs(60), || indexed(&w, "ws1"));
+    wait::until("node A's index entries", Duration::from_secs(60), || indexed(&w, "ws1"));
     let ws1 = &w.layers["ws1"];
     let key = |l: &BuiltLayer| format!("registry-facade:blob:{}", l.digest);
     let entry_of = |l: &BuiltLayer| -> Value {
@@ -294,7 +285,7 @@ fn garbage_in_the_cluster_cache_never_completes_a_wrong_blob_nor_breaks_a_pull()
     let got = e2e::stream::get(&b.host(), &path, &[], None).unwrap();
     assert!(got.truncated, "a wrong blob was completed: {} of {} bytes", got.received, ws1[2].size);
     assert!(!stored(&w.dir.path().join("store-b"), &ws1[2].digest));
-    wait_until("the wrong entry to be removed", Duration::from_secs(10), || {
+    wait::until("the wrong entry to be removed", Duration::from_secs(10), || {
         !w.redis.keys("registry-facade:blob:*").unwrap().contains(&key(&ws1[2]))
     });
     // The client's retry (and a whole pull) now succeeds; the bad entries cost nothing else.
@@ -313,13 +304,13 @@ fn a_bounded_store_evicts_old_blobs_and_pulls_still_succeed() {
     };
     pull(&w, &a, "ws1");
     pull(&w, &a, "ws2");
-    wait_until("the store to fit its limit", Duration::from_secs(30), || total() <= 9 * MIB as u64);
+    wait::until("the store to fit its limit", Duration::from_secs(30), || total() <= 9 * MIB as u64);
     assert!(metric(&a, "registry_facade_store_evictions_total") >= 3.0);
     assert!(metric(&a, "registry_facade_store_bytes") <= (9 * MIB) as f64);
     // The most recently pulled image is what stayed.
     assert!(w.layers["ws2"].iter().any(|l| stored(&store, &l.digest)));
     // Evicted blobs come back (from IPFS, where node A put them) and the pull succeeds.
-    wait_until("node A's index entries", Duration::from_secs(60), || indexed(&w, "ws1"));
+    wait::until("node A's index entries", Duration::from_secs(60), || indexed(&w, "ws1"));
     w.upstream.reset_counters();
     pull(&w, &a, "ws1");
     assert_eq!(upstream_blob_gets(&w), 0, "{:?}", w.upstream.requests());
@@ -334,7 +325,7 @@ fn a_composition_handed_out_by_one_node_is_served_by_digest_by_another() {
     let digest = m.header("docker-content-digest").unwrap().to_string();
     let manifest: Value = serde_json::from_slice(&m.body).unwrap();
     let config = manifest["config"]["digest"].as_str().unwrap().to_string();
-    wait_until("the composition to be shared", Duration::from_secs(10), || {
+    wait::until("the composition to be shared", Duration::from_secs(10), || {
         !w.redis.keys("registry-facade:composed:fixed/ws1:*").unwrap().is_empty()
     });
 

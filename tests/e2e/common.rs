@@ -206,3 +206,38 @@ pub mod stream {
 }
 
 pub use test_support::wire::noise;
+
+/// Upstream images that several tests start from, built and pushed the same way everywhere.
+pub mod upstream {
+    use test_support::image::{
+        BuiltImage, FileEntry, ImageBuilder, LayerCompression, PushFormat, build_layer, push_image,
+    };
+    use test_support::registry::Registry;
+
+    /// `base:1` (Docker schema 2: `etc/base-file` = "from the base", `PATH=/usr/bin`) and `ide:1`
+    /// (OCI: an executable `ide/bin/ide`, `GITPOD_ENV_APPEND_PATH=/ide/bin:`).
+    pub fn push_base_and_ide(reg: &Registry) {
+        let base = ImageBuilder::new()
+            .layer(build_layer(&[FileEntry::file("etc/base-file", "from the base")], LayerCompression::Gzip))
+            .env(["PATH=/usr/bin"])
+            .build();
+        push_image(reg, "base:1", &base, PushFormat::DockerV2S2).unwrap();
+        let ide = ImageBuilder::new()
+            .layer(build_layer(&[FileEntry::exec("ide/bin/ide", "#!/bin/sh\necho ide\n")], LayerCompression::Gzip))
+            .env(["GITPOD_ENV_APPEND_PATH=/ide/bin:"])
+            .build();
+        push_image(reg, "ide:1", &ide, PushFormat::Oci).unwrap();
+    }
+
+    /// `base:latest` (OCI: two gzip layers, `etc/base-1` and `etc/base-2`, `PATH=/usr/bin:/bin`);
+    /// returns it.
+    pub fn push_two_layer_base(reg: &Registry) -> BuiltImage {
+        let base = ImageBuilder::new()
+            .layer(build_layer(&[FileEntry::file("etc/base-1", "base 1")], LayerCompression::Gzip))
+            .layer(build_layer(&[FileEntry::file("etc/base-2", "base 2")], LayerCompression::Gzip))
+            .env(["PATH=/usr/bin:/bin"])
+            .build();
+        push_image(reg, "base:latest", &base, PushFormat::Oci).unwrap();
+        base
+    }
+}

@@ -1,4 +1,4 @@
-//! Issue #2: composed workspace images pulled with a real client (skopeo) from the facade, with
+//! Composed workspace images pulled with a real client (skopeo) from the facade, with
 //! the base and add-on images on a real upstream registry (CNCF distribution).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -353,11 +353,9 @@ fn blobs_are_served_from_the_local_store_after_the_first_pull() {
     assert_eq!(sha256_digest(&first.body), layer);
     let stored = w.dir.path().join("store/blobs/sha256").join(layer.trim_start_matches("sha256:"));
     // The fill commits after the last byte was verified; allow it a moment, bounded.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !stored.exists() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    assert!(stored.exists(), "blob was not back-filled into the store");
+    test_support::wait::until("the blob to be back-filled into the store", std::time::Duration::from_secs(10), || {
+        stored.exists()
+    });
     // With the upstream gone, the stored blob still serves (HEAD and GET, with its headers).
     let mut w = w;
     w.reg.stop();

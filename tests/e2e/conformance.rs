@@ -1,4 +1,4 @@
-//! Issue #7: the checks of the OCI distribution-spec conformance suite's pull workflow, run
+//! The checks of the OCI distribution-spec conformance suite's pull workflow, run
 //! against a `fixed` workspace image with an OCI base (the suite's Accept lists OCI types only),
 //! plus isolation between workspaces and hostile names and digests.
 #![allow(clippy::unwrap_used, clippy::expect_used)]

@@ -1,4 +1,4 @@
-//! Issue #2: a real containerd pulls a composed image from the facade and unpacks it; the rootfs
+//! A real containerd pulls a composed image from the facade and unpacks it; the rootfs
 //! holds files from the base and from every added layer.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -15,16 +15,7 @@ fn containerd_pulls_and_unpacks_a_composed_image() {
     // loudly rather than skipping.
     assert!(Containerd::available(), "containerd/ctr missing or not root: run `make deps` as root");
     let reg = Registry::start().unwrap();
-    let base = ImageBuilder::new()
-        .layer(build_layer(&[FileEntry::file("etc/base-file", "from the base")], LayerCompression::Gzip))
-        .env(["PATH=/usr/bin"])
-        .build();
-    push_image(&reg, "base:1", &base, PushFormat::DockerV2S2).unwrap();
-    let ide = ImageBuilder::new()
-        .layer(build_layer(&[FileEntry::exec("ide/bin/ide", "#!/bin/sh\necho ide\n")], LayerCompression::Gzip))
-        .env(["GITPOD_ENV_APPEND_PATH=/ide/bin:"])
-        .build();
-    push_image(&reg, "ide:1", &ide, PushFormat::Oci).unwrap();
+    e2e::upstream::push_base_and_ide(&reg);
     let sup = ImageBuilder::new()
         .layer(build_layer(&[FileEntry::exec(".supervisor/supervisor", "#!/bin/sh\n")], LayerCompression::Zstd))
         .build();

@@ -8,10 +8,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use registry_facade::config::{self, MapEnv};
 use serde_json::{Value, json};
+use test_support::proc::{have, run};
 use yaml_rust2::{Yaml, YamlLoader};
 
 /// The metric names the dashboard may use, with their labels (`le` is implied for `_bucket`).
@@ -720,38 +721,15 @@ fn grafana_dashboard_queries_only_exported_metrics() {
     assert!(missing.is_empty(), "metrics with no panel: {missing:?}");
 }
 
-/// The objects `kubectl kustomize <dir>` builds, or `None` when kubectl is not installed.
-fn kubectl_kustomize(dir: &Path) -> Option<Vec<Value>> {
-    let Ok(mut child) = std::process::Command::new("kubectl")
-        .arg("kustomize")
-        .arg(dir)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-    else {
-        eprintln!("kubectl is not installed; skipping the kustomize build of {}", dir.display());
-        return None;
-    };
-    // The output (a few KiB) fits the pipe buffer, so waiting before reading cannot block it.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let output = loop {
-        if child.try_wait().unwrap().is_some() {
-            break child.wait_with_output().unwrap();
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("kubectl kustomize {} did not finish within 60s", dir.display());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(
-        output.status.success(),
-        "kubectl kustomize {}: {}",
-        dir.display(),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Some(yaml_docs(&String::from_utf8(output.stdout).unwrap(), "kustomize output"))
+/// The objects `kubectl kustomize <dir>` builds. kubectl is part of what `make test` installs
+/// (scripts/install-deps.sh), so a machine without it fails here instead of passing unchecked.
+fn kubectl_kustomize(dir: &Path) -> Vec<Value> {
+    assert!(have("kubectl"), "kubectl missing: run `make deps` as root (Debian package kubernetes-client)");
+    let mut cmd = std::process::Command::new("kubectl");
+    cmd.arg("kustomize").arg(dir);
+    let out =
+        run(cmd, Duration::from_secs(60)).unwrap_or_else(|e| panic!("kubectl kustomize {}: {e:#}", dir.display()));
+    yaml_docs(&out, "kustomize output")
 }
 
 /// Built objects by `Kind/name`.
@@ -765,7 +743,7 @@ fn by_kind_and_name(docs: &[Value]) -> BTreeMap<String, Value> {
 /// catches kustomization mistakes and any YAML that Go's parser reads differently.
 #[test]
 fn kubectl_kustomize_builds_the_same_objects() {
-    let Some(built) = kubectl_kustomize(&k8s_dir()) else { return };
+    let built = kubectl_kustomize(&k8s_dir());
 
     let k =
         yaml_docs(&std::fs::read_to_string(k8s_dir().join("kustomization.yaml")).unwrap(), "kustomization").remove(0);
@@ -898,8 +876,8 @@ fn containerd_setup_writes_where_containerd_reads() {
 /// hostPort and keep the surge pod off the node) and a surging update; nothing else differs.
 #[test]
 fn host_network_overlay_surges_without_port_conflicts() {
-    let Some(base) = kubectl_kustomize(&k8s_dir()) else { return };
-    let Some(overlay) = kubectl_kustomize(&deploy_dir().join("host-network")) else { return };
+    let base = kubectl_kustomize(&k8s_dir());
+    let overlay = kubectl_kustomize(&deploy_dir().join("host-network"));
     let (base, mut overlay) = (by_kind_and_name(&base), by_kind_and_name(&overlay));
     assert_eq!(base.keys().collect::<Vec<_>>(), overlay.keys().collect::<Vec<_>>());
     let root = tempfile::tempdir().unwrap();
@@ -954,25 +932,10 @@ fn host_network_overlay_surges_without_port_conflicts() {
 #[test]
 fn containerfile_copies_every_workspace_member() {
     let root = deploy_dir().parent().unwrap().to_path_buf();
-    let mut child = std::process::Command::new(env!("CARGO"))
-        .args(["metadata", "--no-deps", "--format-version", "1", "--offline"])
-        .current_dir(&root)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("cargo metadata did not finish within 60s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "cargo metadata: {}", String::from_utf8_lossy(&out.stderr));
-    let meta: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO"));
+    cmd.args(["metadata", "--no-deps", "--format-version", "1", "--offline"]).current_dir(&root);
+    let out = run(cmd, Duration::from_secs(60)).unwrap_or_else(|e| panic!("cargo metadata: {e:#}"));
+    let meta: Value = serde_json::from_str(&out).unwrap();
     let workspace_root = PathBuf::from(str_of(&meta["workspace_root"], "workspace_root"));
 
     let containerfile = std::fs::read_to_string(deploy_dir().join("Containerfile")).unwrap();

@@ -1,4 +1,4 @@
-//! Issue #4: the `remote` provider over real gRPC on loopback. The facade runs in-process, the
+//! The `remote` provider over real gRPC on loopback. The facade runs in-process, the
 //! images live on a real upstream registry (CNCF distribution), pulls are made with skopeo, and
 //! the spec servers are real: the facade's own `spec-server` code, and one generated from
 //! `proto/` in Python with grpcio-tools, standing in for a spec server somebody else wrote.
@@ -96,12 +96,7 @@ fn spec(host: &str, content: &str) -> Value {
 fn world() -> World {
     let reg = Registry::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let base = ImageBuilder::new()
-        .layer(build_layer(&[FileEntry::file("etc/base-1", "base 1")], LayerCompression::Gzip))
-        .layer(build_layer(&[FileEntry::file("etc/base-2", "base 2")], LayerCompression::Gzip))
-        .env(["PATH=/usr/bin:/bin"])
-        .build();
-    push_image(&reg, "base:latest", &base, PushFormat::Oci).unwrap();
+    e2e::upstream::push_two_layer_base(&reg);
     let ide = ImageBuilder::new()
         .layer(build_layer(&[FileEntry::exec("ide/bin/ide", "#!/bin/sh\n")], LayerCompression::Gzip))
         .env(["GITPOD_ENV_APPEND_PATH=/ide/bin:"])

@@ -1,6 +1,6 @@
 //! A workspace whose base image lives on a registry its author controls must not be able to
-//! hurt other workspaces on the node: the invariants 1, 2, 3 and 6 of the threat model
-//! (docs/security-model.md lists which test shows which). The attacker side is a scripted
+//! hurt other workspaces on the node: sections 1, 2, 3 and 6 of
+//! `docs/security-model.md` (which lists the test that shows each). The attacker side is a scripted
 //! hostile registry (test-support `hostile_registry`); the legitimate side is a real CNCF
 //! distribution registry, with a real token server where auth matters; the facade runs
 //! in-process with production wiring.
@@ -22,6 +22,7 @@ use test_support::image::{
 };
 use test_support::registry::Registry;
 use test_support::token_server::{SERVICE, TokenServer};
+use test_support::wait;
 use test_support::wire::noise;
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -101,14 +102,6 @@ fn manifest_layers(f: &Facade, ws: &str) -> Vec<(String, u64)> {
         .collect()
 }
 
-fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn stored(dir: &Path, digest: &str) -> std::path::PathBuf {
     dir.join("store/blobs/sha256").join(digest.trim_start_matches("sha256:"))
 }
@@ -154,7 +147,9 @@ fn wrong_size_claims_fail_only_the_claiming_workspace() {
         let r = get(&f, &format!("/v2/fixed/ws-a/blobs/{d}"));
         assert_eq!((r.status, sha256_digest(&r.body)), (200, d.clone()));
     }
-    wait_for("the IDE layer in the store", Duration::from_secs(10), || stored(dir.path(), &ide_layer.digest).exists());
+    wait::until("the IDE layer in the store", Duration::from_secs(10), || {
+        stored(dir.path(), &ide_layer.digest).exists()
+    });
     let legit_blob_gets = legit.count_requests("GET", "/blobs/");
 
     // B's composed manifest carries the attacker's claims; every blob request for them fails
@@ -252,7 +247,7 @@ fn a_trickling_registry_cannot_hold_a_legit_pull_hostage() {
 
     let blob_path = format!("/v2/evil/base/blobs/{}", big.digest);
     let b = background_get(f.host(), format!("/v2/fixed/ws-b/blobs/{}", big.digest));
-    wait_for("the hostile trickle to start", Duration::from_secs(10), || !evil.requests_to(&blob_path).is_empty());
+    wait::until("the hostile trickle to start", Duration::from_secs(10), || !evil.requests_to(&blob_path).is_empty());
 
     let started = Instant::now();
     let a = get(&f, &format!("/v2/fixed/ws-a/blobs/{}", big.digest));
@@ -430,7 +425,7 @@ fn garbage_for_a_shared_digest_never_reaches_the_store_or_the_legit_pull() {
     let a = get(&f, &format!("/v2/fixed/ws-a/blobs/{}", shared.digest));
     assert_eq!(a.status, 200);
     assert!(a.body == shared.bytes, "the legit pull got wrong bytes");
-    wait_for("the verified layer in the store", Duration::from_secs(10), || {
+    wait::until("the verified layer in the store", Duration::from_secs(10), || {
         stored(dir.path(), &shared.digest).exists()
     });
     assert_eq!(std::fs::read(stored(dir.path(), &shared.digest)).unwrap(), shared.bytes);

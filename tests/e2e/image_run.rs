@@ -22,7 +22,6 @@ use registry_facade::setup::{CA_FILE, INSTALLER_CA, hosts_toml};
 use serde_json::json;
 use test_support::cargo_bin::cargo_bin;
 use test_support::containerd::{Containerd, SNAPSHOTTER};
-use test_support::image::{FileEntry, ImageBuilder, LayerCompression, PushFormat, build_layer, push_image};
 use test_support::proc::{free_port, have, run_bytes};
 use test_support::registry::Registry;
 use test_support::skopeo;
@@ -312,16 +311,7 @@ fn image_runs_as_the_daemonset_runs_it_and_serves_a_pull() {
 
     // Upstream: a base image (Docker schema 2) and an IDE image (OCI) on a real registry.
     let reg = Registry::start().unwrap();
-    let base = ImageBuilder::new()
-        .layer(build_layer(&[FileEntry::file("etc/base-file", "from the base")], LayerCompression::Gzip))
-        .env(["PATH=/usr/bin"])
-        .build();
-    push_image(&reg, "base:1", &base, PushFormat::DockerV2S2).unwrap();
-    let ide = ImageBuilder::new()
-        .layer(build_layer(&[FileEntry::exec("ide/bin/ide", "#!/bin/sh\necho ide\n")], LayerCompression::Gzip))
-        .env(["GITPOD_ENV_APPEND_PATH=/ide/bin:"])
-        .build();
-    push_image(&reg, "ide:1", &ide, PushFormat::Oci).unwrap();
+    e2e::upstream::push_base_and_ide(&reg);
 
     // The pod's volumes, on this machine.
     let dir = tempfile::Builder::new().prefix("image-run-").tempdir().unwrap();

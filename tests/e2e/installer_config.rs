@@ -10,7 +10,7 @@ use std::io::BufRead as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine as _;
 use e2e::http::request;
@@ -25,6 +25,7 @@ use test_support::proc::{KillOnDrop, free_port, run, run_bytes, wait_for_tcp};
 use test_support::redis::Redis;
 use test_support::registry::Registry;
 use test_support::skopeo;
+use test_support::wait;
 
 /// The `registry-facade` binary of this workspace, built now if needed. Cargo builds only the
 /// library of a dependency for this test crate, so the binary is asked for explicitly.
@@ -182,19 +183,16 @@ fn installer_rendering(
     )
 }
 
+/// [`wait::until`], failing at once (with the facade's log) when the facade has exited.
 fn wait_until(what: &str, timeout: Duration, facade: &mut KillOnDrop, log: &Path, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
+    let log_text = || std::fs::read_to_string(log).unwrap_or_default();
+    let done = wait::poll(timeout, wait::EVERY, || {
         if let Err(e) = facade.check_running() {
-            panic!("{e}; log:\n{}", std::fs::read_to_string(log).unwrap_or_default());
+            panic!("{e}; log:\n{}", log_text());
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}; log:\n{}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        f()
+    });
+    assert!(done, "timed out after {timeout:?} waiting for {what}; log:\n{}", log_text());
 }
 
 /// The log without terminal colours (the binary colours its text log wherever it writes).
@@ -230,12 +228,7 @@ fn the_installer_config_starts_the_binary_and_serves_a_pull_over_tls() {
     std::fs::write(dir.join("pull-secret.json"), r#"{"auths": {}}"#).unwrap();
 
     let host = reg.host();
-    let base = ImageBuilder::new()
-        .layer(build_layer(&[FileEntry::file("etc/base-1", "base 1")], LayerCompression::Gzip))
-        .layer(build_layer(&[FileEntry::file("etc/base-2", "base 2")], LayerCompression::Gzip))
-        .env(["PATH=/usr/bin:/bin"])
-        .build();
-    push_image(&reg, "base:latest", &base, PushFormat::Oci).unwrap();
+    let base = e2e::upstream::push_two_layer_base(&reg);
     let ide = image(&[("ide/bin/ide", "#!/bin/sh\n")]);
     push_image(&reg, "ide:1", &ide, PushFormat::Oci).unwrap();
     let mut static_refs = Vec::new();
@@ -363,10 +356,9 @@ fn redis_keys(port: u16, pattern: &str) -> Vec<String> {
     run(cmd, Duration::from_secs(10)).unwrap().lines().filter(|l| !l.is_empty()).map(str::to_string).collect()
 }
 
-fn metric(prometheus: u16, series: &str) -> Option<String> {
+fn metric(prometheus: u16, series: &str) -> Option<f64> {
     let r = request(&format!("127.0.0.1:{prometheus}"), "GET", "/metrics", &[], b"");
-    let text = String::from_utf8_lossy(&r.body).to_string();
-    text.lines().find_map(|l| l.strip_prefix(series).map(|v| v.trim().to_string()))
+    test_support::metrics::series(&String::from_utf8_lossy(&r.body), series)
 }
 
 #[test]
@@ -454,11 +446,11 @@ fn redis_use_tls_username_and_insecure_skip_verify_reach_the_connection() {
             wait_until("the composition shared through Redis", Duration::from_secs(30), &mut facade, &log, || {
                 !redis_keys(redis_port, "registry-facade:composed:fixed/ws-1:*").is_empty()
             });
-            assert_eq!(metric(prometheus, up).as_deref(), Some("1"));
+            assert_eq!(metric(prometheus, up), Some(1.0));
         } else {
             // The pull went on without the cluster cache; the certificate was refused.
             wait_until("the Redis breaker to open", Duration::from_secs(30), &mut facade, &log, || {
-                metric(prometheus, up).as_deref() == Some("0")
+                metric(prometheus, up) == Some(0.0)
             });
             assert!(redis_keys(redis_port, "registry-facade:*").is_empty(), "nothing reached Redis");
         }

@@ -1,4 +1,4 @@
-//! Issue #6: every metric moves when its event happens (requests, first bytes by source,
+//! Every metric (README, "Metrics") moves when its event happens (requests, first bytes by source,
 //! upstream requests and retries, single-flight joins, cache hits, back-fill, digest
 //! mismatches, aborted responses, store size), and so do the Go facade's legacy series that
 //! dashboards query (`gitpod_registry_facade_{registry,downstream}_*`, `facade.legacyMetrics`).
@@ -15,26 +15,7 @@ use test_support::registry::Registry;
 
 const MIB: usize = 1 << 20;
 
-/// Sum of the samples of `name` whose labels include every `key="value"` of `labels`.
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (n, rest) = match series.split_once('{') {
-                Some((n, rest)) => (n, rest.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            if n != name {
-                return None;
-            }
-            labels
-                .iter()
-                .all(|(k, v)| rest.split(',').any(|kv| kv == format!("{k}=\"{v}\"")))
-                .then(|| value.parse::<f64>().ok())?
-        })
-        .sum()
-}
+use test_support::metrics::value as metric;
 
 #[test]
 fn every_metric_moves_when_its_event_happens() {
@@ -182,20 +163,19 @@ fn every_metric_moves_when_its_event_happens() {
     ));
     // Gauges return to zero once responses and fills are done (bounded wait: an aborted
     // response is dropped when its connection is).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
+    // `find`: a series that is missing is not a drained one.
+    let mut last = (None, None, None);
+    let drained = test_support::wait::poll(std::time::Duration::from_secs(10), test_support::wait::EVERY, || {
         let now = scrape();
-        let (requests, fills) = (
-            metric(&now, "registry_facade_inflight_requests", &[]),
-            metric(&now, "registry_facade_inflight_fills", &[]),
+        last = (
+            test_support::metrics::find(&now, "registry_facade_inflight_requests", &[]),
+            test_support::metrics::find(&now, "registry_facade_inflight_fills", &[]),
+            test_support::metrics::find(&now, "registry_facade_inflight_blob_bytes", &[]),
         );
-        let bytes = metric(&now, "registry_facade_inflight_blob_bytes", &[]);
-        if requests == 0.0 && fills == 0.0 && bytes == 0.0 {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "in flight: {requests} requests, {fills} fills, {bytes} bytes");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+        last == (Some(0.0), Some(0.0), Some(0.0))
+    });
+    let (requests, fills, bytes) = last;
+    assert!(drained, "in flight: {requests:?} requests, {fills:?} fills, {bytes:?} bytes");
     // No series is labelled with a digest or a workspace id.
     for line in after.lines().filter(|l| l.starts_with("registry_facade_") || l.starts_with("gitpod_")) {
         assert!(!line.contains("sha256") && !line.contains("big") && !line.contains("small"), "{line}");

@@ -1,4 +1,4 @@
-//! Issue #15: `registry-facade setup` run with exactly the arguments of the reference installer's
+//! `registry-facade setup` run with exactly the arguments of the reference installer's
 //! init container (`--hostfs=… --hostname=reg.<domain> --port=…`, no CA flag, the CA mounted at
 //! /usr/local/share/ca-certificates/gitpod-ca.crt) leaves a node whose containerd pulls a
 //! workspace image over TLS through its CRI plugin, the way the kubelet does, and reports a

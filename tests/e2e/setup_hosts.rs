@@ -1,5 +1,5 @@
-//! Issue #6: `registry-facade setup` writes a `hosts.toml` that a real containerd uses for a pull;
-//! issue #15: with `--ca` it is spoken to over TLS, and a missing workspace is "not found" (the
+//! `registry-facade setup` writes a `hosts.toml` that a real containerd uses for a pull; with
+//! `--ca` it is spoken to over TLS, and a missing workspace is "not found" (the
 //! installer's own arguments, with the CRI plugin, are in setup_cri.rs).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

@@ -1,4 +1,4 @@
-//! Issue #3: the blob streaming engine against a real upstream behind a fault-injecting proxy:
+//! The blob streaming engine against a real upstream behind a fault-injecting proxy:
 //! resume after cuts and stalls, corrupt upstream bytes never cached, single-flight for
 //! concurrent cold pulls, Range on cold and warm blobs, client disconnects.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -13,6 +13,7 @@ use test_support::fault_proxy::{FaultProxy, Faults};
 use test_support::image::{FileEntry, ImageBuilder, LayerCompression, PushFormat, build_layer, push_image};
 use test_support::registry::Registry;
 use test_support::skopeo;
+use test_support::wait;
 
 const MIB: usize = 1 << 20;
 
@@ -63,14 +64,6 @@ fn tmp_files(w: &World) -> usize {
     std::fs::read_dir(w.dir.path().join("store/tmp")).map(|d| d.count()).unwrap_or(0)
 }
 
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn skopeo_pull_survives_connections_cut_every_few_mib() {
     let w = world(256 * MIB);
@@ -115,13 +108,13 @@ fn corrupt_upstream_bytes_are_never_cached_or_completed() {
     assert_eq!(got.status, 200);
     assert!(got.truncated, "a corrupt blob was completed: received {} of {}", got.received, w.layer_size);
     assert!(!stored(&w), "a corrupt blob entered the store");
-    wait_until("temp files to go", Duration::from_secs(10), || tmp_files(&w) == 0);
+    wait::until("temp files to go", Duration::from_secs(10), || tmp_files(&w) == 0);
 
     // The upstream is fixed: the next pull succeeds and is cached.
     w.proxy.clear_faults();
     let got = get(&facade.host(), &blob_path(&w), &[], None).unwrap();
     assert_eq!((got.received, got.digest.as_str(), got.truncated), (w.layer_size, w.layer.as_str(), false));
-    wait_until("the blob to be stored", Duration::from_secs(10), || stored(&w));
+    wait::until("the blob to be stored", Duration::from_secs(10), || stored(&w));
 }
 
 #[test]
@@ -157,7 +150,7 @@ fn ranges_on_cold_and_warm_blobs() {
     let full = get(&h, &p, &[("Range", "bytes=0-0")], None).unwrap(); // cold: first byte only
     assert_eq!((full.status, full.received), (206, 1));
     assert_eq!(full.content_range.as_deref(), Some(format!("bytes 0-0/{size}").as_str()));
-    wait_until("the blob to be stored", Duration::from_secs(10), || stored(&w));
+    wait::until("the blob to be stored", Duration::from_secs(10), || stored(&w));
 
     // Warm now; every form, checked against a full GET.
     let whole = request(&h, "GET", &p, &[], b"");
@@ -201,7 +194,7 @@ fn a_client_that_goes_away_leaves_no_partial_files() {
     w.proxy.set_faults(Faults { throttle_bytes_per_sec: Some(64 * MIB as u64), ..Faults::default() });
     let r = get(&facade.host(), &blob_path(&w), &[], Some(MIB as u64)).unwrap();
     assert!(r.received < w.layer_size);
-    wait_until("the blob to be stored", Duration::from_secs(20), || stored(&w));
+    wait::until("the blob to be stored", Duration::from_secs(20), || stored(&w));
     assert_eq!(tmp_files(&w), 0);
     drop(facade);
 

@@ -1,4 +1,4 @@
-//! Issue #2: base images behind htpasswd basic auth and behind a token server, with credentials
+//! Base images behind htpasswd basic auth and behind a token server, with credentials
 //! from the `dockerAuth` file (a docker config.json).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

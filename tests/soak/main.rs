@@ -876,10 +876,17 @@ fn metrics_of_interest(addr: SocketAddr) -> Vec<String> {
         "registry_facade_limited_requests_total",
         "registry_facade_http_requests_total",
     ];
-    text.lines()
-        .filter(|l| !l.starts_with('#') && wanted.iter().any(|w| l.starts_with(w)))
-        .filter(|l| l.rsplit(' ').next().is_some_and(|v| v != "0"))
-        .map(str::to_string)
+    test_support::metrics::samples(&text)
+        .into_iter()
+        .filter(|s| s.value != 0.0 && wanted.iter().any(|w| s.name.starts_with(w)))
+        .map(|s| {
+            let labels: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
+            if labels.is_empty() {
+                format!("{} {}", s.name, s.value)
+            } else {
+                format!("{}{{{}}} {}", s.name, labels.join(","), s.value)
+            }
+        })
         .collect()
 }
 

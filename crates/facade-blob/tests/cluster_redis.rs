@@ -18,12 +18,8 @@ fn cache(redis: &Redis, password: Option<&str>, tag_ttl: Duration) -> (Arc<Clust
     (ClusterCache::new(config, metrics.clone()).unwrap(), metrics)
 }
 
-async fn eventually<F: Future<Output = bool>>(what: &str, mut f: impl FnMut() -> F) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !f().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+async fn eventually<F: Future<Output = bool>>(what: &str, f: impl FnMut() -> F) {
+    test_support::wait::until_async(what, Duration::from_secs(10), f).await;
 }
 
 #[tokio::test]

@@ -1,4 +1,4 @@
-//! Property tests of `compose` (style guide §3): purity, history/diff_id/layer counts, base
+//! Property tests of `compose` (the README's "Composition": pure, the same inputs give the same bytes): purity, history/diff_id/layer counts, base
 //! layers verbatim and first, unknown config keys surviving, one media-type family, and no
 //! panics on arbitrary input.
 #![allow(clippy::unwrap_used, clippy::expect_used)]

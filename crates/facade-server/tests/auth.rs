@@ -6,7 +6,7 @@ mod common;
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -78,15 +78,10 @@ async fn get_as(f: &Fixture, path: &str, authorization: &str) -> Reply {
 }
 
 async fn wait_until_status(f: &Fixture, path: &str, authorization: &str, status: u16) {
-    let deadline = Instant::now() + BOUND;
-    loop {
-        let r = get_as(f, path, authorization).await;
-        if r.status.as_u16() == status {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{path} never answered {status} (last {})", r.status);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    test_support::wait::until_async(&format!("{path} to answer {status}"), BOUND, || async move {
+        get_as(f, path, authorization).await.status.as_u16() == status
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -203,11 +198,10 @@ async fn htpasswd_changes_apply_without_restart() {
 }
 
 async fn wait_until_counter(f: &Fixture, labels: &[(&str, &str)], at_least: u64) {
-    let deadline = Instant::now() + BOUND;
-    while f.server.counter(RELOADS, labels) < at_least {
-        assert!(Instant::now() < deadline, "{labels:?} never reached {at_least}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    test_support::wait::until_async(&format!("{labels:?} to reach {at_least}"), BOUND, || async move {
+        f.server.counter(RELOADS, labels) >= at_least
+    })
+    .await;
 }
 
 #[tokio::test]

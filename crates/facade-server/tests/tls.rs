@@ -5,7 +5,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::tls::{self as t, Ca, Conn, Leaf};
 use common::{BOUND, MemBackend, TestServer};
@@ -16,11 +16,10 @@ fn config(files: TlsFiles) -> ServerConfig {
 }
 
 async fn wait_for_counter(server: &TestServer, name: &str, labels: &[(&str, &str)], at_least: u64) {
-    let deadline = Instant::now() + BOUND;
-    while server.counter(name, labels) < at_least {
-        assert!(Instant::now() < deadline, "{name}{labels:?} never reached {at_least}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    test_support::wait::until_async(&format!("{name}{labels:?} to reach {at_least}"), BOUND, || async move {
+        server.counter(name, labels) >= at_least
+    })
+    .await;
 }
 
 const RELOADS: &str = "registry_facade_file_reloads_total";

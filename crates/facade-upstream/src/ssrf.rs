@@ -1,4 +1,4 @@
-//! The address policy against server-side request forgery (threat model invariant 5): which
+//! The address policy against server-side request forgery (`docs/security-model.md`, "No server-side request forgery"): which
 //! resolved addresses an upstream connection may go to, and which redirects may be followed.
 //!
 //! A workspace's author picks the registry host, and that registry picks its redirects, so
@@ -23,7 +23,7 @@
 //!   registry has no business sending the facade to the node's or the cluster's insides.
 //!
 //! Allowed by default: loopback and private hosts named directly, because registries on the
-//! node or in the cluster network are what the spec and its tests use (`contract.md` §6).
+//! node or in the cluster network are what the `fixed` specs and the tests use (README, "What it does").
 //!
 //! IPv4 embedded in IPv6 (`::ffff:a.b.c.d` mapped, `64:ff9b::/96` NAT64) is judged as the IPv4
 //! address it reaches, so `::ffff:169.254.169.254` is metadata too.

@@ -1,4 +1,4 @@
-//! Issue #6, with the real binary: restart under load without a lost pull (SO_REUSEPORT
+//! Operations (README, "What it does" and `docs/migration.md`), with the real binary: restart under load without a lost pull (SO_REUSEPORT
 //! hand-over and drain), config reload with a new static layer, liveness independent of the
 //! upstream, TLS and client auth from the config file.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 use test_support::fault_proxy::{FaultProxy, Faults};
@@ -16,6 +16,7 @@ use test_support::image::{
 use test_support::proc::{free_port, wait_for_tcp};
 use test_support::registry::Registry;
 use test_support::skopeo;
+use test_support::wait;
 
 const BIN: &str = env!("CARGO_BIN_EXE_registry-facade");
 const MIB: usize = 1 << 20;
@@ -24,12 +25,19 @@ struct Proc(Child);
 
 impl Proc {
     fn start(config: &Path) -> Proc {
+        Self::spawn(config, Stdio::inherit())
+    }
+    /// With the log (stderr) in `log`, for tests that wait for what the facade reports there.
+    fn start_logged(config: &Path, log: &Path) -> Proc {
+        Self::spawn(config, Stdio::from(std::fs::File::create(log).unwrap()))
+    }
+    fn spawn(config: &Path, stderr: Stdio) -> Proc {
         let child = Command::new(BIN)
             .arg("run")
             .arg(config)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .unwrap();
         Proc(child)
@@ -38,14 +46,12 @@ impl Proc {
         let _ = Command::new("kill").arg("-TERM").arg(self.0.id().to_string()).status();
     }
     fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if let Some(s) = self.0.try_wait().unwrap() {
-                return Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
+        let mut status = None;
+        wait::poll(limit, wait::EVERY, || {
+            status = self.0.try_wait().unwrap();
+            status.is_some()
+        });
+        status
     }
 }
 
@@ -127,12 +133,12 @@ fn a_restart_under_load_loses_no_pull() {
             .collect();
         // Let the pulls get going, then hand the port over: new process first, then SIGTERM.
         std::thread::sleep(Duration::from_millis(1500));
-        let new = Proc::start(&config);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while http_get(addr, "/v2/").0 != 200 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        std::thread::sleep(Duration::from_millis(300));
+        // The old process answers `/v2/` too, so the sign the new one is up is its own log line.
+        let new_log = dir.path().join("new.log");
+        let new = Proc::start_logged(&config, &new_log);
+        wait::until("the new facade to serve", Duration::from_secs(20), || {
+            std::fs::read_to_string(&new_log).unwrap_or_default().contains("registry-facade serving")
+        });
         old.term();
         for p in pulls {
             p.join().unwrap().expect("a pull failed across the restart");
@@ -166,8 +172,10 @@ fn config_reload_swaps_static_layers_and_keeps_earlier_images() {
     let port = free_port();
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let config = write_config(dir.path(), port, json!({"facade": {"composeTTL": "1s"}}));
-    let _facade = Proc::start(&config);
+    let log = dir.path().join("facade.log");
+    let mut facade = Proc::start_logged(&config, &log);
     wait_for_tcp(addr, Duration::from_secs(20)).unwrap();
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
 
     let (status, body) = http_get(addr, "/v2/fixed/ws/manifests/latest");
     assert_eq!(status, 200);
@@ -175,11 +183,19 @@ fn config_reload_swaps_static_layers_and_keeps_earlier_images() {
     assert_eq!(before["layers"].as_array().unwrap().len(), 1);
     let before_digest = test_support::image::sha256_digest(&body);
 
-    // A bad config is rejected and the running one kept.
+    // A bad config is rejected and the running one kept. The rejection is logged (the
+    // configuration reload exposes no counter of its own), so the test waits for that line:
+    // without a reload attempt it never appears.
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(&config, text.replace("\"registry\"", "\"registry\": {\"bogus\": 1}, \"x\"")).unwrap();
-    std::thread::sleep(Duration::from_millis(2500));
-    assert_eq!(http_get(addr, "/v2/fixed/ws/manifests/latest").0, 200);
+    wait::until("the bad configuration to be rejected", Duration::from_secs(20), || {
+        log_text().contains("configuration reload rejected")
+    });
+    assert!(facade.0.try_wait().unwrap().is_none(), "a rejected reload stopped the facade:\n{}", log_text());
+    assert!(!log_text().contains("configuration reloaded"), "the bad configuration was applied:\n{}", log_text());
+    let (status, body) = http_get(addr, "/v2/fixed/ws/manifests/latest");
+    assert_eq!(status, 200);
+    assert_eq!(test_support::image::sha256_digest(&body), before_digest, "the running configuration changed");
 
     // Now a good one with a static file layer.
     write_config(
@@ -187,17 +203,14 @@ fn config_reload_swaps_static_layers_and_keeps_earlier_images() {
         port,
         json!({"facade": {"composeTTL": "1s"}, "registry": {"staticLayer": [{"ref": "tools.tar.gz", "type": "file"}]}}),
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let after = loop {
+    let mut after = Value::Null;
+    wait::until("the reload to take effect", Duration::from_secs(20), || {
         let (status, body) = http_get(addr, "/v2/fixed/ws/manifests/latest");
         assert_eq!(status, 200);
-        let m: Value = serde_json::from_slice(&body).unwrap();
-        if m["layers"].as_array().unwrap().len() == 2 {
-            break m;
-        }
-        assert!(Instant::now() < deadline, "the reload never took effect");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+        after = serde_json::from_slice(&body).unwrap();
+        after["layers"].as_array().unwrap().len() == 2
+    });
+    assert!(log_text().contains("configuration reloaded"), "no reload logged:\n{}", log_text());
     let tool = after["layers"][1]["digest"].as_str().unwrap();
     let (status, blob) = http_get(addr, &format!("/v2/fixed/ws/blobs/{tool}"));
     assert_eq!(status, 200);
@@ -251,15 +264,9 @@ fn readiness_follows_the_spec_provider_and_liveness_does_not() {
     let probe: SocketAddr = ([127, 0, 0, 1], probes).into();
     wait_for_tcp(probe, Duration::from_secs(20)).unwrap();
     let wait_for = |want: u16| {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let got = http_get(probe, "/ready").0;
-            if got == want {
-                return;
-            }
-            assert!(Instant::now() < deadline, "/ready stayed {got}, wanted {want}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait::until(&format!("/ready to answer {want}"), Duration::from_secs(20), || {
+            http_get(probe, "/ready").0 == want
+        })
     };
     // No spec server yet: alive, not ready.
     wait_for(503);

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -148,13 +149,9 @@ impl Drop for FaultProxy {
     }
 }
 
-async fn handle(client: TcpStream, target: SocketAddr, sh: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+async fn handle(client: TcpStream, target: SocketAddr, sh: Arc<Shared>, stop: watch::Receiver<bool>) {
     sh.connections.fetch_add(1, Ordering::SeqCst);
-    let faults = {
-        let f = sh.faults.lock().map(|f| f.clone()).unwrap_or_default();
-        let n = sh.faulted_connections.fetch_add(1, Ordering::SeqCst);
-        if f.connections.is_some_and(|limit| n >= limit) { Faults::default() } else { f }
-    };
+    let faults = faults_for_new_connection(&sh);
     if faults.refuse {
         let _ = client.set_zero_linger();
         return;
@@ -166,85 +163,108 @@ async fn handle(client: TcpStream, target: SocketAddr, sh: Arc<Shared>, mut stop
     }
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
-    let (mut cr, mut cw) = client.into_split();
-    let (mut sr, mut sw) = server.into_split();
-    let up_sh = sh.clone();
-    let upstream = async move {
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut line = Vec::new();
-        loop {
-            let n = match cr.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
-            };
-            record_request_lines(&up_sh, &mut line, &buf[..n]);
-            up_sh.to_server.fetch_add(n as u64, Ordering::SeqCst);
-            if sw.write_all(&buf[..n]).await.is_err() {
-                break;
-            }
-        }
-        let _ = sw.shutdown().await;
-    };
-    let down_sh = sh.clone();
-    let downstream = async move {
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut sent: u64 = 0;
-        let mut first = true;
-        loop {
-            let mut n = match sr.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
-            };
-            if first {
-                first = false;
-                if let Some(d) = faults.first_byte_delay {
-                    tokio::time::sleep(d).await;
-                }
-            }
-            if let Some(at) = faults.corrupt_at
-                && at >= sent
-                && at < sent + n as u64
-            {
-                buf[(at - sent) as usize] ^= 0xff;
-            }
-            let mut limit_hit = None;
-            for (limit, what) in [(faults.cut_after, "cut"), (faults.stall_after, "stall")] {
-                if let Some(l) = limit
-                    && sent + n as u64 >= l
-                {
-                    n = (l.saturating_sub(sent)) as usize;
-                    limit_hit = Some(what);
-                    break;
-                }
-            }
-            if n > 0 {
-                if cw.write_all(&buf[..n]).await.is_err() {
-                    break;
-                }
-                sent += n as u64;
-                down_sh.to_client.fetch_add(n as u64, Ordering::SeqCst);
-                if let Some(rate) = faults.throttle_bytes_per_sec {
-                    tokio::time::sleep(Duration::from_secs_f64(n as f64 / rate.max(1) as f64)).await;
-                }
-            }
-            match limit_hit {
-                // Cut: dropping both halves closes the socket (FIN, or RST with `reset`).
-                Some("cut") => return,
-                Some(_) => {
-                    // Stall: keep the connection open and silent until the proxy stops.
-                    let _ = stop.changed().await;
-                    return;
-                }
-                None => {}
-            }
-        }
-        let _ = cw.shutdown().await;
-    };
+    let (cr, cw) = client.into_split();
+    let (sr, sw) = server.into_split();
     // Either direction ending ends the connection; the other half is dropped with it.
     tokio::select! {
-        _ = upstream => {}
-        _ = downstream => {}
+        _ = forward_up(cr, sw, sh.clone()) => {}
+        _ = forward_down(sr, cw, faults, sh, stop) => {}
     }
+}
+
+/// The faults for a connection accepted now: the set ones, until `connections` of them are used.
+fn faults_for_new_connection(sh: &Shared) -> Faults {
+    let f = sh.faults.lock().map(|f| f.clone()).unwrap_or_default();
+    let n = sh.faulted_connections.fetch_add(1, Ordering::SeqCst);
+    if f.connections.is_some_and(|limit| n >= limit) { Faults::default() } else { f }
+}
+
+/// Client → server, unchanged, recording request lines.
+async fn forward_up(mut cr: OwnedReadHalf, mut sw: OwnedWriteHalf, sh: Arc<Shared>) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut line = Vec::new();
+    loop {
+        let n = match cr.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        record_request_lines(&sh, &mut line, &buf[..n]);
+        sh.to_server.fetch_add(n as u64, Ordering::SeqCst);
+        if sw.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = sw.shutdown().await;
+}
+
+/// Where the server → client stream ends early.
+#[derive(Clone, Copy, PartialEq)]
+enum Limit {
+    Cut,
+    Stall,
+}
+
+/// How many of the `n` bytes read after `sent` may go on, and whether a cut or stall is reached.
+fn clamp_to_limit(faults: &Faults, sent: u64, n: usize) -> (usize, Option<Limit>) {
+    for (limit, what) in [(faults.cut_after, Limit::Cut), (faults.stall_after, Limit::Stall)] {
+        if let Some(l) = limit
+            && sent + n as u64 >= l
+        {
+            return ((l.saturating_sub(sent)) as usize, Some(what));
+        }
+    }
+    (n, None)
+}
+
+/// Server → client with the faults applied.
+async fn forward_down(
+    mut sr: OwnedReadHalf,
+    mut cw: OwnedWriteHalf,
+    faults: Faults,
+    sh: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut sent: u64 = 0;
+    loop {
+        let n = match sr.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if sent == 0
+            && let Some(d) = faults.first_byte_delay
+        {
+            tokio::time::sleep(d).await;
+        }
+        if let Some(at) = faults.corrupt_at
+            && at >= sent
+            && at < sent + n as u64
+        {
+            buf[(at - sent) as usize] ^= 0xff;
+        }
+        let (n, limit_hit) = clamp_to_limit(&faults, sent, n);
+        if n > 0 {
+            if cw.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+            sent += n as u64;
+            sh.to_client.fetch_add(n as u64, Ordering::SeqCst);
+            if let Some(rate) = faults.throttle_bytes_per_sec {
+                tokio::time::sleep(Duration::from_secs_f64(n as f64 / rate.max(1) as f64)).await;
+            }
+        }
+        match limit_hit {
+            // Cut: dropping both halves closes the socket (FIN, or RST with `reset`).
+            Some(Limit::Cut) => return,
+            Some(Limit::Stall) => {
+                // Stall: keep the connection open and silent until the proxy stops.
+                let _ = stop.changed().await;
+                return;
+            }
+            None => {}
+        }
+    }
+    let _ = cw.shutdown().await;
 }
 
 fn record_request_lines(sh: &Shared, pending: &mut Vec<u8>, data: &[u8]) {

@@ -4,7 +4,7 @@
 //! bytes, a trickle of garbage, an error status with the headers of its choosing (auth
 //! challenges, `Retry-After`), a redirect anywhere. Every request is recorded, `Authorization`
 //! included, so tests can assert what the facade sent it (see
-//! `/work/shared/reference/threat-model.md`, the invariants these tests show).
+//! `docs/security-model.md`, which names the test that shows each property).
 //!
 //! Plain std threads, one per connection, every response `Connection: close`: the facade's
 //! pooled client copes with that, and a trickling answer cannot hold up another request.
