@@ -24,6 +24,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tower_service::Service;
 
+use crate::dns::DnsPool;
 use crate::ssrf::{RefusedPeer, SharedPolicy};
 use url::Url;
 
@@ -155,7 +156,7 @@ impl Proxies {
 /// The TCP connector under TLS: direct, tunnelled or to a forward proxy, with pinned names.
 #[derive(Clone)]
 pub(crate) struct Connector {
-    direct: HttpConnector,
+    direct: HttpConnector<DnsPool>,
     proxies: Arc<Proxies>,
     resolve: Arc<[(String, IpAddr)]>,
     policy: SharedPolicy,
@@ -163,7 +164,7 @@ pub(crate) struct Connector {
 
 impl Connector {
     pub(crate) fn new(
-        direct: HttpConnector,
+        direct: HttpConnector<DnsPool>,
         proxies: Arc<Proxies>,
         resolve: &[(String, IpAddr)],
         policy: SharedPolicy,
@@ -361,7 +362,7 @@ mod tests {
     #[test]
     fn pins_names_to_addresses() {
         let c = Connector::new(
-            HttpConnector::new(),
+            HttpConnector::new_with_resolver(DnsPool::new(1)),
             Arc::new(Proxies::new(&ProxyConfig::none()).unwrap()),
             &[("Registry.Test".into(), IpAddr::from([127, 0, 0, 1]))],
             SharedPolicy::default(),

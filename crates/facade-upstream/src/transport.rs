@@ -18,6 +18,7 @@ use rustls::pki_types::pem::PemObject;
 use url::Url;
 
 use crate::config::Config;
+use crate::dns::DnsPool;
 use crate::error::{BoxError, Error, Result};
 use crate::proxy::{Connector, Proxies, Route};
 use crate::ssrf::{RefusedPeer, SharedPolicy};
@@ -39,6 +40,7 @@ pub(crate) struct Transport {
     proxies: Arc<Proxies>,
     /// Which addresses upstream connections and redirects may reach (`ssrf.rs`).
     pub(crate) policy: SharedPolicy,
+    dns: DnsPool,
     user_agent: HeaderValue,
     pub(crate) metrics: Option<crate::metrics::UpstreamMetrics>,
 }
@@ -87,9 +89,14 @@ fn tls_config(config: &Config) -> Result<rustls::ClientConfig> {
         .with_no_client_auth())
 }
 
+/// Name resolution threads per client (dns.rs).
+const DNS_THREADS: usize = 4;
+
 impl Transport {
     pub(crate) fn new(config: &Config) -> Result<Transport> {
-        let mut http = HttpConnector::new();
+        // Names are resolved on threads of their own, never on the blocking pool (dns.rs).
+        let dns = DnsPool::new(DNS_THREADS);
+        let mut http = HttpConnector::new_with_resolver(dns.clone());
         http.enforce_http(false);
         http.set_connect_timeout(Some(config.connect_timeout));
         http.set_nodelay(true);
@@ -110,7 +117,7 @@ impl Transport {
             .build(https);
         let user_agent = HeaderValue::from_str(&config.user_agent)
             .map_err(|_| Error::Config { reason: "user_agent is not a valid header value".into() })?;
-        Ok(Transport { http, proxies, policy, user_agent, metrics: None })
+        Ok(Transport { http, proxies, policy, dns, user_agent, metrics: None })
     }
 
     /// One request, no redirects, no auth logic. `host` labels errors.
@@ -218,8 +225,8 @@ impl Transport {
         let (Some(from), Some(target)) = (from, next.host_str()) else { return Ok(()) };
         let port = next.port_or_known_default().unwrap_or(443);
         let target = target.trim_start_matches('[').trim_end_matches(']');
-        let addrs: Vec<std::net::SocketAddr> = match tokio::net::lookup_host((target, port)).await {
-            Ok(a) => a.collect(),
+        let addrs = match self.dns.lookup(target, port).await {
+            Ok(a) => a,
             // Unresolvable: the connection attempt reports it.
             Err(_) => return Ok(()),
         };
