@@ -5,7 +5,9 @@ use facade_oci::{Digest, ImageConfigView, ManifestView, ParsedManifest};
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result, clip};
-use crate::{Addition, BaseInput, Composed, LayerInput, config, manifest, skip_n};
+use crate::skip_n::skip_n;
+use crate::types::{AddedLayer, Addition, BaseInput, Composed, LayerInput};
+use crate::{config, manifest};
 
 /// The base image, parsed and checked.
 pub(crate) struct BaseImage {
@@ -16,21 +18,7 @@ pub(crate) struct BaseImage {
     pub(crate) env: Vec<String>,
 }
 
-/// One layer an addition contributes, before it is labelled into the target family.
-pub(crate) struct AddedLayer<'a> {
-    pub(crate) origin: usize,
-    pub(crate) label: &'a str,
-    /// The descriptor to emit; its `mediaType` is replaced once the family is known.
-    pub(crate) descriptor: Map<String, Value>,
-    /// The media type the layer had in its image; `None` for a single-layer addition.
-    pub(crate) source_media_type: Option<String>,
-    pub(crate) compression: Compression,
-    pub(crate) digest: Digest,
-    pub(crate) size: u64,
-    pub(crate) diff_id: Digest,
-}
-
-/// Composes the workspace image from `base` and `additions` (contract §4).
+/// Composes the workspace image from `base` and `additions` (README, "Composition").
 ///
 /// Layers come out as the base's layers followed by each addition's layers in slice order;
 /// the caller orders the additions (static layers, `ide_ref`, `supervisor_ref`,
@@ -64,8 +52,8 @@ pub fn compose(base: &BaseInput<'_>, additions: &[Addition<'_>]) -> Result<Compo
         }
     }
 
-    // Docker schema 2 has no zstd layer type and one manifest must not mix families (OCI
-    // rules §2.1), so a single zstd layer turns the whole image into OCI.
+    // Docker schema 2 has no zstd layer type and one manifest must not mix families (README,
+    // "Composition"), so a single zstd layer turns the whole image into OCI.
     let family =
         if layers.iter().any(|l| l.compression == Compression::Zstd) { Family::Oci } else { base_image.family };
 
@@ -147,6 +135,19 @@ fn check_config_digest(view: &ManifestView, config: &[u8]) -> std::result::Resul
     Ok(())
 }
 
+/// Runtimes pair layers with diff_ids by position; an image that disagrees cannot be unpacked,
+/// and appending to it would only hide where the fault is.
+fn check_diff_id_count(view: &ManifestView, config: &ImageConfigView) -> std::result::Result<(), String> {
+    if config.diff_ids.len() != view.layers.len() {
+        return Err(format!(
+            "manifest has {} layers but config rootfs has {} diff_ids",
+            view.layers.len(),
+            config.diff_ids.len()
+        ));
+    }
+    Ok(())
+}
+
 fn parse_base(base: &BaseInput<'_>) -> Result<BaseImage> {
     let (view, manifest) = parse_image_manifest(base.manifest, base.manifest_media_type).map_err(Error::base)?;
     let family = mt::family_of(&view.media_type)
@@ -157,15 +158,7 @@ fn parse_base(base: &BaseInput<'_>) -> Result<BaseImage> {
     if !config.get("rootfs").is_some_and(Value::is_object) {
         return Err(Error::base("config has no rootfs object"));
     }
-    // Runtimes pair layers with diff_ids by position; a base that disagrees cannot be unpacked
-    // and appending to it would only hide where the fault is.
-    if config_view.diff_ids.len() != view.layers.len() {
-        return Err(Error::base(format!(
-            "manifest has {} layers but config rootfs has {} diff_ids",
-            view.layers.len(),
-            config_view.diff_ids.len()
-        )));
-    }
+    check_diff_id_count(&view, &config_view).map_err(Error::base)?;
     Ok(BaseImage { manifest, view, family, config, env: config_view.env })
 }
 
@@ -185,13 +178,7 @@ fn parse_image<'a>(
     let (view, raw) = parse_image_manifest(manifest, media_type).map_err(bad)?;
     check_config_digest(&view, config).map_err(bad)?;
     let config_view = ImageConfigView::parse(config).map_err(|e| bad(format!("config: {e}")))?;
-    if config_view.diff_ids.len() != view.layers.len() {
-        return Err(bad(format!(
-            "manifest has {} layers but config rootfs has {} diff_ids",
-            view.layers.len(),
-            config_view.diff_ids.len()
-        )));
-    }
+    check_diff_id_count(&view, &config_view).map_err(bad)?;
     let skip = skip_n(&config_view.labels).map_err(|e| bad(e.to_string()))?;
 
     let raw_layers = raw.get("layers").and_then(Value::as_array).map_or(&[][..], Vec::as_slice);

@@ -6,9 +6,9 @@
 
 use serde_json::{Map, Value};
 
-use crate::compose::AddedLayer;
 use crate::env::apply_env_rules;
 use crate::error::{Error, Result};
+use crate::types::AddedLayer;
 
 pub(crate) fn edit(
     config: &mut Map<String, Value>,

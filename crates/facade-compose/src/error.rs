@@ -4,7 +4,7 @@
 //! malformed, or a label carries a value that is not allowed. Composing the same inputs again
 //! gives the same error, so none is worth retrying, and no other blob source can repair it.
 
-use crate::SKIP_N_LABEL;
+use crate::types::SKIP_N_LABEL;
 
 /// Why [`compose`](crate::compose) or [`skip_n`](crate::skip_n) rejected its input.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]

@@ -4,9 +4,8 @@ use facade_oci::media_types::{self as mt, Family};
 use facade_oci::{Digest, ManifestView};
 use serde_json::{Map, Value};
 
-use crate::compose::AddedLayer;
 use crate::error::{Error, Result};
-use crate::{ComposedLayer, LayerOrigin, REF_ANNOTATION, SIZE_ANNOTATION};
+use crate::types::{AddedLayer, ComposedLayer, LayerOrigin, REF_ANNOTATION, SIZE_ANNOTATION};
 
 /// What the manifest is built for.
 pub(crate) struct Target<'a> {
@@ -53,6 +52,20 @@ pub(crate) fn build(
     target: &Target<'_>,
     added: Vec<AddedLayer<'_>>,
 ) -> Result<Built> {
+    set_header(&mut manifest, target.family);
+    set_config_descriptor(&mut manifest, target)?;
+    let base_size = base
+        .layers
+        .iter()
+        .try_fold(0u64, |sum, l| sum.checked_add(l.size))
+        .ok_or_else(|| Error::base("layer sizes overflow"))?;
+    let layers = set_layers(&mut manifest, base, target.family, added)?;
+    set_annotations(&mut manifest, base_size, target.base_ref)?;
+    Ok(Built { manifest, layers })
+}
+
+/// `schemaVersion` and `mediaType`, and none of the base's claims about itself.
+fn set_header(manifest: &mut Map<String, Value>, family: Family) {
     // A copied `subject` would make the composed image claim to be a referrer of another
     // manifest; `artifactType` describes the base, not us.
     manifest.shift_remove("subject");
@@ -60,14 +73,17 @@ pub(crate) fn build(
     manifest.insert("schemaVersion".to_string(), Value::from(2));
     // Docker schema 2 requires `mediaType` (gitpod-io/gitpod#3397); OCI allows it, so it is
     // always emitted, right after `schemaVersion` when the base had none.
-    let media_type = Value::String(mt::manifest_type(target.family).to_string());
+    let media_type = Value::String(mt::manifest_type(family).to_string());
     if let Some(slot) = manifest.get_mut("mediaType") {
         *slot = media_type;
     } else {
         let at = manifest.keys().position(|k| k == "schemaVersion").map_or(0, |i| i + 1);
         manifest.shift_insert(at, "mediaType".to_string(), media_type);
     }
+}
 
+/// Points the config descriptor at the composed config.
+fn set_config_descriptor(manifest: &mut Map<String, Value>, target: &Target<'_>) -> Result<()> {
     let Some(Value::Object(config)) = manifest.get_mut("config") else {
         return Err(Error::base("manifest config is not a descriptor"));
     };
@@ -78,14 +94,18 @@ pub(crate) fn build(
     // would point at a blob that is not ours.
     config.shift_remove("data");
     config.shift_remove("urls");
+    Ok(())
+}
 
-    let base_size = base
-        .layers
-        .iter()
-        .try_fold(0u64, |sum, l| sum.checked_add(l.size))
-        .ok_or_else(|| Error::base("layer sizes overflow"))?;
+/// The base's layer descriptors (re-labelled only on a family change) followed by the added
+/// ones, in the manifest and in the returned list alike.
+fn set_layers(
+    manifest: &mut Map<String, Value>,
+    base: &ManifestView,
+    family: Family,
+    added: Vec<AddedLayer<'_>>,
+) -> Result<Vec<ComposedLayer>> {
     let base_family = mt::family_of(&base.media_type);
-
     let layers_json = manifest.entry("layers").or_insert_with(|| Value::Array(Vec::new()));
     let Value::Array(layers_json) = layers_json else {
         return Err(Error::base("manifest layers are not a list"));
@@ -95,8 +115,8 @@ pub(crate) fn build(
         let mut media_type = desc.media_type.clone();
         // Base layers are copied verbatim; only a family change (Docker → OCI for zstd)
         // re-labels them, and a type with no equivalent stays as it was.
-        if base_family != Some(target.family)
-            && let (Some(new), Value::Object(raw)) = (relabel(&desc.media_type, target.family), raw)
+        if base_family != Some(family)
+            && let (Some(new), Value::Object(raw)) = (relabel(&desc.media_type, family), raw)
         {
             set_media_type(raw, new);
             media_type = new.to_string();
@@ -109,32 +129,41 @@ pub(crate) fn build(
         });
     }
     for layer in added {
-        let media_type = match &layer.source_media_type {
-            Some(source) => relabel(source, target.family),
-            None => mt::layer_type(target.family, layer.compression),
-        }
-        .ok_or_else(|| {
-            Error::addition(layer.label, format!("layer {} has no media type in the target family", layer.digest))
-        })?;
-        let mut descriptor = layer.descriptor;
-        set_media_type(&mut descriptor, media_type);
-        // Docker schema 2 descriptors have no annotations.
-        if target.family == Family::Docker {
-            descriptor.shift_remove("annotations");
-        }
+        let (descriptor, composed) = added_descriptor(layer, family)?;
         layers_json.push(Value::Object(descriptor));
-        layers.push(ComposedLayer {
-            digest: layer.digest,
-            size: layer.size,
-            media_type: media_type.to_string(),
-            origin: LayerOrigin::Addition(layer.origin),
-        });
+        layers.push(composed);
     }
+    Ok(layers)
+}
 
-    // ws-daemon reads these from containerd's content store on every manifest the facade
-    // serves, Docker schema 2 included: the reference writes them into both families (Docker
-    // schema 2 has no `annotations` field, but clients decode manifests leniently and
-    // containerd keeps the bytes as served).
+fn added_descriptor(layer: AddedLayer<'_>, family: Family) -> Result<(Map<String, Value>, ComposedLayer)> {
+    let media_type = match &layer.source_media_type {
+        Some(source) => relabel(source, family),
+        None => mt::layer_type(family, layer.compression),
+    }
+    .ok_or_else(|| {
+        Error::addition(layer.label, format!("layer {} has no media type in the target family", layer.digest))
+    })?;
+    let mut descriptor = layer.descriptor;
+    set_media_type(&mut descriptor, media_type);
+    // Docker schema 2 descriptors have no annotations.
+    if family == Family::Docker {
+        descriptor.shift_remove("annotations");
+    }
+    let composed = ComposedLayer {
+        digest: layer.digest,
+        size: layer.size,
+        media_type: media_type.to_string(),
+        origin: LayerOrigin::Addition(layer.origin),
+    };
+    Ok((descriptor, composed))
+}
+
+/// ws-daemon reads these from containerd's content store on every manifest the facade serves,
+/// Docker schema 2 included: the reference writes them into both families (Docker schema 2 has
+/// no `annotations` field, but clients decode manifests leniently and containerd keeps the
+/// bytes as served).
+fn set_annotations(manifest: &mut Map<String, Value>, base_size: u64, base_ref: &str) -> Result<()> {
     let annotations = manifest.entry("annotations").or_insert(Value::Null);
     if annotations.is_null() {
         *annotations = Value::Object(Map::new());
@@ -143,6 +172,6 @@ pub(crate) fn build(
         return Err(Error::base("manifest annotations are not an object"));
     };
     annotations.insert(SIZE_ANNOTATION.to_string(), Value::String(base_size.to_string()));
-    annotations.insert(REF_ANNOTATION.to_string(), Value::String(target.base_ref.to_string()));
-    Ok(Built { manifest, layers })
+    annotations.insert(REF_ANNOTATION.to_string(), Value::String(base_ref.to_string()));
+    Ok(())
 }

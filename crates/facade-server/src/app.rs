@@ -14,7 +14,8 @@ use tokio_rustls::TlsAcceptor;
 use crate::auth::{AuthFailure, AuthFile, Authenticator};
 use crate::backend::Backend;
 use crate::body::Body;
-use crate::error::{self, Rejection, RequestContext, Result};
+use crate::edge::{self, Rejection, RequestContext};
+use crate::error::Result;
 use crate::handlers;
 use crate::headers;
 use crate::limits::{ClientLimiter, ClientPermit};
@@ -211,7 +212,7 @@ impl<B: Backend> App<B> {
             }
         };
         let mut resp = result.unwrap_or_else(|rejection| {
-            error::respond(rejection, &context(route, &parts), self.config.default_retry_after)
+            edge::respond(rejection, &context(route, &parts), self.config.default_retry_after)
         });
         resp.headers_mut().insert(headers::API_VERSION, HeaderValue::from_static(headers::API_VERSION_VALUE));
         self.metrics.observe_response(label, &parts.method, resp.status(), started.elapsed().as_secs_f64());

@@ -167,7 +167,7 @@ impl ByteRange {
     }
 }
 
-/// Why the backend could not answer. `kind` alone decides the status (see `error.rs`); the
+/// Why the backend could not answer. `kind` alone decides the status (see `edge.rs`); the
 /// `message` goes to the client except for [`ErrorKind::Internal`], whose text is only logged.
 #[derive(Clone, Debug, thiserror::Error)]
 #[error("{kind:?}: {message}")]

@@ -3,7 +3,7 @@
 //! Owns the hyper server (HTTP/1.1 and h2c, or HTTPS with a certificate that is re-read when
 //! its files change), `requireAuth` (Basic credentials against a bcrypt htpasswd file, also
 //! re-read on change), path parsing, the `/v2/`, manifest and blob handlers (HEAD semantics,
-//! Range/206/416, redirects), the **single** error → OCI response edge (`error.rs`), request
+//! Range/206/416, redirects), the **single** error → OCI response edge (`edge.rs`), request
 //! metrics, the request limits (head size, URL length, requests per client address, response
 //! idle timeout) and the admin listener (`/metrics`, `/ready`, `/live`; never authenticated).
 //!
@@ -17,6 +17,7 @@ mod app;
 mod auth;
 mod backend;
 mod body;
+mod edge;
 mod error;
 mod handlers;
 pub mod headers;

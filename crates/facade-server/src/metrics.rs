@@ -6,6 +6,7 @@
 //! blob_req_total}` series, for dashboards and alerts written against it (docs/migration.md).
 
 use http::{Method, StatusCode};
+use prometheus::core::Collector;
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
@@ -92,22 +93,16 @@ struct LegacyServerMetrics {
 
 impl LegacyServerMetrics {
     fn register(registry: &Registry) -> Result<Self> {
-        let manifest_seconds = Histogram::with_opts(
-            HistogramOpts::new(LEGACY_MANIFEST_SECONDS, "time of manifest requests made to the downstream registry")
-                .buckets(vec![0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 60.0, 300.0, 600.0, 1800.0]),
-        )
-        .map_err(|e| metric_error(LEGACY_MANIFEST_SECONDS, e))?;
-        let failed = IntCounterVec::new(Opts::new(LEGACY_FAILED, "number of requests that failed"), &["type"])
-            .map_err(|e| metric_error(LEGACY_FAILED, e))?;
-        let blobs = IntCounter::new(LEGACY_BLOBS, "number of blob requests made to the downstream registry")
-            .map_err(|e| metric_error(LEGACY_BLOBS, e))?;
-        for (name, collector) in [
-            (LEGACY_MANIFEST_SECONDS, Box::new(manifest_seconds.clone()) as Box<dyn prometheus::core::Collector>),
-            (LEGACY_FAILED, Box::new(failed.clone())),
-            (LEGACY_BLOBS, Box::new(blobs.clone())),
-        ] {
-            registry.register(collector).map_err(|e| metric_error(name, e))?;
-        }
+        let manifest_seconds = registered(registry, LEGACY_MANIFEST_SECONDS, |name| {
+            Histogram::with_opts(
+                HistogramOpts::new(name, "time of manifest requests made to the downstream registry")
+                    .buckets(vec![0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 60.0, 300.0, 600.0, 1800.0]),
+            )
+        })?;
+        let failed = counter_vec(registry, LEGACY_FAILED, "number of requests that failed", &["type"])?;
+        let blobs = registered(registry, LEGACY_BLOBS, |name| {
+            IntCounter::new(name, "number of blob requests made to the downstream registry")
+        })?;
         for t in ["manifest", "blob"] {
             failed.with_label_values(&[t]);
         }
@@ -152,103 +147,80 @@ impl ServerMetrics {
     /// [`ServerMetrics::register`], with the legacy series only when `legacy` is set
     /// (`facade.legacyMetrics`).
     pub fn register_with(registry: &Registry, legacy: bool) -> Result<Self> {
-        let requests = IntCounterVec::new(
-            Opts::new("registry_facade_http_requests_total", "HTTP requests answered"),
-            &["route", "method", "status_class"],
-        )
-        .map_err(|e| metric_error("registry_facade_http_requests_total", e))?;
-        let duration = HistogramVec::new(
-            HistogramOpts::new(
-                "registry_facade_http_request_duration_seconds",
-                "Time from request to response headers",
-            )
-            .buckets(DURATION_BUCKETS.to_vec()),
-            &["route"],
-        )
-        .map_err(|e| metric_error("registry_facade_http_request_duration_seconds", e))?;
-        let inflight = IntGaugeVec::new(
-            Opts::new("registry_facade_inflight_requests", "Requests being answered, until their body is finished"),
-            &["route"],
-        )
-        .map_err(|e| metric_error("registry_facade_inflight_requests", e))?;
-        let aborted = IntCounterVec::new(
-            Opts::new(
+        let route = &["route"][..];
+        let metrics = ServerMetrics {
+            requests: registered(registry, "registry_facade_http_requests_total", |name| {
+                IntCounterVec::new(Opts::new(name, "HTTP requests answered"), &["route", "method", "status_class"])
+            })?,
+            duration: registered(registry, "registry_facade_http_request_duration_seconds", |name| {
+                let opts = HistogramOpts::new(name, "Time from request to response headers");
+                HistogramVec::new(opts.buckets(DURATION_BUCKETS.to_vec()), route)
+            })?,
+            inflight: registered(registry, "registry_facade_inflight_requests", |name| {
+                IntGaugeVec::new(Opts::new(name, "Requests being answered, until their body is finished"), route)
+            })?,
+            aborted: counter_vec(
+                registry,
                 "registry_facade_response_aborted_total",
                 "Responses whose body was cut after the headers were sent",
-            ),
-            &["reason"],
-        )
-        .map_err(|e| metric_error("registry_facade_response_aborted_total", e))?;
-        let response_bytes = IntCounterVec::new(
-            Opts::new("registry_facade_http_response_bytes_total", "Response body bytes sent"),
-            &["route"],
-        )
-        .map_err(|e| metric_error("registry_facade_http_response_bytes_total", e))?;
-        let auth_failures = IntCounterVec::new(
-            Opts::new("registry_facade_auth_failures_total", "Requests refused by requireAuth"),
-            &["reason"],
-        )
-        .map_err(|e| metric_error("registry_facade_auth_failures_total", e))?;
-        let file_reloads = IntCounterVec::new(
-            Opts::new(
+                &["reason"],
+            )?,
+            response_bytes: counter_vec(
+                registry,
+                "registry_facade_http_response_bytes_total",
+                "Response body bytes sent",
+                route,
+            )?,
+            auth_failures: counter_vec(
+                registry,
+                "registry_facade_auth_failures_total",
+                "Requests refused by requireAuth",
+                &["reason"],
+            )?,
+            file_reloads: counter_vec(
+                registry,
                 "registry_facade_file_reloads_total",
                 "Re-reads of changed TLS or htpasswd files; on error the previous version stays",
-            ),
-            &["file", "outcome"],
-        )
-        .map_err(|e| metric_error("registry_facade_file_reloads_total", e))?;
-        let limited = IntCounterVec::new(
-            Opts::new("registry_facade_limited_requests_total", "Requests refused by a server limit"),
-            &["limit"],
-        )
-        .map_err(|e| metric_error("registry_facade_limited_requests_total", e))?;
+                &["file", "outcome"],
+            )?,
+            limited: counter_vec(
+                registry,
+                "registry_facade_limited_requests_total",
+                "Requests refused by a server limit",
+                &["limit"],
+            )?,
+            legacy: if legacy { Some(LegacyServerMetrics::register(registry)?) } else { None },
+        };
+        metrics.precreate_series();
+        Ok(metrics)
+    }
 
-        for (name, collector) in [
-            ("registry_facade_http_requests_total", Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>),
-            ("registry_facade_http_request_duration_seconds", Box::new(duration.clone())),
-            ("registry_facade_inflight_requests", Box::new(inflight.clone())),
-            ("registry_facade_response_aborted_total", Box::new(aborted.clone())),
-            ("registry_facade_http_response_bytes_total", Box::new(response_bytes.clone())),
-            ("registry_facade_auth_failures_total", Box::new(auth_failures.clone())),
-            ("registry_facade_file_reloads_total", Box::new(file_reloads.clone())),
-            ("registry_facade_limited_requests_total", Box::new(limited.clone())),
-        ] {
-            registry.register(collector).map_err(|e| metric_error(name, e))?;
-        }
+    /// Every route, abort reason, auth failure, limit and reload outcome at zero, so that
+    /// dashboards and alerts see the series before the first event.
+    fn precreate_series(&self) {
         for route in RouteLabel::ALL {
             let r = route.as_str();
-            duration.with_label_values(&[r]);
-            inflight.with_label_values(&[r]);
-            response_bytes.with_label_values(&[r]);
+            self.duration.with_label_values(&[r]);
+            self.inflight.with_label_values(&[r]);
+            self.response_bytes.with_label_values(&[r]);
             for method in ["GET", "HEAD"] {
-                requests.with_label_values(&[r, method, "2xx"]);
+                self.requests.with_label_values(&[r, method, "2xx"]);
             }
         }
         for reason in AbortReason::ALL {
-            aborted.with_label_values(&[reason.as_str()]);
+            self.aborted.with_label_values(&[reason.as_str()]);
         }
         for reason in AuthFailure::ALL {
-            auth_failures.with_label_values(&[reason.as_str()]);
+            self.auth_failures.with_label_values(&[reason.as_str()]);
         }
         for limit in Limit::ALL {
-            limited.with_label_values(&[limit.as_str()]);
+            self.limited.with_label_values(&[limit.as_str()]);
         }
         for file in RELOADED_FILES {
             for outcome in ["ok", "error"] {
-                file_reloads.with_label_values(&[file, outcome]);
+                self.file_reloads.with_label_values(&[file, outcome]);
             }
         }
-        Ok(ServerMetrics {
-            requests,
-            duration,
-            inflight,
-            aborted,
-            response_bytes,
-            auth_failures,
-            file_reloads,
-            limited,
-            legacy: if legacy { Some(LegacyServerMetrics::register(registry)?) } else { None },
-        })
     }
 
     pub(crate) fn limited(&self, limit: Limit) {
@@ -302,8 +274,24 @@ impl ServerMetrics {
     }
 }
 
-fn metric_error(name: &'static str, source: prometheus::Error) -> Error {
-    Error::Metrics { name, source }
+/// Creates the metric `name` and registers it; the name is written once, so the one in the
+/// error cannot differ from the one registered.
+fn registered<M>(
+    registry: &Registry,
+    name: &'static str,
+    create: impl FnOnce(&'static str) -> prometheus::Result<M>,
+) -> Result<M>
+where
+    M: Collector + Clone + 'static,
+{
+    let metric_error = |source| Error::Metrics { name, source };
+    let metric = create(name).map_err(metric_error)?;
+    registry.register(Box::new(metric.clone())).map_err(metric_error)?;
+    Ok(metric)
+}
+
+fn counter_vec(registry: &Registry, name: &'static str, help: &str, labels: &[&str]) -> Result<IntCounterVec> {
+    registered(registry, name, |name| IntCounterVec::new(Opts::new(name, help), labels))
 }
 
 fn method_label(method: &Method) -> &'static str {

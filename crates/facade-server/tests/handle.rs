@@ -3,27 +3,11 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use bytes::Bytes;
-use common::MemBackend;
+use common::{call, in_process_app as app};
 use facade_oci::media_types::OCI_MANIFEST;
-use facade_server::{App, Body, ServerConfig, ServerMetrics};
-use http::{Method, Request, Response};
-use http_body_util::BodyExt;
-
-fn app(config: ServerConfig) -> App<MemBackend> {
-    let registry = prometheus::Registry::new();
-    let metrics = ServerMetrics::register(&registry).unwrap();
-    App::new(config, Arc::new(MemBackend::standard()), metrics)
-}
-
-async fn call(app: &App<MemBackend>, method: Method, uri: &str) -> (Response<()>, Bytes) {
-    let req = Request::builder().method(method).uri(uri).body(()).unwrap();
-    let resp: Response<Body> = app.handle(req).await;
-    let (parts, body) = resp.into_parts();
-    (Response::from_parts(parts, ()), body.collect().await.unwrap().to_bytes())
-}
+use facade_server::ServerConfig;
+use http::Method;
 
 fn code(body: &Bytes) -> String {
     let v: serde_json::Value = serde_json::from_slice(body).unwrap();

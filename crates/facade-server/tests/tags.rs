@@ -4,26 +4,14 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use bytes::Bytes;
-use common::MemBackend;
-use facade_server::{App, Body, ServerConfig, ServerMetrics};
-use http::{Method, Request, Response};
-use http_body_util::BodyExt;
+use common::{MemBackend, call};
+use facade_server::{App, ServerConfig};
+use http::Method;
 use serde_json::{Value, json};
 
 fn app() -> App<MemBackend> {
-    let registry = prometheus::Registry::new();
-    let metrics = ServerMetrics::register(&registry).unwrap();
-    App::new(ServerConfig::default(), Arc::new(MemBackend::standard()), metrics)
-}
-
-async fn call(app: &App<MemBackend>, method: Method, uri: &str) -> (Response<()>, Bytes) {
-    let req = Request::builder().method(method).uri(uri).body(()).unwrap();
-    let resp: Response<Body> = app.handle(req).await;
-    let (parts, body) = resp.into_parts();
-    (Response::from_parts(parts, ()), body.collect().await.unwrap().to_bytes())
+    common::in_process_app(ServerConfig::default())
 }
 
 fn json_of(body: &Bytes) -> Value {

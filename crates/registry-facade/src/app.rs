@@ -8,13 +8,12 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use facade_blob::{
-    BlobChain, ChainMetrics, ClusterCache, ClusterConfig, ClusterMetrics, FetchConfig, FillConfig, Fills, ImageFetcher,
-    Images, ImagesConfig, LocalStore, StoreConfig, StoreMetrics,
+    BlobChain, ChainMetrics, ClusterCache, ClusterMetrics, FillConfig, Fills, ImageFetcher, Images, LocalStore,
+    StaticLayer, StoreMetrics,
 };
 use facade_server::{AuthFile, Readiness, ServerConfig, ServerMetrics, TlsFiles};
 use facade_spec::{
-    CacheConfig, CachedSpecProvider, ClientTls, FixedSpecProvider, GrpcConfig, GrpcEndpoint, GrpcSpecProvider,
-    Providers, SpecMetrics,
+    CachedSpecProvider, ClientTls, FixedSpecProvider, GrpcEndpoint, GrpcSpecProvider, Providers, SpecMetrics,
 };
 use facade_upstream::DockerAuth;
 use tokio::net::TcpListener;
@@ -52,116 +51,15 @@ impl App {
             tracing::info!("{notice}");
         }
         let metrics = prometheus::Registry::new();
-        let auth = match &config.docker_auth {
-            Some(p) => {
-                let text =
-                    std::fs::read_to_string(p).with_context(|| format!("dockerAuth: cannot read {}", p.display()))?;
-                DockerAuth::parse(&text).with_context(|| format!("dockerAuth: {}", p.display()))?
-            }
-            None => DockerAuth::empty(),
-        };
-        let (connect, metadata, read) = config.upstream_timeouts;
-        let upstream = facade_upstream::Client::with_metrics(
-            facade_upstream::Config {
-                plain_http_hosts: config.plain_http_hosts.clone(),
-                connect_timeout: connect,
-                metadata_timeout: metadata,
-                read_timeout: read,
-                extra_ca_pem: config.upstream_ca_pem.clone(),
-                ..facade_upstream::Config::default()
-            },
-            auth,
-            Some(facade_upstream::UpstreamMetrics::register_with(&metrics, config.legacy_metrics).context("metrics")?),
-        )
-        .context("upstream client")?;
-
-        let store = match &config.store {
-            Some(dir) => {
-                let bounds =
-                    StoreConfig { max_bytes: config.store_max_bytes, ttl: config.store_ttl, ..StoreConfig::default() };
-                Some(LocalStore::open_with(dir, bounds).with_context(|| format!("registry.store: {}", dir.display()))?)
-            }
-            None => None,
-        };
-        let static_layers = {
-            let specs = config.static_layers.clone();
-            let store = store.clone();
-            tokio::task::spawn_blocking(move || facade_blob::static_layers::prepare(&specs, store.as_ref()))
-                .await
-                .context("static layers")?
-                .context("registry.staticLayer")?
-        };
+        let upstream = upstream_client(&config, &metrics)?;
+        let store = open_store(&config, &metrics)?;
+        let static_layers = prepare_static_layers(&config, store.clone()).await?;
         let spec_metrics = SpecMetrics::register(&metrics).context("metrics")?;
         let provider_factory: ProviderFactory = Arc::new(move |c: &Config| build_providers(c, spec_metrics.clone()));
         let providers = provider_factory(&config)?;
-
-        let cluster_metrics = ClusterMetrics::register(&metrics).context("metrics")?;
-        if let Some(s) = &store {
-            s.set_metrics(StoreMetrics::register(&metrics).context("metrics")?);
-        }
-        let cluster = cluster_cache(&config, &cluster_metrics)?;
-        let fetcher = ImageFetcher::new(
-            upstream.clone(),
-            FetchConfig { platform: config.platform.clone(), tag_ttl: config.tag_ttl, ..FetchConfig::default() },
-        )
-        .with_cluster(cluster.clone());
-        let images = Images::new(
-            ImagesConfig { compose_ttl: config.compose_ttl, ..ImagesConfig::default() },
-            providers,
-            fetcher,
-            static_layers,
-        )
-        .with_cluster(cluster.clone());
-        let fills = Fills::with_cluster(
-            FillConfig::default(),
-            store.clone(),
-            upstream.clone(),
-            cluster,
-            cluster_metrics.clone(),
-        )
-        .context("blob fills")?;
-        let gc_store = store.clone();
-        let chain = Arc::new(
-            BlobChain::with_metrics(store, fills, cluster_metrics)
-                .with_chain_metrics(ChainMetrics::register_with(&metrics, config.legacy_metrics).context("metrics")?),
-        );
-        let engine = Arc::new(Engine { images, chain });
-
-        let server_metrics = ServerMetrics::register_with(&metrics, config.legacy_metrics).context("metrics")?;
-        let server_config = ServerConfig {
-            prefix: config.prefix.clone(),
-            tls: config.tls.as_ref().map(|(cert, key)| TlsFiles { cert: cert.clone(), key: key.clone() }),
-            auth: match &config.client_auth {
-                ClientAuth::Off => None,
-                ClientAuth::CredentialsPresent => Some(AuthFile::credentials_present()),
-                ClientAuth::Htpasswd(p) => Some(AuthFile { htpasswd: p.clone() }),
-            },
-            max_header_bytes: config.limits.max_header_bytes,
-            max_url_bytes: config.limits.max_url_bytes,
-            max_requests_per_client: config.limits.max_requests_per_client,
-            response_idle_timeout: config.limits.response_idle_timeout,
-            ..ServerConfig::default()
-        };
-        let app = Arc::new(
-            facade_server::App::try_new(server_config, engine.clone(), server_metrics)
-                .map_err(|e| anyhow::anyhow!("{e:#}"))
-                .context("registry.tls / facade.htpasswd")?,
-        );
-
-        let registry_listener =
-            bind_shared(config.listen).with_context(|| format!("registry.port: cannot listen on {}", config.listen))?;
-        let mut admin_listeners = Vec::new();
-        let mut admin_addrs: Vec<SocketAddr> = Vec::new();
-        for (key, addr) in [("prometheusAddr", config.prometheus_addr), ("readinessProbeAddr", config.readiness_addr)] {
-            if let Some(addr) = addr {
-                if admin_addrs.contains(&addr) {
-                    continue;
-                }
-                let l = bind_shared(addr).with_context(|| format!("{key}: cannot listen on {addr}"))?;
-                admin_addrs.push(addr);
-                admin_listeners.push(l);
-            }
-        }
+        let engine = build_engine(&config, &metrics, upstream.clone(), store.clone(), providers, static_layers)?;
+        let app = registry_app(&config, &metrics, engine.clone())?;
+        let (registry_listener, admin_listeners) = bind_listeners(&config)?;
         Ok(App {
             registry_listener,
             admin_listeners,
@@ -169,7 +67,7 @@ impl App {
             metrics,
             readiness: Readiness::new(),
             grace: config.shutdown_grace,
-            store: gc_store,
+            store,
             reloader: None,
             parts: Parts { config, engine, upstream, providers: provider_factory },
         })
@@ -223,7 +121,7 @@ impl App {
         tracing::info!(%addr, tls, "registry-facade serving");
         tasks.spawn({
             let (engine, ready, stop) = (self.parts.engine.clone(), self.readiness.clone(), serving.clone());
-            let timeout = self.parts.config.spec.timeout;
+            let timeout = self.parts.config.spec.grpc.timeout;
             async move {
                 readiness_loop(engine, ready, timeout, stop).await;
                 Ok(())
@@ -280,6 +178,99 @@ async fn readiness_loop(engine: Arc<Engine>, ready: Readiness, timeout: std::tim
     }
 }
 
+/// The upstream client, with the credentials of `dockerAuth`.
+fn upstream_client(config: &Config, metrics: &prometheus::Registry) -> anyhow::Result<facade_upstream::Client> {
+    let auth = match &config.docker_auth {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("dockerAuth: cannot read {}", p.display()))?;
+            DockerAuth::parse(&text).with_context(|| format!("dockerAuth: {}", p.display()))?
+        }
+        None => DockerAuth::empty(),
+    };
+    let upstream_metrics =
+        facade_upstream::UpstreamMetrics::register_with(metrics, config.legacy_metrics).context("metrics")?;
+    facade_upstream::Client::with_metrics(config.upstream.clone(), auth, Some(upstream_metrics))
+        .context("upstream client")
+}
+
+/// The local content store, when `registry.store` names one.
+fn open_store(config: &Config, metrics: &prometheus::Registry) -> anyhow::Result<Option<LocalStore>> {
+    let Some(dir) = &config.store else { return Ok(None) };
+    let store = LocalStore::open_with(dir, config.store_bounds.clone())
+        .with_context(|| format!("registry.store: {}", dir.display()))?;
+    store.set_metrics(StoreMetrics::register(metrics).context("metrics")?);
+    Ok(Some(store))
+}
+
+/// Hashes the static file layers (into the store when there is one) and lists the image ones.
+async fn prepare_static_layers(config: &Config, store: Option<LocalStore>) -> anyhow::Result<Vec<StaticLayer>> {
+    let specs = config.static_layers.clone();
+    tokio::task::spawn_blocking(move || facade_blob::static_layers::prepare(&specs, store.as_ref()))
+        .await
+        .context("static layers")?
+        .context("registry.staticLayer")
+}
+
+/// The image service and the blob chain behind the registry: fetcher, composer, fills.
+fn build_engine(
+    config: &Config,
+    metrics: &prometheus::Registry,
+    upstream: facade_upstream::Client,
+    store: Option<LocalStore>,
+    providers: Providers,
+    static_layers: Vec<StaticLayer>,
+) -> anyhow::Result<Arc<Engine>> {
+    let cluster_metrics = ClusterMetrics::register(metrics).context("metrics")?;
+    let cluster = cluster_cache(config, &cluster_metrics)?;
+    let fetcher = ImageFetcher::new(upstream.clone(), config.fetch.clone()).with_cluster(cluster.clone());
+    let images = Images::new(config.images.clone(), providers, fetcher, static_layers).with_cluster(cluster.clone());
+    let fills = Fills::with_cluster(FillConfig::default(), store.clone(), upstream, cluster, cluster_metrics.clone())
+        .context("blob fills")?;
+    let chain_metrics = ChainMetrics::register_with(metrics, config.legacy_metrics).context("metrics")?;
+    let chain = Arc::new(BlobChain::with_metrics(store, fills, cluster_metrics).with_chain_metrics(chain_metrics));
+    Ok(Arc::new(Engine { images, chain }))
+}
+
+/// The registry's request handler: prefix, TLS, client auth and request limits.
+fn registry_app(
+    config: &Config,
+    metrics: &prometheus::Registry,
+    engine: Arc<Engine>,
+) -> anyhow::Result<Arc<facade_server::App<Engine>>> {
+    let server_metrics = ServerMetrics::register_with(metrics, config.legacy_metrics).context("metrics")?;
+    let mut server_config = ServerConfig {
+        prefix: config.prefix.clone(),
+        tls: config.tls.as_ref().map(|(cert, key)| TlsFiles { cert: cert.clone(), key: key.clone() }),
+        auth: match &config.client_auth {
+            ClientAuth::Off => None,
+            ClientAuth::CredentialsPresent => Some(AuthFile::credentials_present()),
+            ClientAuth::Htpasswd(p) => Some(AuthFile { htpasswd: p.clone() }),
+        },
+        ..ServerConfig::default()
+    };
+    config.limits.apply_to(&mut server_config);
+    let app = facade_server::App::try_new(server_config, engine, server_metrics)
+        .map_err(|e| anyhow::anyhow!("{e:#}"))
+        .context("registry.tls / facade.htpasswd")?;
+    Ok(Arc::new(app))
+}
+
+/// The registry listener and the admin listeners (metrics, probes; one when both name the same
+/// address).
+fn bind_listeners(config: &Config) -> anyhow::Result<(TcpListener, Vec<TcpListener>)> {
+    let registry =
+        bind_shared(config.listen).with_context(|| format!("registry.port: cannot listen on {}", config.listen))?;
+    let mut admin = Vec::new();
+    let mut admin_addrs: Vec<SocketAddr> = Vec::new();
+    for (key, addr) in [("prometheusAddr", config.prometheus_addr), ("readinessProbeAddr", config.readiness_addr)] {
+        let Some(addr) = addr.filter(|a| !admin_addrs.contains(a)) else { continue };
+        admin.push(bind_shared(addr).with_context(|| format!("{key}: cannot listen on {addr}"))?);
+        admin_addrs.push(addr);
+    }
+    Ok((registry, admin))
+}
+
 /// Binds the registry port with SO_REUSEPORT, so a new facade process can take the port over
 /// while the old one drains its pulls (zero-downtime restart): the kernel spreads new
 /// connections over every open listener of the port, and the old one closes its own on SIGTERM.
@@ -331,21 +322,11 @@ fn remote_provider(config: &Config, metrics: SpecMetrics) -> anyhow::Result<Cach
         };
         endpoints.push(GrpcEndpoint { addr: p.addr.clone(), tls });
     }
-    let grpc = GrpcSpecProvider::new(
-        "remote",
-        &endpoints,
-        GrpcConfig { timeout: config.spec.timeout, ..GrpcConfig::default() },
-    )
-    .context("registry.remoteSpecProvider")?
-    .with_metrics(metrics.clone());
-    let cache = CacheConfig {
-        ttl: config.spec.cache_ttl,
-        negative_ttl: config.spec.negative_ttl,
-        stale_for: config.spec.stale_ttl,
-        max_entries: config.spec.cache_size,
-    };
-    tracing::info!(servers = endpoints.len(), timeout = ?config.spec.timeout, "remote spec provider configured");
-    Ok(CachedSpecProvider::new("remote", grpc, cache).with_metrics(metrics))
+    let grpc = GrpcSpecProvider::new("remote", &endpoints, config.spec.grpc.clone())
+        .context("registry.remoteSpecProvider")?
+        .with_metrics(metrics.clone());
+    tracing::info!(servers = endpoints.len(), timeout = ?config.spec.grpc.timeout, "remote spec provider configured");
+    Ok(CachedSpecProvider::new("remote", grpc, config.spec.cache.clone()).with_metrics(metrics))
 }
 
 /// The cluster cache, when Redis or IPFS is enabled. Connects lazily: a dependency that is down
@@ -355,11 +336,7 @@ fn cluster_cache(config: &Config, metrics: &ClusterMetrics) -> anyhow::Result<Op
     if c.redis.is_none() && c.ipfs.is_none() {
         return Ok(None);
     }
-    let cluster = ClusterCache::new(
-        ClusterConfig { redis: c.redis.clone(), ipfs: c.ipfs.clone(), tag_ttl: c.tag_ttl, ..ClusterConfig::default() },
-        metrics.clone(),
-    )
-    .context("registry.redis / registry.ipfs")?;
+    let cluster = ClusterCache::new(c.clone(), metrics.clone()).context("registry.redis / registry.ipfs")?;
     tracing::info!(
         redis = c.redis.as_ref().map(|r| r.addr.as_str()),
         redis_tls = c.redis.as_ref().is_some_and(|r| r.tls),

@@ -58,7 +58,7 @@ async fn upstream_ca_lets_the_client_pull_from_a_private_ca_registry() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("ca.crt"), ca.cert_pem()).unwrap();
     let with_ca = load(dir.path(), "ca.crt").unwrap();
-    assert!(with_ca.upstream_ca_pem.is_some());
+    assert!(with_ca.upstream.extra_ca_pem.is_some());
     let client = |ca_pem: Option<String>| {
         facade_upstream::Client::new(
             facade_upstream::Config {
@@ -80,7 +80,7 @@ async fn upstream_ca_lets_the_client_pull_from_a_private_ca_registry() {
     let e = client(None).resolve(&host, &repo, &tag).await.unwrap_err();
     assert!(matches!(e, facade_upstream::Error::Tls { .. }), "{e:?}");
 
-    let c = client(with_ca.upstream_ca_pem.clone());
+    let c = client(with_ca.upstream.extra_ca_pem.clone());
     assert_eq!(c.resolve(&host, &repo, &tag).await.unwrap().digest, manifest_digest);
     c.blob_bytes(&host, &repo, &config_digest).await.unwrap();
 }

@@ -9,7 +9,7 @@ use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
 use super::{digest_value, etag, split_name};
 use crate::backend::{Backend, BlobContent, BlobRequest, ByteRange};
 use crate::body::Body;
-use crate::error::Rejection;
+use crate::edge::Rejection;
 use crate::headers;
 use crate::range::{RangeOutcome, parse_range};
 

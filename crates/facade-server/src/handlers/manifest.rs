@@ -8,7 +8,7 @@ use http::{HeaderMap, HeaderValue, Method, Response};
 use super::{digest_value, etag, split_name};
 use crate::backend::{Backend, ManifestRequest};
 use crate::body::Body;
-use crate::error::Rejection;
+use crate::edge::Rejection;
 use crate::headers;
 
 pub(crate) async fn respond<B: Backend>(

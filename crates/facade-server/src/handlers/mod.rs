@@ -1,5 +1,5 @@
 //! One module per route: `/v2/`, manifests, blobs, tags. Each returns a response or a
-//! [`Rejection`]; statuses for failures are decided in `error.rs` only.
+//! [`Rejection`]; statuses for failures are decided in `edge.rs` only.
 
 pub(crate) mod base;
 pub(crate) mod blob;
@@ -9,7 +9,7 @@ pub(crate) mod tags;
 use facade_oci::{Digest, RepoName};
 use http::HeaderValue;
 
-use crate::error::Rejection;
+use crate::edge::Rejection;
 
 /// Validates the repository name and splits it into (provider, workspace id).
 pub(crate) fn split_name(name: &str) -> Result<(String, String), Rejection> {

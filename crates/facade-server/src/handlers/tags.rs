@@ -11,7 +11,7 @@ use http::{HeaderValue, Response};
 use super::split_name;
 use crate::backend::{Backend, BackendError, ErrorKind, LATEST, TagsRequest};
 use crate::body::Body;
-use crate::error::Rejection;
+use crate::edge::Rejection;
 use crate::headers;
 
 pub(crate) async fn respond<B: Backend>(backend: &B, name: &str, parts: &Parts) -> Result<Response<Body>, Rejection> {

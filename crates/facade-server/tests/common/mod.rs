@@ -380,3 +380,18 @@ pub async fn try_send(
 pub async fn get(client: &HttpClient, url: &str) -> Reply {
     send(client, Method::GET, url, &[]).await
 }
+
+/// An [`App`] over the standard in-memory backend, for tests that call `App::handle` directly.
+pub fn in_process_app(config: ServerConfig) -> App<MemBackend> {
+    let registry = prometheus::Registry::new();
+    let metrics = ServerMetrics::register(&registry).unwrap();
+    App::new(config, Arc::new(MemBackend::standard()), metrics)
+}
+
+/// One request through `App::handle`, without sockets: the response head and the whole body.
+pub async fn call(app: &App<MemBackend>, method: Method, uri: &str) -> (http::Response<()>, Bytes) {
+    let req = Request::builder().method(method).uri(uri).body(()).unwrap();
+    let resp: http::Response<facade_server::Body> = app.handle(req).await;
+    let (parts, body) = resp.into_parts();
+    (http::Response::from_parts(parts, ()), body.collect().await.unwrap().to_bytes())
+}
