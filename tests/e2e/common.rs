@@ -21,7 +21,8 @@ pub struct Facade {
 impl Facade {
     /// Starts a facade from config JSON; relative paths resolve against `dir`.
     pub fn start(config: &serde_json::Value, dir: &Path) -> anyhow::Result<Facade> {
-        let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("info").try_init();
+        let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+        let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter(filter.as_str()).try_init();
         let cfg = registry_facade::config::parse(&config.to_string(), dir, &registry_facade::config::ProcessEnv)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let shutdown = CancellationToken::new();

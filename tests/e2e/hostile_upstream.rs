@@ -430,3 +430,43 @@ fn garbage_for_a_shared_digest_never_reaches_the_store_or_the_legit_pull() {
     });
     assert_eq!(std::fs::read(stored(dir.path(), &shared.digest)).unwrap(), shared.bytes);
 }
+
+/// 5: a registry that redirects a blob to the facade's own metrics port, to a cloud metadata
+/// address or to a link-local one gets 403 DENIED for its workspace, and nothing of the target's
+/// answer reaches the client.
+#[test]
+fn redirects_to_the_facades_own_ports_or_link_local_are_refused() {
+    let evil = HostileRegistry::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let l = layer("x", "a layer behind a forged redirect");
+    std::fs::write(dir.path().join("specs.json"), "{}").unwrap();
+    let mut specs = serde_json::Map::new();
+    for repo in ["own", "meta", "ll"] {
+        let _ = serve_hostile_image(&evil, &format!("{repo}/img"), &[(l.digest.clone(), l.size)]);
+        specs.insert(format!("ws-{repo}"), json!({"baseRef": format!("{}/{repo}/img:latest", evil.host())}));
+    }
+    let f = {
+        std::fs::write(dir.path().join("specs.json"), Value::Object(specs).to_string()).unwrap();
+        let cfg = json!({
+            "registry": {"port": 0, "store": "store", "fixedSpecFN": "specs.json"},
+            "prometheusAddr": "127.0.0.1:0",
+            "facade": {"listenHost": "127.0.0.1", "platform": "linux/amd64", "shutdownGrace": "1s"}
+        });
+        Facade::start(&cfg, dir.path()).unwrap()
+    };
+    let metrics = f.admin[0];
+    assert_eq!(request(&metrics.to_string(), "GET", "/metrics", &[], b"").status, 200);
+    let targets = [
+        ("own", format!("http://{metrics}/metrics")),
+        ("meta", "http://169.254.169.254/latest/meta-data/".to_string()),
+        ("ll", "http://169.254.1.1/".to_string()),
+    ];
+    for (repo, target) in &targets {
+        evil.blob(&format!("{repo}/img"), &l.digest, Behaviour::Redirect { location: target.clone() });
+        manifest_layers(&f, &format!("ws-{repo}"));
+        let r = get(&f, &format!("/v2/fixed/ws-{repo}/blobs/{}", l.digest));
+        let body = String::from_utf8_lossy(&r.body).into_owned();
+        assert_eq!(error_of(&r), (403, Some("DENIED".to_string())), "{repo}: {body}");
+        assert!(!body.contains("registry_facade_"), "{repo}: the target's answer reached the client: {body}");
+    }
+}

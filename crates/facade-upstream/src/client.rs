@@ -152,6 +152,12 @@ impl Client {
         *self.inner.auth.write().unwrap_or_else(|e| e.into_inner()) = fresh;
     }
 
+    /// Sets which addresses upstream connections and redirects may reach (the binary calls
+    /// this once its listeners are bound: their addresses are part of the policy).
+    pub fn set_address_policy(&self, policy: crate::ssrf::Policy) {
+        *self.inner.transport.policy.write().unwrap_or_else(|e| e.into_inner()) = policy;
+    }
+
     fn auth(&self) -> Arc<AuthState> {
         self.inner.auth.read().unwrap_or_else(|e| e.into_inner()).clone()
     }

@@ -120,6 +120,15 @@ pub enum Error {
         /// `Retry-After`, when given in seconds.
         retry_after: Option<Duration>,
     },
+    /// The address policy refused an upstream address or redirect (link-local, metadata, the
+    /// facade's own listeners, denied ranges, a public origin redirecting inward).
+    #[error("{host}: {reason}")]
+    Refused {
+        /// Upstream host (of the first request).
+        host: String,
+        /// Which rule.
+        reason: String,
+    },
     /// Any other unexpected status.
     #[error("{host}: unexpected status {status}")]
     Status {
@@ -218,7 +227,7 @@ impl Error {
             | Error::ShortBody { .. } => ErrorKind::Unavailable,
             Error::NotFound { .. } => ErrorKind::NotFound,
             Error::Unauthorized { .. } => ErrorKind::Unauthorized,
-            Error::Denied { .. } => ErrorKind::Denied,
+            Error::Denied { .. } | Error::Refused { .. } => ErrorKind::Denied,
             Error::RateLimited { .. } => ErrorKind::RateLimited,
             Error::Status { status, .. } if *status >= 500 => ErrorKind::Unavailable,
             Error::Status { .. }
@@ -270,7 +279,8 @@ impl Error {
             | Error::DigestMismatch { host, .. }
             | Error::TooLarge { host, .. }
             | Error::TooManyRedirects { host }
-            | Error::RangeIgnored { host, .. } => (Some(host), None),
+            | Error::RangeIgnored { host, .. }
+            | Error::Refused { host, .. } => (Some(host), None),
             Error::NotFound { host, .. } => (Some(host), Some(404)),
             Error::Unauthorized { host, status, .. } => (Some(host), Some(*status)),
             Error::Denied { host } => (Some(host), Some(403)),

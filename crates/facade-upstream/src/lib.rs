@@ -23,6 +23,7 @@ mod blob;
 pub mod challenge;
 mod client;
 mod config;
+mod dns;
 mod docker_auth;
 mod error;
 pub mod host;

@@ -23,6 +23,9 @@ use hyper_util::client::proxy::matcher::{Intercept, Matcher};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tower_service::Service;
+
+use crate::dns::DnsPool;
+use crate::ssrf::{RefusedPeer, SharedPolicy};
 use url::Url;
 
 use crate::error::{BoxError, Error, Result};
@@ -153,15 +156,21 @@ impl Proxies {
 /// The TCP connector under TLS: direct, tunnelled or to a forward proxy, with pinned names.
 #[derive(Clone)]
 pub(crate) struct Connector {
-    direct: HttpConnector,
+    direct: HttpConnector<DnsPool>,
     proxies: Arc<Proxies>,
     resolve: Arc<[(String, IpAddr)]>,
+    policy: SharedPolicy,
 }
 
 impl Connector {
-    pub(crate) fn new(direct: HttpConnector, proxies: Arc<Proxies>, resolve: &[(String, IpAddr)]) -> Connector {
+    pub(crate) fn new(
+        direct: HttpConnector<DnsPool>,
+        proxies: Arc<Proxies>,
+        resolve: &[(String, IpAddr)],
+        policy: SharedPolicy,
+    ) -> Connector {
         let resolve = resolve.iter().map(|(h, a)| (h.to_ascii_lowercase(), *a)).collect();
-        Connector { direct, proxies, resolve }
+        Connector { direct, proxies, resolve, policy }
     }
 
     /// `dst` with a pinned host replaced by its address (the port made explicit).
@@ -195,9 +204,22 @@ impl Service<Uri> for Connector {
         let route = self.proxies.route(&dst);
         let target = self.pinned(dst);
         let mut direct = self.direct.clone();
+        let policy = self.policy.clone();
         Box::pin(async move {
             match route {
-                Route::Direct => Ok(Conn { io: direct.call(target).await?, forward: false }),
+                Route::Direct => {
+                    let io = direct.call(target).await?;
+                    // The address really connected to, after DNS (whatever a name resolved
+                    // to, an IP literal, a pinned name): nothing has been sent on it yet. A
+                    // proxied connection's target is the proxy operator's to police.
+                    let peer = io.inner().peer_addr()?;
+                    let verdict = policy.read().unwrap_or_else(std::sync::PoisonError::into_inner).check_connect(peer);
+                    if let Err(refusal) = verdict {
+                        tracing::warn!(%peer, %refusal, "refused an upstream connection");
+                        return Err(Box::new(RefusedPeer(refusal)) as BoxError);
+                    }
+                    Ok(Conn { io, forward: false })
+                }
                 Route::Tunnel(proxy) => {
                     tracing::trace!(proxy = %proxy.uri(), "upstream connection through CONNECT");
                     let mut tunnel = Tunnel::new(proxy.uri().clone(), direct);
@@ -340,9 +362,10 @@ mod tests {
     #[test]
     fn pins_names_to_addresses() {
         let c = Connector::new(
-            HttpConnector::new(),
+            HttpConnector::new_with_resolver(DnsPool::new(1)),
             Arc::new(Proxies::new(&ProxyConfig::none()).unwrap()),
             &[("Registry.Test".into(), IpAddr::from([127, 0, 0, 1]))],
+            SharedPolicy::default(),
         );
         assert_eq!(c.pinned("https://registry.test/v2/".parse().unwrap()).to_string(), "https://127.0.0.1:443/");
         assert_eq!(c.pinned("http://registry.test:81/".parse().unwrap()).to_string(), "http://127.0.0.1:81/");

@@ -114,6 +114,24 @@ pub enum Refusal {
     PublicToInternalRedirect,
 }
 
+impl std::error::Error for Refusal {}
+
+/// A connection's peer address refused by the policy (carried inside the connector's error).
+#[derive(Debug)]
+pub(crate) struct RefusedPeer(pub(crate) Refusal);
+
+impl fmt::Display for RefusedPeer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "upstream address refused: {}", self.0)
+    }
+}
+
+impl std::error::Error for RefusedPeer {}
+
+/// The policy shared by the client and its connector; the binary sets it once its listeners
+/// are bound (their addresses are part of it).
+pub(crate) type SharedPolicy = std::sync::Arc<std::sync::RwLock<Policy>>;
+
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {

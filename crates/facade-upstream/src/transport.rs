@@ -11,15 +11,17 @@ use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client as HyperClient;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{HttpConnector, HttpInfo};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use url::Url;
 
 use crate::config::Config;
+use crate::dns::DnsPool;
 use crate::error::{BoxError, Error, Result};
 use crate::proxy::{Connector, Proxies, Route};
+use crate::ssrf::{RefusedPeer, SharedPolicy};
 
 /// Blob redirects go to CDNs and object storage; more hops than this is a loop.
 pub(crate) const MAX_REDIRECTS: usize = 5;
@@ -36,6 +38,9 @@ type HttpClient = HyperClient<HttpsConnector<Connector>, Empty<Bytes>>;
 pub(crate) struct Transport {
     http: HttpClient,
     proxies: Arc<Proxies>,
+    /// Which addresses upstream connections and redirects may reach (`ssrf.rs`).
+    pub(crate) policy: SharedPolicy,
+    dns: DnsPool,
     user_agent: HeaderValue,
     pub(crate) metrics: Option<crate::metrics::UpstreamMetrics>,
 }
@@ -84,15 +89,21 @@ fn tls_config(config: &Config) -> Result<rustls::ClientConfig> {
         .with_no_client_auth())
 }
 
+/// Name resolution threads per client (dns.rs).
+const DNS_THREADS: usize = 4;
+
 impl Transport {
     pub(crate) fn new(config: &Config) -> Result<Transport> {
-        let mut http = HttpConnector::new();
+        // Names are resolved on threads of their own, never on the blocking pool (dns.rs).
+        let dns = DnsPool::new(DNS_THREADS);
+        let mut http = HttpConnector::new_with_resolver(dns.clone());
         http.enforce_http(false);
         http.set_connect_timeout(Some(config.connect_timeout));
         http.set_nodelay(true);
         http.set_keepalive(Some(Duration::from_secs(60)));
         let proxies = Arc::new(Proxies::new(&config.proxy)?);
-        let http = Connector::new(http, proxies.clone(), &config.resolve);
+        let policy = SharedPolicy::default();
+        let http = Connector::new(http, proxies.clone(), &config.resolve, policy.clone());
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls_config(config)?)
             .https_or_http()
@@ -106,7 +117,7 @@ impl Transport {
             .build(https);
         let user_agent = HeaderValue::from_str(&config.user_agent)
             .map_err(|_| Error::Config { reason: "user_agent is not a valid header value".into() })?;
-        Ok(Transport { http, proxies, user_agent, metrics: None })
+        Ok(Transport { http, proxies, policy, dns, user_agent, metrics: None })
     }
 
     /// One request, no redirects, no auth logic. `host` labels errors.
@@ -149,6 +160,9 @@ impl Transport {
         answer.map_err(|e| {
             let connect = e.is_connect();
             let tls = is_tls_failure(&e);
+            if let Some(refusal) = refused_peer(&e) {
+                return Error::Refused { host: host.to_string(), reason: refusal.to_string() };
+            }
             let source: BoxError = Box::new(e);
             if tls {
                 Error::Tls { host: host.to_string(), source }
@@ -180,6 +194,7 @@ impl Transport {
             let next = url.join(location).ok().filter(|u| matches!(u.scheme(), "http" | "https")).ok_or_else(|| {
                 Error::Protocol { host: host.to_string(), reason: "unusable redirect Location".into() }
             })?;
+            let resp_peer = resp.extensions().get::<HttpInfo>().map(|i| i.remote_addr().ip());
             drain(resp.into_body()).await;
             let mut hop_headers = headers.clone();
             hop_headers.remove(AUTHORIZATION);
@@ -189,6 +204,7 @@ impl Transport {
                 hop_headers.insert(AUTHORIZATION, a.clone());
             }
             let next_host = authority(&next);
+            self.check_redirect(&resp_peer, &next, host).await?;
             tracing::debug!(host, to = %next_host, "following upstream redirect");
             resp = self.exchange(method, &next, &hop_headers, &next_host).await?;
             url = next;
@@ -198,6 +214,43 @@ impl Transport {
         }
         Ok(resp)
     }
+}
+
+impl Transport {
+    /// Refuses a redirect hop the address policy does not allow: every address the target
+    /// resolves to is checked (a redirect from a public origin may not lead into loopback or
+    /// private ranges; link-local, metadata, the facade's own listeners and denied ranges never).
+    /// The connector checks the address it really connects to again.
+    async fn check_redirect(&self, from: &Option<std::net::IpAddr>, next: &Url, host: &str) -> Result<()> {
+        let (Some(from), Some(target)) = (from, next.host_str()) else { return Ok(()) };
+        let port = next.port_or_known_default().unwrap_or(443);
+        let target = target.trim_start_matches('[').trim_end_matches(']');
+        let addrs = match self.dns.lookup(target, port).await {
+            Ok(a) => a,
+            // Unresolvable: the connection attempt reports it.
+            Err(_) => return Ok(()),
+        };
+        let policy = self.policy.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        for addr in addrs {
+            if let Err(refusal) = policy.check_redirect(*from, addr) {
+                tracing::warn!(host, to = %addr, %refusal, "refused an upstream redirect");
+                return Err(Error::Refused { host: host.to_string(), reason: refusal.to_string() });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The policy's refusal inside a client error, if that is what it is.
+fn refused_peer(err: &(dyn std::error::Error + 'static)) -> Option<crate::ssrf::Refusal> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(r) = e.downcast_ref::<RefusedPeer>() {
+            return Some(r.0);
+        }
+        cur = e.source();
+    }
+    None
 }
 
 /// What a request that may be redirected needs on every hop.

@@ -60,6 +60,7 @@ impl App {
         let engine = build_engine(&config, &metrics, upstream.clone(), store.clone(), providers, static_layers)?;
         let app = registry_app(&config, &metrics, engine.clone())?;
         let (registry_listener, admin_listeners) = bind_listeners(&config)?;
+        upstream.set_address_policy(address_policy(&config, &registry_listener, &admin_listeners));
         Ok(App {
             registry_listener,
             admin_listeners,
@@ -258,6 +259,13 @@ fn registry_app(
 
 /// The registry listener and the admin listeners (metrics, probes; one when both name the same
 /// address).
+/// Upstream connections may not reach this process's own listeners, nor the denied networks
+/// (README, "Security model").
+fn address_policy(config: &Config, registry: &TcpListener, admin: &[TcpListener]) -> facade_upstream::ssrf::Policy {
+    let own = std::iter::once(registry).chain(admin).filter_map(|l| l.local_addr().ok()).collect();
+    facade_upstream::ssrf::Policy::new(own, config.upstream_deny_networks.clone())
+}
+
 fn bind_listeners(config: &Config) -> anyhow::Result<(TcpListener, Vec<TcpListener>)> {
     let registry =
         bind_shared(config.listen).with_context(|| format!("registry.port: cannot listen on {}", config.listen))?;

@@ -50,7 +50,10 @@ pub struct FillConfig {
     pub retry_max_delay: Duration,
     /// Attempts without progress before the fill gives up.
     pub max_attempts_without_progress: usize,
-    /// Resumes in all (bounds O(n²) re-reads from a flapping upstream).
+    /// Resumes after bodies that broke having brought less than 1 MiB: a source that flaps
+    /// without getting anywhere. (A body that brings more before it breaks costs a resume
+    /// without counting: a 256 MiB layer behind a link that drops every few MiB still
+    /// completes.)
     pub max_resumes: usize,
     /// Resumes of an IPFS stream before the fill goes on from upstream.
     pub max_cluster_resumes: usize,
@@ -280,6 +283,9 @@ impl Notifier {
         }
     }
 }
+
+/// Progress a broken body must have brought for its resume not to count against the budget.
+const RESUME_PROGRESS: u64 = 1 << 20;
 
 /// The fill task's ends of its readers' channels.
 struct Senders {
@@ -700,9 +706,12 @@ impl Fills {
                 Ok(stream) => match self.copy_body(run, stream, &context).await? {
                     None => continue,
                     Some(broke) => {
-                        // The resume budget counts broken bodies; failed requests are bounded
-                        // by the backoff's attempts without progress.
-                        resumes += 1;
+                        // The resume budget counts bodies that broke before bringing much;
+                        // failed requests are bounded by the backoff's attempts without
+                        // progress, and slow progress by the minimum rate.
+                        if run.spool.accepted() - offset < RESUME_PROGRESS {
+                            resumes += 1;
+                        }
                         broke
                     }
                 },

@@ -236,6 +236,10 @@ pub struct FacadeSection {
     /// PEM bundle of CA certificates trusted for upstream registries besides the system's.
     #[serde(rename = "upstreamCA", default)]
     pub upstream_ca: Option<String>,
+    /// CIDRs upstream connections and redirects may never reach, besides link-local, metadata
+    /// and the facade's own listeners (always refused).
+    #[serde(rename = "upstreamDenyNetworks", default)]
+    pub upstream_deny_networks: Vec<String>,
     /// Most bytes the local store keeps before evicting least recently used blobs: a number of
     /// bytes or a size such as "512MiB" or "20GiB" (0: unbounded).
     #[serde(rename = "storeMaxBytes", default)]

@@ -78,6 +78,8 @@ pub struct Config {
     pub readiness_addr: Option<SocketAddr>,
     /// The upstream client (`facade.plainHTTPHosts`, `facade.upstream*`).
     pub upstream: facade_upstream::Config,
+    /// Networks upstream connections may never reach (`facade.upstreamDenyNetworks`).
+    pub upstream_deny_networks: Vec<facade_upstream::ssrf::Cidr>,
     /// Image fetching (`facade.platform`, `facade.tagTTL`).
     pub fetch: FetchConfig,
     /// Composed-image reuse (`facade.composeTTL`).
@@ -168,6 +170,7 @@ pub fn parse(text: &str, base_dir: &std::path::Path, env: &dyn Env) -> Result<Co
         images: upstream::images(f, c),
         shutdown_grace: c.duration("facade.shutdownGrace", &f.shutdown_grace).unwrap_or(DEFAULT_SHUTDOWN_GRACE),
         legacy_metrics: f.legacy_metrics.unwrap_or(true),
+        upstream_deny_networks: upstream::deny_networks(f, c),
         upstream,
         cluster,
         limits,

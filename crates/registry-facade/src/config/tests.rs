@@ -517,7 +517,7 @@ fn the_readme_shows_the_defaults_an_empty_facade_section_gets() {
     .unwrap();
     let (redis, ipfs) = (c.cluster.redis.as_ref().unwrap(), c.cluster.ipfs.as_ref().unwrap());
     let rows = readme_facade_defaults();
-    assert_eq!(rows.len(), 27, "the README's facade table, one row per key: {rows:?}");
+    assert_eq!(rows.len(), 28, "the README's facade table, one row per key: {rows:?}");
     for (key, doc) in &rows {
         let dur = || humantime::parse_duration(doc).unwrap_or_else(|e| panic!("{key}: {doc:?}: {e}"));
         let size = || usize::try_from(parse_size(doc).unwrap()).unwrap();
@@ -532,6 +532,7 @@ fn the_readme_shows_the_defaults_an_empty_facade_section_gets() {
             "upstreamMetadataTimeout" => assert_eq!(c.upstream.metadata_timeout, dur()),
             "upstreamReadTimeout" => assert_eq!(c.upstream.read_timeout, dur()),
             "upstreamCA" => assert!(doc == "—" && c.upstream.extra_ca_pem.is_none()),
+            "upstreamDenyNetworks" => assert!(doc == "[]" && c.upstream_deny_networks.is_empty()),
             "storeMaxBytes" => assert_eq!(c.store_bounds.max_bytes, Some(parse_size(doc).unwrap())),
             "storeTTL" => assert_eq!(at_most(c.store_bounds.ttl), dur()),
             "clusterTagTTL" => assert_eq!(c.cluster.tag_ttl, dur()),
@@ -553,4 +554,23 @@ fn the_readme_shows_the_defaults_an_empty_facade_section_gets() {
             other => panic!("the README documents facade.{other}; add its default to this test"),
         }
     }
+}
+
+#[test]
+fn upstream_deny_networks_parse_and_name_bad_entries() {
+    let c = parse_str(r#"{"registry": {"fixedSpecFN": "specs.json"}, "facade": {"upstreamDenyNetworks": ["127.0.0.0/8", "::1", "10.1.2.3"]}}"#)
+        .unwrap();
+    let denied = &c.upstream_deny_networks;
+    assert_eq!(denied.len(), 3);
+    assert!(denied[0].contains("127.9.9.9".parse().unwrap()) && denied[1].contains("::1".parse().unwrap()));
+    assert!(denied[2].contains("10.1.2.3".parse().unwrap()) && !denied[2].contains("10.1.2.4".parse().unwrap()));
+    let err = parse_str(
+        r#"{"registry": {"fixedSpecFN": "specs.json"}, "facade": {"upstreamDenyNetworks": ["10.0.0.0/33", "nope"]}}"#,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("facade.upstreamDenyNetworks") && err.contains("10.0.0.0/33") && err.contains("nope"),
+        "{err}"
+    );
 }

@@ -5,6 +5,7 @@
 
 use facade_blob::{FetchConfig, ImagesConfig};
 use facade_oci::Platform;
+use facade_upstream::ssrf::Cidr;
 
 use super::file::FacadeSection;
 use super::values::Checker;
@@ -24,6 +25,18 @@ pub(super) fn client(f: &FacadeSection, c: &mut Checker<'_>) -> facade_upstream:
     }
     u.extra_ca_pem = f.upstream_ca.as_deref().and_then(|s| ca_bundle(s, c));
     u
+}
+
+/// `facade.upstreamDenyNetworks`: CIDRs (`10.0.0.0/8`, `::1/128`) or single addresses.
+pub(super) fn deny_networks(f: &FacadeSection, c: &mut Checker<'_>) -> Vec<Cidr> {
+    let mut out = Vec::new();
+    for s in &f.upstream_deny_networks {
+        match s.parse::<Cidr>() {
+            Ok(cidr) => out.push(cidr),
+            Err(e) => c.problem("facade.upstreamDenyNetworks", format_args!("{s:?}: {e}")),
+        }
+    }
+    out
 }
 
 /// `facade.upstreamCA`: the PEM text, checked to hold a certificate.
