@@ -62,7 +62,18 @@ impl facade_server::Backend for Engine {
     async fn blob(&self, req: BlobRequest) -> Result<BlobBody, BackendError> {
         let entry =
             self.images.blob(&req.provider, &req.id, &req.digest).await.map_err(|e| map_error(e, Route::Blob))?;
-        let content = match self.chain.prepare(&req.digest, &entry).await.map_err(|e| map_error(e, Route::Blob))? {
+        let prepared = self.chain.prepare(&req.digest, &entry).await.map_err(|e| {
+            // One workspace's manifest disagrees with a verified blob others rely on: only this
+            // request fails, and operators learn which workspace claimed what.
+            if let facade_blob::Error::ClaimMismatch { claimed, stored, .. } = &e {
+                tracing::warn!(
+                    provider = %req.provider, workspace = %req.id, digest = %req.digest, claimed, stored,
+                    "a workspace's manifest claims another size for a stored blob; refusing that request only"
+                );
+            }
+            map_error(e, Route::Blob)
+        })?;
+        let content = match prepared {
             Prepared::Redirect(url) => BlobContent::Redirect(url),
             Prepared::Content(blob) => BlobContent::Stream(Box::new(Opener { chain: self.chain.clone(), blob })),
         };
