@@ -426,12 +426,12 @@ impl ClusterCache {
         file: Arc<std::fs::File>,
         size: u64,
     ) -> BackfillOutcome {
-        let outcome = self.publish_inner(digest, media_type, origin, file, size).await;
+        let outcome = self.add_and_index(digest, media_type, origin, file, size).await;
         self.metrics.backfill(BackfillStore::Ipfs, outcome);
         outcome
     }
 
-    async fn publish_inner(
+    async fn add_and_index(
         &self,
         digest: &Digest,
         media_type: &str,
