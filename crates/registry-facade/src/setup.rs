@@ -6,7 +6,7 @@
 //!
 //! The reference installer's init container runs `setup --hostfs=/mnt/dst --hostname=reg.<domain>
 //! --port=31750` with no CA flag and mounts the CA at [`INSTALLER_CA`]; with exactly those
-//! arguments the node must be able to pull (docs: gitpod-compat.md, "The init container").
+//! arguments the node must be able to pull (README, "Migrating from the Go facade").
 
 use std::io::Write as _;
 use std::net::IpAddr;

@@ -42,8 +42,8 @@ fn accepts_the_reference_shape() {
     assert_eq!(c.images.compose_ttl, Duration::from_secs(30));
 }
 
-/// The reference installer's rendering, as in the repository's notes on the reference
-/// (`gitpod-compat.md`), with its placeholders replaced by real files.
+/// The reference installer's rendering (README, "Migrating from the Go facade"; the keys and
+/// their order as Go's JSON encoder writes them), with its placeholders replaced by real files.
 const INSTALLER_RENDERING: &str = r#"{
   "registry": {
 "port": 31750,
