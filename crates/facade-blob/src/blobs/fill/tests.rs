@@ -395,27 +395,32 @@ impl ClusterBlobs for FlakyCluster {
     }
 }
 
+/// Fills over `origin` and a cluster whose IPFS content of `blob` breaks after `serve` bytes.
+fn with_flaky_cluster(
+    dir: &std::path::Path,
+    blob: &Bytes,
+    serve: usize,
+    origin: Arc<Scripted>,
+) -> (Arc<FlakyCluster>, Arc<Fills>) {
+    let cluster = Arc::new(FlakyCluster {
+        data: blob.clone(),
+        serve,
+        cats: AtomicUsize::new(0),
+        forgotten: AtomicBool::new(false),
+        published: AtomicUsize::new(0),
+    });
+    let cluster_dyn: Arc<dyn ClusterBlobs> = cluster.clone();
+    let f = Fills::with_origin(config(dir), None, origin, Some(cluster_dyn), ClusterMetrics::unregistered()).unwrap();
+    (cluster, f)
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_broken_ipfs_stream_hands_over_to_the_origin_at_its_offset() {
     let dir = tempfile::tempdir().unwrap();
     let blob = data(1 << 20);
     let digest = Digest::sha256_of(&blob);
     let origin = Scripted::new(blob.clone(), vec![Step::Serve { chunk: 8192, cut: None }]);
-    let cluster = Arc::new(FlakyCluster {
-        data: blob.clone(),
-        serve: 400_000,
-        cats: AtomicUsize::new(0),
-        forgotten: AtomicBool::new(false),
-        published: AtomicUsize::new(0),
-    });
-    let f = Fills::with_origin(
-        config(dir.path()),
-        None,
-        origin.clone(),
-        Some(cluster.clone() as Arc<dyn ClusterBlobs>),
-        ClusterMetrics::unregistered(),
-    )
-    .unwrap();
+    let (cluster, f) = with_flaky_cluster(dir.path(), &blob, 400_000, origin.clone());
     assert_eq!(read_all(&f, &digest, blob.len() as u64).await.unwrap(), blob);
     assert_eq!(origin.opens(), vec![400_000], "the origin was not asked from IPFS's offset");
     assert_eq!(cluster.cats.load(Ordering::SeqCst), 2, "one resume of the IPFS stream, then hand-over");
@@ -518,21 +523,7 @@ async fn a_cluster_entry_of_another_origin_is_not_used() {
     let blob = data(100_000);
     let digest = Digest::sha256_of(&blob);
     let origin = Scripted::new(blob.clone(), vec![Step::Serve { chunk: 8192, cut: None }]);
-    let cluster = Arc::new(FlakyCluster {
-        data: blob.clone(),
-        serve: blob.len(),
-        cats: AtomicUsize::new(0),
-        forgotten: AtomicBool::new(false),
-        published: AtomicUsize::new(0),
-    });
-    let f = Fills::with_origin(
-        config(dir.path()),
-        None,
-        origin.clone(),
-        Some(cluster.clone() as Arc<dyn ClusterBlobs>),
-        ClusterMetrics::unregistered(),
-    )
-    .unwrap();
+    let (cluster, f) = with_flaky_cluster(dir.path(), &blob, blob.len(), origin.clone());
     // The index entry names `from()`; this request's image names another registry.
     let other = UpstreamBlob { registry: "elsewhere.test".into(), repo: RepoName::parse("team/base").unwrap() };
     let (fill, _) = f.join(&digest, blob.len() as u64, "x", &other).unwrap();
