@@ -40,5 +40,6 @@ pub use body::Body;
 pub use error::{Error, Result};
 pub use metrics::ServerMetrics;
 pub use range::{RangeOutcome, parse_range};
+pub use reload::{FileStamp, file_stamp};
 pub use serve::serve;
 pub use tls::TlsFiles;

@@ -42,7 +42,7 @@ pub(crate) struct Watched<L: Load> {
     current: RwLock<Option<Arc<L::Item>>>,
     /// The stamps of the last load attempt. A failed attempt is remembered too, so a broken
     /// file is retried (and warned about) once per change, not once per poll.
-    seen: Mutex<Vec<Option<Stamp>>>,
+    seen: Mutex<Vec<Option<FileStamp>>>,
     counters: ReloadCounters,
 }
 
@@ -132,7 +132,7 @@ pub(crate) async fn watch(targets: Vec<Arc<dyn PollFiles>>, interval: Duration, 
 /// What identifies a version of a file without reading it. ctime is in it because a copy that
 /// preserves mtime (`cp -p`, some secret syncers) still changes ctime.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Stamp {
+pub struct FileStamp {
     len: u64,
     modified: Option<SystemTime>,
     changed: (i64, i64),
@@ -140,16 +140,18 @@ struct Stamp {
     ino: u64,
 }
 
-fn stamps(paths: &[&Path]) -> Vec<Option<Stamp>> {
-    paths.iter().map(|p| stamp(p)).collect()
+fn stamps(paths: &[&Path]) -> Vec<Option<FileStamp>> {
+    paths.iter().map(|p| file_stamp(p)).collect()
 }
 
+/// What identifies one version of the file at `path` (`None`: it cannot be read now): the one
+/// file poller of the workspace (these TLS and htpasswd files, and the binary's config reload).
 #[cfg(unix)]
-fn stamp(path: &Path) -> Option<Stamp> {
+pub fn file_stamp(path: &Path) -> Option<FileStamp> {
     use std::os::unix::fs::MetadataExt;
     // `metadata` follows symlinks: after a `..data` swap it describes the new file.
     let m = std::fs::metadata(path).ok()?;
-    Some(Stamp {
+    Some(FileStamp {
         len: m.len(),
         modified: m.modified().ok(),
         changed: (m.ctime(), m.ctime_nsec()),
@@ -158,10 +160,11 @@ fn stamp(path: &Path) -> Option<Stamp> {
     })
 }
 
+/// What identifies one version of the file at `path` (`None`: it cannot be read now).
 #[cfg(not(unix))]
-fn stamp(path: &Path) -> Option<Stamp> {
+pub fn file_stamp(path: &Path) -> Option<FileStamp> {
     let m = std::fs::metadata(path).ok()?;
-    Some(Stamp { len: m.len(), modified: m.modified().ok(), changed: (0, 0), dev: 0, ino: 0 })
+    Some(FileStamp { len: m.len(), modified: m.modified().ok(), changed: (0, 0), dev: 0, ino: 0 })
 }
 
 /// Reads a whole (small) file, naming it in the error.

@@ -8,7 +8,6 @@
 //! by digest), spec providers and the fixed specs, upstream credentials. Listen addresses, the
 //! store and the URL prefix need a restart, and a change to them is logged as such.
 
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,31 +37,13 @@ pub struct Reloader {
     pub interval: Duration,
 }
 
-/// What identifies one version of a file: where its path resolves to, mtime, size and inode.
+/// The versions of the watched files, through the server's file poller (it follows
+/// Kubernetes' `..data` symlink swaps).
 #[derive(PartialEq, Eq, Debug, Clone)]
-struct FileVersion {
-    resolved: PathBuf,
-    mtime: (i64, i64),
-    len: u64,
-    inode: u64,
-}
-
-#[derive(PartialEq, Eq, Debug, Clone)]
-struct Stamp(Vec<(PathBuf, Option<FileVersion>)>);
+struct Stamp(Vec<(PathBuf, Option<facade_server::FileStamp>)>);
 
 fn stamp_of(paths: &[PathBuf]) -> Stamp {
-    Stamp(
-        paths
-            .iter()
-            .map(|p| {
-                let s = std::fs::metadata(p).ok().map(|m| {
-                    let resolved = std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
-                    FileVersion { resolved, mtime: (m.mtime(), m.mtime_nsec()), len: m.len(), inode: m.ino() }
-                });
-                (p.clone(), s)
-            })
-            .collect(),
-    )
+    Stamp(paths.iter().map(|p| (p.clone(), facade_server::file_stamp(p))).collect())
 }
 
 fn watched(path: &Path, c: &Config) -> Vec<PathBuf> {
