@@ -24,10 +24,13 @@ impl Origin for NoOrigin {
 }
 
 fn chain(store: &LocalStore, dir: &std::path::Path) -> BlobChain {
+    chain_over(store, dir, Arc::new(NoOrigin))
+}
+
+/// A chain over `store` whose fills download from `origin`.
+fn chain_over(store: &LocalStore, dir: &std::path::Path, origin: Arc<dyn Origin>) -> BlobChain {
     let config = FillConfig { spool_dir: dir.join("spool"), ..FillConfig::default() };
-    let fills =
-        Fills::with_origin(config, Some(store.clone()), Arc::new(NoOrigin), None, ClusterMetrics::unregistered())
-            .unwrap();
+    let fills = Fills::with_origin(config, Some(store.clone()), origin, None, ClusterMetrics::unregistered()).unwrap();
     BlobChain::new(Some(store.clone()), fills)
 }
 
@@ -131,15 +134,7 @@ async fn a_stored_layer_is_served_only_to_origins_that_show_they_hold_it() {
 
     // A registry that really has the layer: one probe, then served from the store.
     let honest = Arc::new(Serving { bytes: secret.clone(), opens: Default::default() });
-    let fills = Fills::with_origin(
-        FillConfig { spool_dir: dir.path().join("spool"), ..FillConfig::default() },
-        Some(store.clone()),
-        honest.clone(),
-        None,
-        ClusterMetrics::unregistered(),
-    )
-    .unwrap();
-    let chain = BlobChain::new(Some(store.clone()), fills);
+    let chain = chain_over(&store, dir.path(), honest.clone());
     for _ in 0..3 {
         let Prepared::Content(blob) = chain.prepare(&digest, &upstream_entry("honest.test", size)).await.unwrap()
         else {
@@ -152,15 +147,7 @@ async fn a_stored_layer_is_served_only_to_origins_that_show_they_hold_it() {
 
     // A registry that only knows the digest: never served the stored copy.
     let hostile = Arc::new(Serving { bytes: Bytes::from(vec![0u8; secret.len()]), opens: Default::default() });
-    let fills = Fills::with_origin(
-        FillConfig { spool_dir: dir.path().join("spool"), ..FillConfig::default() },
-        Some(store.clone()),
-        hostile.clone(),
-        None,
-        ClusterMetrics::unregistered(),
-    )
-    .unwrap();
-    let chain = BlobChain::new(Some(store.clone()), fills);
+    let chain = chain_over(&store, dir.path(), hostile.clone());
     let Prepared::Content(blob) = chain.prepare(&digest, &upstream_entry("hostile.test", size)).await.unwrap() else {
         panic!("redirected")
     };
