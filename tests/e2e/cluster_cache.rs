@@ -7,6 +7,12 @@
 //! Redis or IPFS killed in the middle of a pull does not fail it, and after a restart the cache
 //! is used again; garbage in the cache never completes a wrong blob nor breaks a pull; a bounded
 //! local store evicts and pulls still succeed.
+//!
+//! The index runs in each Redis mode the facade supports (README, "The cluster cache"): a single
+//! `redis-server`, a Redis Cluster of three masters, and a master with a replica behind three
+//! sentinels. The sharing scenarios run over each; a Sentinel failover under running pulls
+//! loses no pull and keeps the index; pins follow the index (an expired entry's pin is removed
+//! and the IPFS repository shrinks after its GC; a byte budget unpins the least recently used).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
@@ -19,16 +25,76 @@ use test_support::fault_proxy::{FaultProxy, Faults};
 use test_support::image::{BuiltLayer, FileEntry, ImageBuilder, LayerCompression, PushFormat, build_layer, push_image};
 use test_support::ipfs::Ipfs;
 use test_support::redis::Redis;
+use test_support::redis_ha::{MASTER_NAME, RedisCluster, RedisSentinel};
 use test_support::registry::Registry;
 use test_support::skopeo;
 use test_support::wait;
 
 const MIB: usize = 1 << 20;
 
+/// Which Redis the index lives in.
+#[derive(Clone, Copy, Debug)]
+enum Mode {
+    Single,
+    Cluster,
+    Sentinel,
+}
+
+/// The index's Redis, in one of the modes.
+enum Index {
+    Single(Redis),
+    Cluster(RedisCluster),
+    Sentinel(RedisSentinel),
+}
+
+impl Index {
+    fn start(mode: Mode) -> Index {
+        match mode {
+            Mode::Single => Index::Single(Redis::start().unwrap()),
+            Mode::Cluster => Index::Cluster(RedisCluster::start(3).unwrap()),
+            Mode::Sentinel => Index::Sentinel(RedisSentinel::start(3).unwrap()),
+        }
+    }
+
+    /// The facade's `registry.redis` section for this Redis.
+    fn config(&self) -> Value {
+        match self {
+            Index::Single(r) => json!({"enabled": true, "singleHostAddr": r.host(), "username": "", "useTLS": false}),
+            Index::Cluster(c) => json!({"enabled": true, "clusterAddresses": c.seeds()}),
+            Index::Sentinel(s) => {
+                json!({"enabled": true, "sentinel": {"masterName": MASTER_NAME, "addresses": s.sentinel_addrs()}})
+            }
+        }
+    }
+
+    fn keys(&self, pattern: &str) -> anyhow::Result<Vec<String>> {
+        match self {
+            Index::Single(r) => r.keys(pattern),
+            Index::Cluster(c) => c.keys(pattern),
+            Index::Sentinel(s) => s.keys(pattern),
+        }
+    }
+
+    fn command(&self, args: &[&str]) -> anyhow::Result<String> {
+        match self {
+            Index::Single(r) => r.command(args),
+            Index::Cluster(c) => c.command(args),
+            Index::Sentinel(s) => s.command(args),
+        }
+    }
+
+    fn single(&mut self) -> &mut Redis {
+        match self {
+            Index::Single(r) => r,
+            _ => panic!("this scenario kills a single Redis"),
+        }
+    }
+}
+
 struct World {
     _reg: Registry,
     upstream: FaultProxy,
-    redis: Redis,
+    redis: Index,
     ipfs: Ipfs,
     ipfs_proxy: FaultProxy,
     dir: tempfile::TempDir,
@@ -37,8 +103,13 @@ struct World {
 }
 
 /// An upstream with two images of incompressible layers (`ws1`: three, `ws2`: two, each
-/// `layer_size` bytes of file content), Redis, and an IPFS node behind a proxy.
+/// `layer_size` bytes of file content), a single Redis, and an IPFS node behind a proxy.
 fn world(layer_size: usize) -> World {
+    world_in(Mode::Single, layer_size)
+}
+
+/// The same, with the index in a Redis of `mode`.
+fn world_in(mode: Mode, layer_size: usize) -> World {
     let reg = Registry::start().unwrap();
     let upstream = FaultProxy::start(reg.addr).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -60,7 +131,7 @@ fn world(layer_size: usize) -> World {
         layers.insert(ws, built);
     }
     std::fs::write(dir.path().join("specs.json"), Value::Object(specs).to_string()).unwrap();
-    let redis = Redis::start().unwrap();
+    let redis = Index::start(mode);
     let ipfs = Ipfs::start().unwrap();
     let ipfs_proxy = FaultProxy::start(ipfs.api).unwrap();
     World { _reg: reg, upstream, redis, ipfs, ipfs_proxy, dir, layers }
@@ -81,7 +152,7 @@ fn node_with_specs(w: &World, name: &str, specs: &str, facade_extra: Value) -> F
             "port": 0,
             "fixedSpecFN": specs,
             "store": format!("store-{name}"),
-            "redis": {"enabled": true, "singleHostAddr": w.redis.host(), "username": "", "useTLS": false},
+            "redis": w.redis.config(),
             "ipfs": {"enabled": true, "ipfsAddr": format!("/ip4/127.0.0.1/tcp/{}", w.ipfs_proxy.addr.port())},
         },
         "prometheusAddr": "127.0.0.1:0",
@@ -140,7 +211,21 @@ fn stored(f_dir: &std::path::Path, digest: &str) -> bool {
 
 #[test]
 fn a_second_node_pulls_with_zero_upstream_blob_gets() {
-    let w = world(4 * MIB);
+    a_second_node_pulls_with_zero_upstream_blob_gets_in(Mode::Single);
+}
+
+#[test]
+fn a_second_node_pulls_with_zero_upstream_blob_gets_over_a_redis_cluster() {
+    a_second_node_pulls_with_zero_upstream_blob_gets_in(Mode::Cluster);
+}
+
+#[test]
+fn a_second_node_pulls_with_zero_upstream_blob_gets_over_sentinel() {
+    a_second_node_pulls_with_zero_upstream_blob_gets_in(Mode::Sentinel);
+}
+
+fn a_second_node_pulls_with_zero_upstream_blob_gets_in(mode: Mode) {
+    let w = world_in(mode, 4 * MIB);
     let a = node(&w, "a", json!({}));
     pull(&w, &a, "ws1");
     let a_gets = upstream_blob_gets(&w);
@@ -170,6 +255,15 @@ fn a_second_node_pulls_with_zero_upstream_blob_gets() {
     }
     pull(&w, &b, "ws1");
     assert_eq!(metric(&b, r#"registry_facade_cache_lookups_total{cache="local",result="hit"}"#), 3.0);
+    // Every call the facades made worked in this mode (one failing kind of call would open the
+    // breaker for all the others).
+    for f in [&a, &b] {
+        assert_eq!(metric(f, r#"registry_facade_cluster_dependency_failures_total{dependency="redis"}"#), 0.0);
+    }
+    if let Index::Cluster(c) = &w.redis {
+        // A real cluster: the keys are spread over its masters by slot.
+        assert!(c.nodes_holding("registry-facade:*") >= 2, "keys all on one master: {:?}", c.keys("*"));
+    }
     eprintln!(
         "two-node pull: node A {a_gets} upstream blob GETs, {a_bytes} upstream bytes; node B 0 GETs, {} bytes, {:?}",
         w.upstream.bytes_to_client(),
@@ -185,7 +279,7 @@ fn redis_killed_mid_pull_then_the_cache_is_used_again() {
     let a = node(&w, "a", json!({}));
     let pulling = pull_in_background(&w, &a, "ws1");
     wait::until("the pull to be under way", Duration::from_secs(60), || w.upstream.bytes_to_client() > 3 * MIB as u64);
-    w.redis.kill();
+    w.redis.single().kill();
     assert!(w.upstream.bytes_to_client() < layer_bytes(&w, "ws1"), "the kill came after the pull");
     pulling.join().expect("the pull failed while Redis was down");
     // The outage was noticed (the index writes after the fills failed) and counted.
@@ -195,7 +289,7 @@ fn redis_killed_mid_pull_then_the_cache_is_used_again() {
     assert_eq!(metric(&a, r#"registry_facade_cluster_dependency_up{dependency="redis"}"#), 0.0);
 
     // Redis comes back (empty: nothing was persisted); node A notices by itself.
-    w.redis.restart().unwrap();
+    w.redis.single().restart().unwrap();
     w.upstream.clear_faults();
     wait::until("node A to see Redis again", Duration::from_secs(60), || {
         metric(&a, r#"registry_facade_cluster_dependency_up{dependency="redis"}"#) == 1.0
@@ -253,7 +347,21 @@ fn ipfs_killed_mid_pull_then_the_cache_is_used_again() {
 
 #[test]
 fn garbage_in_the_cluster_cache_never_completes_a_wrong_blob_nor_breaks_a_pull() {
-    let w = world(2 * MIB);
+    garbage_in_the_cluster_cache_in(Mode::Single);
+}
+
+#[test]
+fn garbage_in_a_redis_cluster_never_completes_a_wrong_blob_nor_breaks_a_pull() {
+    garbage_in_the_cluster_cache_in(Mode::Cluster);
+}
+
+#[test]
+fn garbage_behind_sentinel_never_completes_a_wrong_blob_nor_breaks_a_pull() {
+    garbage_in_the_cluster_cache_in(Mode::Sentinel);
+}
+
+fn garbage_in_the_cluster_cache_in(mode: Mode) {
+    let w = world_in(mode, 2 * MIB);
     let a = node(&w, "a", json!({}));
     pull(&w, &a, "ws1");
     wait::until("node A's index entries", Duration::from_secs(60), || indexed(&w, "ws1"));
@@ -296,17 +404,20 @@ fn garbage_in_the_cluster_cache_never_completes_a_wrong_blob_nor_breaks_a_pull()
 #[test]
 fn a_bounded_store_evicts_old_blobs_and_pulls_still_succeed() {
     let w = world(4 * MIB);
-    // Room for about two of the five 4 MiB layers.
-    let a = node(&w, "a", json!({"storeMaxBytes": "9MiB"}));
+    // Room for three of the five 4 MiB layers: downloads under way reserve their size in the
+    // budget (README, `storeMaxBytes`), so ws1's three concurrent layers fit and are stored
+    // (`maxBlobBytes` "0": any blob up to the budget), and ws2's two then need room.
+    let a = node(&w, "a", json!({"storeMaxBytes": "13MiB", "maxBlobBytes": "0"}));
     let store = w.dir.path().join("store-a");
     let total = || -> u64 {
         std::fs::read_dir(store.join("blobs/sha256")).unwrap().flatten().map(|e| e.metadata().unwrap().len()).sum()
     };
     pull(&w, &a, "ws1");
     pull(&w, &a, "ws2");
-    wait::until("the store to fit its limit", Duration::from_secs(30), || total() <= 9 * MIB as u64);
-    assert!(metric(&a, "registry_facade_store_evictions_total") >= 3.0);
-    assert!(metric(&a, "registry_facade_store_bytes") <= (9 * MIB) as f64);
+    wait::until("the store to fit its limit", Duration::from_secs(30), || total() <= 13 * MIB as u64);
+    let evictions = metric(&a, "registry_facade_store_evictions_total");
+    assert!(evictions >= 2.0, "{evictions} evictions");
+    assert!(metric(&a, "registry_facade_store_bytes") <= (13 * MIB) as f64);
     // The most recently pulled image is what stayed.
     assert!(w.layers["ws2"].iter().any(|l| stored(&store, &l.digest)));
     // Evicted blobs come back (from IPFS, where node A put them) and the pull succeeds.
@@ -318,7 +429,21 @@ fn a_bounded_store_evicts_old_blobs_and_pulls_still_succeed() {
 
 #[test]
 fn a_composition_handed_out_by_one_node_is_served_by_digest_by_another() {
-    let w = world(MIB);
+    a_composition_handed_out_by_one_node_in(Mode::Single);
+}
+
+#[test]
+fn a_composition_handed_out_by_one_node_is_served_by_another_over_a_redis_cluster() {
+    a_composition_handed_out_by_one_node_in(Mode::Cluster);
+}
+
+#[test]
+fn a_composition_handed_out_by_one_node_is_served_by_another_over_sentinel() {
+    a_composition_handed_out_by_one_node_in(Mode::Sentinel);
+}
+
+fn a_composition_handed_out_by_one_node_in(mode: Mode) {
+    let w = world_in(mode, MIB);
     let a = node(&w, "a", json!({}));
     let m = request(&a.host(), "GET", "/v2/fixed/ws1/manifests/latest", &[], b"");
     assert_eq!(m.status, 200);
@@ -352,4 +477,164 @@ fn a_composition_handed_out_by_one_node_is_served_by_digest_by_another() {
 
 fn e2e_sha256(b: &[u8]) -> String {
     test_support::image::sha256_digest(b)
+}
+
+/// The CIDs the index names for `ws`'s layers (every entry must exist).
+fn indexed_cids(w: &World, ws: &str) -> Vec<String> {
+    w.layers[ws]
+        .iter()
+        .map(|l| {
+            let raw = w.redis.command(&["GET", &format!("registry-facade:blob:{}", l.digest)]).unwrap();
+            let entry: Value = serde_json::from_str(raw.lines().nth(1).unwrap()).unwrap();
+            entry["cid"].as_str().unwrap().to_string()
+        })
+        .collect()
+}
+
+/// Whether `cid` is pinned recursively on `ipfs` (asked by CID: js-ipfs lists CIDv1 in
+/// base58btc, the index holds base32).
+fn is_pinned(ipfs: &Ipfs, cid: &str) -> bool {
+    let (status, body) = ipfs.rpc(&format!("pin/ls?arg={cid}&type=recursive")).unwrap();
+    let text = String::from_utf8_lossy(&body);
+    match status {
+        200 => true,
+        500 if text.contains("not pinned") => false,
+        _ => panic!("pin/ls of {cid}: {status} {text}"),
+    }
+}
+
+/// The IPFS repository's size (`repo/stat`), after a garbage collection (`repo/gc`).
+fn repo_size_after_gc(ipfs: &Ipfs) -> u64 {
+    let (status, body) = ipfs.rpc("repo/gc").unwrap();
+    assert_eq!(status, 200, "repo/gc: {}", String::from_utf8_lossy(&body));
+    let (status, body) = ipfs.rpc("repo/stat").unwrap();
+    assert_eq!(status, 200, "repo/stat: {}", String::from_utf8_lossy(&body));
+    let stat: Value = serde_json::from_slice(&body).unwrap();
+    match &stat["RepoSize"] {
+        Value::Number(n) => n.as_u64().unwrap(),
+        Value::String(s) => s.parse().unwrap(),
+        other => panic!("repo/stat has no RepoSize: {other} in {stat}"),
+    }
+}
+
+#[test]
+fn a_sentinel_failover_under_running_pulls_loses_no_pull_and_keeps_the_index() {
+    let mut w = world_in(Mode::Sentinel, 6 * MIB);
+    let a = node(&w, "a", json!({}));
+    pull(&w, &a, "ws1");
+    wait::until("node A's index entries", Duration::from_secs(60), || indexed(&w, "ws1"));
+    // The replica has the entries too (asynchronous replication, fast on loopback).
+    let Index::Sentinel(sentinel) = &w.redis else { unreachable!() };
+    let replica = sentinel.replica_addr();
+    wait::until("the entries to reach the replica", Duration::from_secs(30), || {
+        let keys = test_support::redis_ha::command_at(replica, &["KEYS", "registry-facade:blob:*"]).unwrap();
+        test_support::redis_ha::bulk_strings(&keys).len() >= 3
+    });
+
+    // Node B pulls ws2 slowly from upstream while the master dies and a replica takes over.
+    w.upstream.set_faults(Faults { throttle_bytes_per_sec: Some(3 * MIB as u64), ..Faults::default() });
+    w.upstream.reset_counters();
+    let b = node(&w, "b", json!({}));
+    let pulling = pull_in_background(&w, &b, "ws2");
+    // And node C pulls ws1 (from IPFS, through the index) at the same time, twice.
+    let c = node(&w, "c", json!({}));
+    let c_pulling = pull_in_background(&w, &c, "ws1");
+    wait::until("node B's pull to be under way", Duration::from_secs(60), || {
+        w.upstream.bytes_to_client() > 2 * MIB as u64
+    });
+    let ws2_bytes = layer_bytes(&w, "ws2");
+    let Index::Sentinel(sentinel) = &mut w.redis else { unreachable!() };
+    let old_master = sentinel.first_master();
+    sentinel.kill_master();
+    assert!(w.upstream.bytes_to_client() < ws2_bytes, "the failover came after the pull");
+    sentinel.wait_for_failover(Duration::from_secs(60)).unwrap();
+    assert_ne!(sentinel.master_addr().unwrap(), old_master);
+    pulling.join().expect("a pull failed during the failover");
+    c_pulling.join().expect("a pull from the index failed during the failover");
+    w.upstream.clear_faults();
+
+    // A fresh node finds ws1 through the entries that survived on the promoted replica, and
+    // what is published now lands on the new master: another node then pulls ws2 from IPFS.
+    let d = node(&w, "d", json!({}));
+    w.upstream.reset_counters();
+    pull(&w, &d, "ws1");
+    assert_eq!(upstream_blob_gets(&w), 0, "{:?}", w.upstream.requests());
+    pull(&w, &d, "ws2");
+    wait::until("ws2's index entries on the new master", Duration::from_secs(60), || indexed(&w, "ws2"));
+    let e = node(&w, "e", json!({}));
+    w.upstream.reset_counters();
+    pull(&w, &e, "ws2");
+    assert_eq!(upstream_blob_gets(&w), 0, "{:?}", w.upstream.requests());
+}
+
+#[test]
+fn pins_follow_the_index_and_the_ipfs_repository_shrinks() {
+    let w = world(4 * MIB);
+    let empty = repo_size_after_gc(&w.ipfs);
+    // Index entries live 8 s after their last use; the sweep runs every 2 s.
+    let a = node(&w, "a", json!({"clusterIndexTTL": "8s"}));
+    pull(&w, &a, "ws1");
+    wait::until("node A's IPFS back-fills", Duration::from_secs(60), || {
+        metric(&a, r#"registry_facade_backfill_total{outcome="ok",store="ipfs"}"#) == 3.0
+    });
+    // Every add is recorded under the IPFS node's peer ID.
+    let records = w.redis.keys("registry-facade:ipfs-pins:*").unwrap();
+    assert_eq!(records.len(), 1, "{records:?}");
+    let full = repo_size_after_gc(&w.ipfs);
+    let cids = indexed_cids(&w, "ws1");
+    assert!(cids.iter().all(|c| is_pinned(&w.ipfs, c)), "{cids:?} not all pinned");
+    // js-ipfs' RepoSize is what its datastores report, not the sum of the blobs: the check
+    // is that the blobs show and that they go again.
+    assert!(full >= empty + layer_bytes(&w, "ws1") / 2, "repository {empty} → {full} bytes with the blobs pinned");
+
+    // Nobody uses the entries: they expire, and the sweep removes their pins.
+    wait::until("the pins of the expired entries to be removed", Duration::from_secs(30), || {
+        metric(&a, r#"registry_facade_ipfs_unpinned_total{reason="unindexed"}"#) == 3.0
+    });
+    assert!(w.redis.keys("registry-facade:blob:*").unwrap().is_empty());
+    assert!(cids.iter().all(|c| !is_pinned(&w.ipfs, c)), "{cids:?} still pinned");
+    assert_eq!(metric(&a, "registry_facade_ipfs_pinned_bytes"), 0.0);
+    let after = repo_size_after_gc(&w.ipfs);
+    assert!(after <= empty + (full - empty) / 4, "repository {empty} → {full} → {after} bytes after the unpins and GC");
+    eprintln!("IPFS repository: {empty} bytes empty, {full} with ws1 pinned, {after} after unpinning and GC");
+
+    // The node still serves the image (from its store), and a pull elsewhere refills IPFS.
+    pull(&w, &a, "ws1");
+    let b = node(&w, "b", json!({"clusterIndexTTL": "8s"}));
+    pull(&w, &b, "ws2");
+    wait::until("node B's adds", Duration::from_secs(60), || {
+        metric(&b, r#"registry_facade_backfill_total{outcome="ok",store="ipfs"}"#) == 2.0
+    });
+}
+
+#[test]
+fn a_pinned_bytes_budget_unpins_the_least_recently_used_and_its_entry_first() {
+    let w = world(4 * MIB);
+    // Room for two of ws1's three 4 MiB layers.
+    let a = node(&w, "a", json!({"clusterIPFSMaxBytes": "9MiB", "clusterIndexTTL": "40s"}));
+    pull(&w, &a, "ws1");
+    wait::until("node A's IPFS back-fills", Duration::from_secs(60), || {
+        metric(&a, r#"registry_facade_backfill_total{outcome="ok",store="ipfs"}"#) == 3.0
+    });
+    // The sweep (every 10 s for a 40 s TTL) brings the pinned bytes under the budget.
+    wait::until("the budget sweep", Duration::from_secs(60), || {
+        metric(&a, r#"registry_facade_ipfs_unpinned_total{reason="budget"}"#) >= 1.0
+    });
+    assert_eq!(metric(&a, r#"registry_facade_ipfs_unpinned_total{reason="budget"}"#), 1.0);
+    assert!(metric(&a, "registry_facade_ipfs_pinned_bytes") <= (9 * MIB) as f64);
+    // Exactly one entry went, and it went before its pin: every entry left names a pinned CID.
+    let keys = w.redis.keys("registry-facade:blob:*").unwrap();
+    let kept: Vec<&BuiltLayer> =
+        w.layers["ws1"].iter().filter(|l| keys.contains(&format!("registry-facade:blob:{}", l.digest))).collect();
+    assert_eq!(kept.len(), 2, "{keys:?}");
+    for l in kept {
+        let raw = w.redis.command(&["GET", &format!("registry-facade:blob:{}", l.digest)]).unwrap();
+        let entry: Value = serde_json::from_str(raw.lines().nth(1).unwrap()).unwrap();
+        assert!(is_pinned(&w.ipfs, entry["cid"].as_str().unwrap()), "{entry} is not pinned");
+    }
+    // Node B gets the two kept layers from IPFS and only the evicted one from upstream.
+    let b = node(&w, "b", json!({}));
+    w.upstream.reset_counters();
+    pull(&w, &b, "ws1");
+    assert_eq!(upstream_blob_gets(&w), 1, "{:?}", w.upstream.requests());
 }

@@ -48,7 +48,10 @@ fn start(w: &World, store: bool, read_timeout: &str) -> Facade {
     if store {
         registry["store"] = json!("store");
     }
-    let cfg = json!({"registry": registry, "facade": {"listenHost": "127.0.0.1", "upstreamReadTimeout": read_timeout}});
+    // No prefetch on manifest: these tests count and fault the downloads their own clients
+    // start (warmup.rs covers prefetch).
+    let cfg = json!({"registry": registry, "facade": {"listenHost": "127.0.0.1", "upstreamReadTimeout": read_timeout,
+                                                     "prefetchParallelism": 0}});
     Facade::start(&cfg, w.dir.path()).unwrap()
 }
 

@@ -107,6 +107,16 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// The local store has no room for a blob now: larger than one blob may be, over the disk
+    /// budget, or the disk is full. A fill is not started (the blob is streamed through instead);
+    /// a static layer that could not be written answers this until it can.
+    #[error("no room in the local store for {digest}: {reason}")]
+    NoRoom {
+        /// The blob.
+        digest: Digest,
+        /// Which limit.
+        reason: crate::store::PassReason,
+    },
     /// A fill stopped because nobody reads it any more and nothing keeps it: not a failure.
     #[error("fill of {digest} cancelled: no readers left")]
     Cancelled {
@@ -161,6 +171,12 @@ pub enum Error {
         #[source]
         source: prometheus::Error,
     },
+    /// A prefetch or warm-up could not be started (no store, too many workspaces at once).
+    #[error("prefetch: {reason}")]
+    Prefetch {
+        /// Why.
+        reason: String,
+    },
     /// A static layer could not be prepared.
     #[error("static layer {layer}: {reason}")]
     StaticLayer {
@@ -199,7 +215,9 @@ impl Error {
             | Error::Interrupted { .. } => ErrorKind::Unavailable,
             Error::ClaimMismatch { .. } => ErrorKind::Invalid,
             Error::Cancelled { .. } => ErrorKind::Cancelled,
+            Error::NoRoom { .. } => ErrorKind::Unavailable,
             Error::Cluster { .. } => ErrorKind::Unavailable,
+            Error::Prefetch { .. } => ErrorKind::Unavailable,
             Error::Io { .. } | Error::Spool { .. } | Error::StaticLayer { .. } | Error::Metrics { .. } => {
                 ErrorKind::Internal
             }

@@ -11,16 +11,19 @@
 //! It knows no HTTP: the server maps [`Error::kind`] to responses.
 
 mod blobs;
+pub mod blocking;
 pub mod cluster;
 mod error;
 mod images;
 mod metrics;
+mod prefetch;
 mod store;
 mod sync;
 
 pub use blobs::chain::{BlobChain, BlobStream, Prepared, PreparedBlob};
+pub use blobs::fill::peer::{PEER_PATH, PeerConfig, PeerMetrics, PeerOutcome, PeerServe, Peers};
 pub use blobs::fill::{ClusterBlobs, FillConfig, Fills, Origin, UpstreamBlob};
-pub use blobs::read::Progress;
+pub use blobs::read::{Progress, ResponseBuffers};
 pub use cluster::{ClusterCache, ClusterConfig, ClusterMetrics};
 pub use error::{Error, ErrorKind, Result};
 pub use images::fetch::{FetchConfig, FetchedImage, ImageFetcher};
@@ -29,4 +32,7 @@ pub use images::static_layers;
 pub use images::static_layers::{StaticLayer, StaticLayerSpec};
 pub use images::{BlobEntry, BlobOrigin, ComposedImage, Images, ImagesConfig};
 pub use metrics::{ChainMetrics, Source};
-pub use store::{Evicted, InUse, LocalStore, StoreConfig, StoreMetrics, StoredBlob};
+pub use prefetch::{
+    JobKind, LayerProgress, LayerSource, LayerState, PrefetchConfig, PrefetchMetrics, Prefetcher, ProgressReport,
+};
+pub use store::{DISK_FULL_BACKOFF, Evicted, InUse, LocalStore, PassReason, StoreConfig, StoreMetrics, StoredBlob};

@@ -11,8 +11,8 @@ use http::request::Parts;
 use http::{HeaderValue, Method, Request, Response};
 use tokio_rustls::TlsAcceptor;
 
-use crate::auth::{AuthFailure, AuthFile, Authenticator};
-use crate::backend::Backend;
+use crate::auth::{AuthFailure, AuthFile, AuthLane, Authenticator};
+use crate::backend::{Backend, BackendError, ErrorKind};
 use crate::body::Body;
 use crate::edge::{self, Rejection, RequestContext};
 use crate::error::Result;
@@ -23,6 +23,10 @@ use crate::metrics::{Limit, ServerMetrics};
 use crate::reload::PollFiles;
 use crate::router::{self, Route};
 use crate::tls::{Tls, TlsFiles};
+
+/// `Retry-After` of a client refused for failed credential checks: a token of its budget
+/// comes back within a second at any rate of at least 1/s.
+const AUTH_THROTTLE_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// Knobs of the HTTP edge. `Default` gives production values.
 #[derive(Clone, Debug)]
@@ -37,8 +41,25 @@ pub struct ServerConfig {
     pub response_header_timeout: Option<Duration>,
     /// `Retry-After` sent with 429 when the backend gives none.
     pub default_retry_after: Duration,
-    /// HTTP/1 connections that do not finish sending request headers in time are closed.
-    pub http1_header_read_timeout: Option<Duration>,
+    /// A connection that does not complete a request head this long after it was accepted
+    /// (after the TLS handshake) is closed: one that sends nothing, half a head, or only the
+    /// HTTP/2 preface. On HTTP/1 the same limit runs from the first byte of each later request.
+    /// `None` waits forever.
+    pub request_head_timeout: Option<Duration>,
+    /// A connection with no request open this long is closed (HTTP/2 with a GOAWAY; pings do
+    /// not count as activity). Also the HTTP/2 keep-alive ping interval. `None` keeps idle
+    /// connections forever.
+    pub idle_connection_timeout: Option<Duration>,
+    /// Connections open at once on the listener; more are answered 503 `UNAVAILABLE` with
+    /// `Retry-After: 1` (HTTP/1 over plain TCP) or closed at once (TLS). `0` is unlimited.
+    pub max_connections: usize,
+    /// Failed credential checks (`requireAuth` with an htpasswd file) per second allowed per
+    /// client address, with bursts of twice as many; past it the address gets 429
+    /// `TOOMANYREQUESTS` before any bcrypt work. `0` is unlimited.
+    pub auth_failures_per_second: u32,
+    /// Blocking threads bcrypt may occupy at once (at least 1); checks beyond wait, and past a
+    /// short queue are answered 429.
+    pub auth_check_threads: usize,
     /// Concurrent streams per HTTP/2 connection.
     pub h2_max_concurrent_streams: u32,
     /// Serve HTTPS with this certificate (`registry.tls`); `None` serves plain HTTP.
@@ -78,7 +99,11 @@ impl Default for ServerConfig {
             prefix: String::new(),
             response_header_timeout: Some(Duration::from_secs(25)),
             default_retry_after: Duration::from_secs(10),
-            http1_header_read_timeout: Some(Duration::from_secs(30)),
+            request_head_timeout: Some(Duration::from_secs(30)),
+            idle_connection_timeout: Some(Duration::from_secs(60)),
+            max_connections: 4096,
+            auth_failures_per_second: 10,
+            auth_check_threads: 2,
             h2_max_concurrent_streams: 256,
             tls: None,
             tls_handshake_timeout: Duration::from_secs(10),
@@ -144,7 +169,12 @@ impl<B: Backend> App<B> {
         };
         let auth = match &config.auth {
             Some(file) => {
-                Some(Authenticator::open(file, config.auth_cache_ttl, metrics.reload_counters("htpasswd"), strict)?)
+                let lane = AuthLane {
+                    remember_for: config.auth_cache_ttl,
+                    threads: config.auth_check_threads,
+                    failures_per_second: config.auth_failures_per_second,
+                };
+                Some(Authenticator::open(file, lane, metrics.reload_counters("htpasswd"), strict)?)
             }
             None => None,
         };
@@ -155,6 +185,11 @@ impl<B: Backend> App<B> {
     /// The configuration this app was built with.
     pub fn config(&self) -> &ServerConfig {
         &self.config
+    }
+
+    /// The metrics this app counts into.
+    pub(crate) fn metrics(&self) -> &ServerMetrics {
+        &self.metrics
     }
 
     /// Whether [`crate::serve`] speaks TLS.
@@ -204,10 +239,10 @@ impl<B: Backend> App<B> {
             Ok(p) => {
                 permit = p;
                 match self.config.response_header_timeout {
-                    Some(after) => tokio::time::timeout(after, self.dispatch(route, &parts))
+                    Some(after) => tokio::time::timeout(after, self.dispatch(route, &parts, peer))
                         .await
                         .unwrap_or(Err(Rejection::HeaderTimeout { after })),
-                    None => self.dispatch(route, &parts).await,
+                    None => self.dispatch(route, &parts, peer).await,
                 }
             }
         };
@@ -257,20 +292,33 @@ impl<B: Backend> App<B> {
 
     /// With `requireAuth`, every route needs credentials, `/v2/` too: Docker clients learn
     /// that a registry wants credentials only from a 401 on that first probe.
-    async fn authorize(&self, parts: &Parts) -> std::result::Result<(), Rejection> {
+    /// A client address over its failed-check budget (or a full bcrypt queue) gets 429 with
+    /// `Retry-After` before any bcrypt work.
+    async fn authorize(&self, parts: &Parts, peer: Option<IpAddr>) -> std::result::Result<(), Rejection> {
         let verdict = match (&self.config.auth, &self.auth) {
             (None, _) => return Ok(()),
-            (Some(_), Some(auth)) => auth.check(parts.headers.get(AUTHORIZATION)).await,
+            (Some(_), Some(auth)) => auth.check(parts.headers.get(AUTHORIZATION), peer).await,
             (Some(_), None) => Err(AuthFailure::Unavailable),
         };
         verdict.map_err(|reason| {
             self.metrics.auth_failed(reason);
+            if reason == AuthFailure::Throttled {
+                self.metrics.limited(Limit::AuthFailures);
+                let e = BackendError::new(ErrorKind::RateLimited, "too many failed credential checks; retry later")
+                    .with_retry_after(AUTH_THROTTLE_RETRY_AFTER);
+                return Rejection::Backend(e);
+            }
             Rejection::Unauthorized { reason }
         })
     }
 
-    async fn dispatch(&self, route: Route<'_>, parts: &Parts) -> std::result::Result<Response<Body>, Rejection> {
-        self.authorize(parts).await?;
+    async fn dispatch(
+        &self,
+        route: Route<'_>,
+        parts: &Parts,
+        peer: Option<IpAddr>,
+    ) -> std::result::Result<Response<Body>, Rejection> {
+        self.authorize(parts, peer).await?;
         let readable = parts.method == Method::GET || parts.method == Method::HEAD;
         match route {
             Route::NotFound => Err(Rejection::RouteNotFound),

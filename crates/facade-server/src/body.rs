@@ -36,6 +36,9 @@ enum Inner {
     Empty,
     Full(Option<Bytes>),
     Stream(Box<StreamState>),
+    /// An open-ended stream of small messages (the admin API's server-sent events), sent
+    /// chunked until it ends.
+    Events(futures::stream::BoxStream<'static, Bytes>),
 }
 
 struct StreamState {
@@ -81,6 +84,7 @@ impl std::fmt::Debug for Inner {
             Inner::Empty => f.write_str("Empty"),
             Inner::Full(b) => write!(f, "Full({} bytes)", b.as_ref().map_or(0, Bytes::len)),
             Inner::Stream(s) => write!(f, "Stream({} remaining)", s.remaining),
+            Inner::Events(_) => f.write_str("Events"),
         }
     }
 }
@@ -95,6 +99,11 @@ impl Body {
     pub fn full(bytes: impl Into<Bytes>) -> Self {
         let bytes = bytes.into();
         Body { inner: Inner::Full((!bytes.is_empty()).then_some(bytes)), meter: None, permit: None }
+    }
+
+    /// Messages of unknown total length, each sent as soon as it is yielded.
+    pub(crate) fn events(stream: futures::stream::BoxStream<'static, Bytes>) -> Self {
+        Body { inner: Inner::Events(stream), meter: None, permit: None }
     }
 
     /// A blob stream that must yield exactly `len` bytes (`start` and `digest` are for logs).
@@ -184,6 +193,7 @@ impl http_body::Body for Body {
                 }
                 return Poll::Ready(Some(Ok(Frame::data(bytes))));
             }
+            Inner::Events(events) => return events.poll_next_unpin(cx).map(|e| e.map(|b| Ok(Frame::data(b)))),
             Inner::Stream(state) => state,
         };
         loop {
@@ -234,6 +244,7 @@ impl http_body::Body for Body {
             Inner::Empty => true,
             Inner::Full(bytes) => bytes.is_none(),
             Inner::Stream(s) => s.finished,
+            Inner::Events(_) => false,
         }
     }
 
@@ -243,6 +254,7 @@ impl http_body::Body for Body {
             Inner::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             Inner::Stream(s) if s.finished => SizeHint::with_exact(0),
             Inner::Stream(s) => SizeHint::with_exact(s.remaining),
+            Inner::Events(_) => SizeHint::default(),
         }
     }
 }

@@ -204,6 +204,8 @@ fn map_auth(reason: AuthFailure) -> Mapped {
         // One message for both: the answer must not tell which user names exist.
         AuthFailure::UnknownUser | AuthFailure::WrongPassword => "invalid username or password",
         AuthFailure::Unavailable => "credentials cannot be checked now",
+        // `App::authorize` answers these 429 itself; kept here so the match stays total.
+        AuthFailure::Throttled => "too many failed credential checks; retry later",
     };
     mapped(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, message)
 }

@@ -23,13 +23,14 @@ mod handlers;
 pub mod headers;
 mod limits;
 mod metrics;
+mod peer;
 mod range;
 mod reload;
 mod router;
 mod serve;
 mod tls;
 
-pub use admin::{Readiness, serve_admin};
+pub use admin::{Readiness, WorkspaceProgress, Workspaces, serve_admin, serve_admin_with};
 pub use app::{App, ServerConfig};
 pub use auth::AuthFile;
 pub use backend::{
@@ -39,6 +40,7 @@ pub use backend::{
 pub use body::Body;
 pub use error::{Error, Result};
 pub use metrics::ServerMetrics;
+pub use peer::{PeerAnswer, PeerBlobs, PeerRequest, PeerServerConfig, serve_peers};
 pub use range::{RangeOutcome, parse_range};
 pub use reload::{FileStamp, file_stamp};
 pub use serve::serve;

@@ -8,18 +8,35 @@
 //!   closed after the idle timeout. A blob stream may legitimately take an hour; what it may
 //!   not do is make no progress at all for minutes.
 //! - The source side of the same timeout (a blob source that yields nothing) lives in `Body`.
+//! - [`ConnActivity`] and [`Supervisor`]: the connection-level timers hyper does not give us.
+//!   hyper-util's auto builder reads the first bytes (to tell HTTP/1 from HTTP/2) with no
+//!   deadline, hyper's HTTP/1 head timer starts at once when a connection goes idle (so it would
+//!   double as a short keep-alive timeout), HTTP/2 has no idle timeout, and with a flow-control
+//!   window at zero hyper simply stops polling the response body, so no write is ever pending
+//!   for [`WriteIdle`] to see. The supervisor watches what the connection's requests and bodies
+//!   do instead: a request head must complete within the head timeout (from accept, and on
+//!   HTTP/1 from the first byte after an idle spell, as Go's server does), a connection with no
+//!   request open is closed after the idle timeout, and a response whose next bytes the client
+//!   does not take for the response idle timeout gets its connection closed.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
+
+use crate::body::Body;
+use crate::metrics::ConnClose;
 
 /// Requests in flight per client IP address.
 #[derive(Clone, Debug)]
@@ -91,11 +108,20 @@ pub(crate) struct WriteIdle<I> {
     sleep: Option<Pin<Box<Sleep>>>,
     /// Whether `sleep` runs for the current stretch of pending writes.
     armed: bool,
+    /// Told about every read that returns bytes (the head timer of an idle HTTP/1 connection
+    /// starts with the first byte).
+    activity: Option<Arc<ConnActivity>>,
 }
 
 impl<I> WriteIdle<I> {
     pub(crate) fn new(io: I, timeout: Option<Duration>, peer: SocketAddr) -> Self {
-        WriteIdle { io, timeout, peer, sleep: None, armed: false }
+        WriteIdle { io, timeout, peer, sleep: None, armed: false, activity: None }
+    }
+
+    /// Reports reads to `activity`.
+    pub(crate) fn with_activity(mut self, activity: Arc<ConnActivity>) -> Self {
+        self.activity = Some(activity);
+        self
     }
 
     fn check<T>(&mut self, cx: &mut Context<'_>, res: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
@@ -130,7 +156,14 @@ impl<I> WriteIdle<I> {
 
 impl<I: AsyncRead + Unpin> AsyncRead for WriteIdle<I> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let res = Pin::new(&mut self.io).poll_read(cx, buf);
+        if let (Poll::Ready(Ok(())), Some(activity)) = (&res, &self.activity)
+            && buf.filled().len() > before
+        {
+            activity.bytes_read();
+        }
+        res
     }
 }
 
@@ -161,6 +194,282 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for WriteIdle<I> {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let res = Pin::new(&mut self.io).poll_shutdown(cx);
         self.check(cx, res)
+    }
+}
+
+/// The connection-level deadlines the [`Supervisor`] enforces; `None` disables one.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct ConnTimeouts {
+    /// From accept (after TLS) to the first complete request head; on HTTP/1 also from the
+    /// first byte of a later request to its complete head.
+    pub(crate) head: Option<Duration>,
+    /// With no request open: how long the connection may stay idle.
+    pub(crate) idle: Option<Duration>,
+    /// How long a response may wait for the client to take its next bytes.
+    pub(crate) response: Option<Duration>,
+}
+
+/// "Not waiting" / "never" in the nanosecond fields below.
+const NONE: u64 = 0;
+
+/// What a connection's I/O, requests and response bodies report to its [`Supervisor`]. Times
+/// are nanoseconds since `epoch`, plus one so that 0 can mean "none".
+#[derive(Debug)]
+pub(crate) struct ConnActivity {
+    epoch: Instant,
+    /// Requests whose response body has not ended (or been dropped) yet.
+    open: AtomicUsize,
+    /// Requests received so far.
+    requests: AtomicU64,
+    /// The connection speaks HTTP/2 (seen on its first request).
+    h2: AtomicBool,
+    /// When `open` last fell to zero.
+    idle_since: AtomicU64,
+    /// Set when the connection goes idle; the next read that returns bytes clears it and
+    /// stamps `first_byte`.
+    awaiting_byte: AtomicBool,
+    first_byte: AtomicU64,
+    /// Clocks of the responses handed to hyper (dead entries are pruned as new ones come).
+    responses: Mutex<Vec<Weak<ResponseClock>>>,
+    notify: Notify,
+}
+
+impl ConnActivity {
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::new(ConnActivity {
+            epoch: Instant::now(),
+            open: AtomicUsize::new(0),
+            requests: AtomicU64::new(0),
+            h2: AtomicBool::new(false),
+            idle_since: AtomicU64::new(NONE),
+            awaiting_byte: AtomicBool::new(false),
+            first_byte: AtomicU64::new(NONE),
+            responses: Mutex::new(Vec::new()),
+            notify: Notify::new(),
+        })
+    }
+
+    fn stamp(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX - 1) + 1
+    }
+
+    fn at(&self, stamp: u64) -> Instant {
+        self.epoch + Duration::from_nanos(stamp.saturating_sub(1))
+    }
+
+    fn bytes_read(&self) {
+        if self.awaiting_byte.load(Ordering::Relaxed) && self.awaiting_byte.swap(false, Ordering::AcqRel) {
+            self.first_byte.store(self.stamp(Instant::now()), Ordering::Release);
+            self.notify.notify_one();
+        }
+    }
+
+    /// A request head arrived; the guard keeps it open until its response body ends or drops.
+    pub(crate) fn request_started(self: &Arc<Self>, h2: bool) -> RequestGuard {
+        if h2 {
+            self.h2.store(true, Ordering::Relaxed);
+        }
+        self.awaiting_byte.store(false, Ordering::Release);
+        self.requests.fetch_add(1, Ordering::AcqRel);
+        self.open.fetch_add(1, Ordering::AcqRel);
+        RequestGuard { activity: Arc::clone(self), clock: None }
+    }
+
+    fn request_ended(&self) {
+        if self.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.idle_since.store(self.stamp(Instant::now()), Ordering::Release);
+            self.first_byte.store(NONE, Ordering::Release);
+            self.awaiting_byte.store(true, Ordering::Release);
+            self.notify.notify_one();
+        }
+    }
+
+    fn register(&self, clock: &Arc<ResponseClock>) {
+        let mut responses = self.responses.lock().unwrap_or_else(PoisonError::into_inner);
+        responses.retain(|w| w.strong_count() > 0);
+        responses.push(Arc::downgrade(clock));
+    }
+
+    /// The earliest moment a response started waiting for the client, if one is waiting.
+    fn oldest_wait(&self) -> Option<Instant> {
+        let responses = self.responses.lock().unwrap_or_else(PoisonError::into_inner);
+        responses
+            .iter()
+            .filter_map(Weak::upgrade)
+            .map(|c| c.waiting_since.load(Ordering::Acquire))
+            .filter(|s| *s != NONE)
+            .min()
+            .map(|s| self.at(s))
+    }
+
+    /// What to do at `now`: close (why, and whether gracefully), or look again at a deadline
+    /// (`None`: only when something changes).
+    fn verdict(&self, t: &ConnTimeouts, now: Instant) -> Verdict {
+        if self.open.load(Ordering::Acquire) > 0 {
+            let Some(limit) = t.response else {
+                return Verdict::Wait(None);
+            };
+            return match self.oldest_wait() {
+                Some(since) if now >= since + limit => Verdict::Close(ConnClose::ZeroWindow, false),
+                Some(since) => Verdict::Wait(Some(since + limit)),
+                // A response may start waiting at any moment without telling: look again soon.
+                None => Verdict::Wait(Some(now + limit / 4)),
+            };
+        }
+        let deadline = |from: Instant, limit: Option<Duration>, why: ConnClose, graceful: bool| match limit {
+            Some(limit) if now >= from + limit => Verdict::Close(why, graceful),
+            Some(limit) => Verdict::Wait(Some(from + limit)),
+            None => Verdict::Wait(None),
+        };
+        if self.requests.load(Ordering::Acquire) == 0 {
+            return deadline(self.epoch, t.head, ConnClose::HeadTimeout, false);
+        }
+        let first_byte = self.first_byte.load(Ordering::Acquire);
+        if !self.h2.load(Ordering::Relaxed) && first_byte != NONE {
+            return deadline(self.at(first_byte), t.head, ConnClose::HeadTimeout, false);
+        }
+        // HTTP/2 pings and window updates between requests do not keep a connection open.
+        deadline(self.at(self.idle_since.load(Ordering::Acquire)), t.idle, ConnClose::Idle, true)
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Close(ConnClose, bool),
+    Wait(Option<Instant>),
+}
+
+/// Enforces [`ConnTimeouts`] on one connection.
+#[derive(Debug)]
+pub(crate) struct Supervisor {
+    activity: Arc<ConnActivity>,
+    timeouts: ConnTimeouts,
+}
+
+/// A hard close after a graceful one that did not finish: the client kept the idle connection
+/// (or its half-closed socket) open after the server's GOAWAY or `Connection: close`.
+const GRACEFUL_CLOSE_BOUND: Duration = Duration::from_secs(1);
+
+impl Supervisor {
+    pub(crate) fn new(activity: Arc<ConnActivity>, timeouts: ConnTimeouts) -> Self {
+        Supervisor { activity, timeouts }
+    }
+
+    /// Resolves when the connection must close: why, and whether a graceful close is enough
+    /// (an idle connection: finish what is being written, send GOAWAY). Once `draining` (a
+    /// graceful close was asked for), an idle connection gets a short bound instead. Cancel
+    /// safe.
+    pub(crate) async fn next_close(&self, draining: Option<Instant>) -> (ConnClose, bool) {
+        let mut timeouts = self.timeouts;
+        if draining.is_some() {
+            timeouts.idle = Some(timeouts.idle.map_or(GRACEFUL_CLOSE_BOUND, |i| i.min(GRACEFUL_CLOSE_BOUND)));
+        }
+        loop {
+            let notified = self.activity.notify.notified();
+            let mut verdict = self.activity.verdict(&timeouts, Instant::now());
+            if let (Some(since), Verdict::Close(ConnClose::Idle, _)) = (draining, &verdict) {
+                // Idle since before the drain began: the bound runs from the drain.
+                let bound = since + timeouts.idle.unwrap_or(GRACEFUL_CLOSE_BOUND);
+                if Instant::now() < bound {
+                    verdict = Verdict::Wait(Some(bound));
+                }
+            }
+            match verdict {
+                Verdict::Close(why, graceful) => return (why, graceful && draining.is_none()),
+                Verdict::Wait(Some(at)) => {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(at) => {}
+                        () = notified => {}
+                    }
+                }
+                Verdict::Wait(None) => notified.await,
+            }
+        }
+    }
+}
+
+/// Keeps a request counted as open on its connection until its response body ends or drops.
+#[derive(Debug)]
+pub(crate) struct RequestGuard {
+    activity: Arc<ConnActivity>,
+    clock: Option<Arc<ResponseClock>>,
+}
+
+impl RequestGuard {
+    /// Wraps the response body so that the connection sees when the client stops taking its
+    /// bytes.
+    pub(crate) fn track(mut self, body: Body) -> TrackedBody {
+        // The response goes to hyper now: until hyper asks for its first bytes, it waits for
+        // the connection (an HTTP/2 window of zero means hyper never asks).
+        let clock = Arc::new(ResponseClock { waiting_since: AtomicU64::new(self.activity.stamp(Instant::now())) });
+        self.activity.register(&clock);
+        self.clock = Some(clock);
+        TrackedBody { body, guard: Some(self) }
+    }
+
+    fn set_waiting(&self, waiting: bool) {
+        if let Some(clock) = &self.clock {
+            let stamp = if waiting { self.activity.stamp(Instant::now()) } else { NONE };
+            clock.waiting_since.store(stamp, Ordering::Release);
+        }
+    }
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.activity.request_ended();
+    }
+}
+
+/// When a response body started waiting for the connection to ask for more (it yielded a
+/// frame, or was just handed over); [`NONE`] while it waits for its own source, whose
+/// stalls the body's own idle timer covers.
+#[derive(Debug)]
+struct ResponseClock {
+    waiting_since: AtomicU64,
+}
+
+/// A response body that reports to its connection's [`ConnActivity`]: waiting for the client
+/// after each frame, not waiting while its source has nothing yet, done at its end.
+#[derive(Debug)]
+pub(crate) struct TrackedBody {
+    body: Body,
+    guard: Option<RequestGuard>,
+}
+
+impl http_body::Body for TrackedBody {
+    type Data = Bytes;
+    type Error = crate::error::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<std::result::Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.body).poll_frame(cx);
+        match &res {
+            Poll::Pending => {
+                if let Some(g) = &this.guard {
+                    g.set_waiting(false);
+                }
+            }
+            Poll::Ready(Some(Ok(_))) => {
+                if let Some(g) = &this.guard {
+                    g.set_waiting(true);
+                }
+            }
+            // Ended or failed: the request is no longer open.
+            Poll::Ready(None | Some(Err(_))) => this.guard = None,
+        }
+        res
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 

@@ -58,16 +58,99 @@ pub(crate) enum Limit {
     ClientConcurrency,
     /// The request URL is longer than `max_url_bytes`.
     UrlLength,
+    /// The client address failed too many credential checks lately
+    /// (`auth_failures_per_second`), or too many checks were already waiting for the bcrypt
+    /// lane.
+    AuthFailures,
 }
 
 impl Limit {
-    const ALL: [Limit; 2] = [Limit::ClientConcurrency, Limit::UrlLength];
+    const ALL: [Limit; 3] = [Limit::ClientConcurrency, Limit::UrlLength, Limit::AuthFailures];
 
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             Limit::ClientConcurrency => "client_concurrency",
             Limit::UrlLength => "url_length",
+            Limit::AuthFailures => "auth_failures",
         }
+    }
+}
+
+/// Why a connection was refused at accept; the `reason` label of
+/// `registry_facade_connections_refused_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ConnRefusal {
+    /// The listener already had `max_connections` open.
+    MaxConnections,
+}
+
+impl ConnRefusal {
+    const ALL: [ConnRefusal; 1] = [ConnRefusal::MaxConnections];
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            ConnRefusal::MaxConnections => "max_connections",
+        }
+    }
+}
+
+/// Why the server closed a connection on its own; the `reason` label of
+/// `registry_facade_connections_closed_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ConnClose {
+    /// No complete request head within `request_head_timeout` (nothing sent, half a head, an
+    /// HTTP/2 preface without a request).
+    HeadTimeout,
+    /// No request open for `idle_connection_timeout`.
+    Idle,
+    /// A response waited `response_idle_timeout` for the client to take its next bytes (an
+    /// HTTP/2 flow-control window left at zero, or an HTTP/1 client that stopped reading).
+    ZeroWindow,
+}
+
+impl ConnClose {
+    const ALL: [ConnClose; 3] = [ConnClose::HeadTimeout, ConnClose::Idle, ConnClose::ZeroWindow];
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            ConnClose::HeadTimeout => "head_timeout",
+            ConnClose::Idle => "idle",
+            ConnClose::ZeroWindow => "zero_window",
+        }
+    }
+}
+
+/// The connection series of one listener's accept loop.
+#[derive(Clone, Debug)]
+pub(crate) struct ConnectionMetrics {
+    refused: IntCounterVec,
+    closed: IntCounterVec,
+    open: IntGauge,
+}
+
+impl ConnectionMetrics {
+    pub(crate) fn refused(&self, reason: ConnRefusal) {
+        self.refused.with_label_values(&[reason.as_str()]).inc();
+    }
+
+    pub(crate) fn closed(&self, reason: ConnClose) {
+        self.closed.with_label_values(&[reason.as_str()]).inc();
+    }
+
+    /// Counts a connection as open until the guard drops.
+    pub(crate) fn opened(&self) -> OpenConnectionGuard {
+        self.open.inc();
+        OpenConnectionGuard(self.open.clone())
+    }
+}
+
+/// Decrements `registry_facade_open_connections` on drop.
+#[derive(Debug)]
+pub(crate) struct OpenConnectionGuard(IntGauge);
+
+impl Drop for OpenConnectionGuard {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -130,6 +213,7 @@ pub struct ServerMetrics {
     auth_failures: IntCounterVec,
     file_reloads: IntCounterVec,
     limited: IntCounterVec,
+    connections: ConnectionMetrics,
     legacy: Option<LegacyServerMetrics>,
 }
 
@@ -189,6 +273,23 @@ impl ServerMetrics {
                 "Requests refused by a server limit",
                 &["limit"],
             )?,
+            connections: ConnectionMetrics {
+                refused: counter_vec(
+                    registry,
+                    "registry_facade_connections_refused_total",
+                    "Connections closed at accept because a listener limit was reached",
+                    &["reason"],
+                )?,
+                closed: counter_vec(
+                    registry,
+                    "registry_facade_connections_closed_total",
+                    "Connections the server closed on its own: no request head in time, idle, or a client that took no bytes",
+                    &["reason"],
+                )?,
+                open: registered(registry, "registry_facade_open_connections", |name| {
+                    IntGauge::new(name, "Connections open on the registry listener")
+                })?,
+            },
             legacy: if legacy { Some(LegacyServerMetrics::register(registry)?) } else { None },
         };
         metrics.precreate_series();
@@ -216,6 +317,12 @@ impl ServerMetrics {
         for limit in Limit::ALL {
             self.limited.with_label_values(&[limit.as_str()]);
         }
+        for reason in ConnRefusal::ALL {
+            self.connections.refused.with_label_values(&[reason.as_str()]);
+        }
+        for reason in ConnClose::ALL {
+            self.connections.closed.with_label_values(&[reason.as_str()]);
+        }
         for file in RELOADED_FILES {
             for outcome in ["ok", "error"] {
                 self.file_reloads.with_label_values(&[file, outcome]);
@@ -225,6 +332,11 @@ impl ServerMetrics {
 
     pub(crate) fn limited(&self, limit: Limit) {
         self.limited.with_label_values(&[limit.as_str()]).inc();
+    }
+
+    /// The connection series, for the registry listener's accept loop.
+    pub(crate) fn connections(&self) -> ConnectionMetrics {
+        self.connections.clone()
     }
 
     pub(crate) fn auth_failed(&self, reason: AuthFailure) {
@@ -371,6 +483,9 @@ mod tests {
             "registry_facade_auth_failures_total",
             "registry_facade_file_reloads_total",
             "registry_facade_limited_requests_total",
+            "registry_facade_connections_refused_total",
+            "registry_facade_connections_closed_total",
+            "registry_facade_open_connections",
         ] {
             assert!(text.contains(name), "{name} missing");
         }

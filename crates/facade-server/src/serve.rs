@@ -6,15 +6,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Request, Response};
+use bytes::Bytes;
+use http::{Request, Response, Version};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
@@ -22,7 +24,8 @@ use tokio_util::task::AbortOnDropHandle;
 use crate::app::App;
 use crate::backend::Backend;
 use crate::body::Body;
-use crate::limits::WriteIdle;
+use crate::limits::{ConnActivity, ConnTimeouts, Supervisor, WriteIdle};
+use crate::metrics::{ConnClose, ConnRefusal, ConnectionMetrics};
 use crate::reload;
 
 /// hyper refuses (panics on) a smaller HTTP/1 buffer.
@@ -34,7 +37,10 @@ const HYPER_MIN_BUF_SIZE: usize = 8192;
 ///
 /// Request heads are bounded by [`crate::ServerConfig::max_header_bytes`] and
 /// `max_headers` (431), requests per client address by `max_requests_per_client` (429), and a
-/// connection whose client stops reading is closed after `response_idle_timeout`.
+/// connection whose client stops reading (HTTP/2: leaves a stream's window at zero) is closed
+/// after `response_idle_timeout`. A connection without a complete request head within
+/// `request_head_timeout`, or with no request open for `idle_connection_timeout`, is closed;
+/// past `max_connections` open ones, new connections are refused with a 503.
 ///
 /// On `shutdown` it stops accepting, asks every connection to finish its in-flight requests
 /// (idle keep-alive connections close at once) and returns when all have closed. It waits as
@@ -65,7 +71,9 @@ pub async fn serve<B: Backend>(
         .http1()
         .keep_alive(true)
         .timer(TokioTimer::new())
-        .header_read_timeout(config.http1_header_read_timeout)
+        // The connection supervisor times request heads (hyper's own timer would start as soon
+        // as a connection goes idle and cut keep-alive connections at the head timeout).
+        .header_read_timeout(None)
         // The whole request head must fit in the read buffer: a bigger one gets 431 and the
         // connection is closed. (hyper-util's auto builder does not expose a separate head
         // limit; the buffer also caps how much response data is queued per write, which only
@@ -77,7 +85,21 @@ pub async fn serve<B: Backend>(
         .timer(TokioTimer::new())
         .max_concurrent_streams(config.h2_max_concurrent_streams)
         .max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX));
-    let conn = ConnLimits { write_idle: config.response_idle_timeout };
+    if let Some(interval) = config.idle_connection_timeout {
+        // Pings find a peer that vanished without a FIN while its streams are open; one that
+        // does not answer within the interval (at most 20 s) is gone.
+        builder.http2().keep_alive_interval(interval).keep_alive_timeout(interval.min(H2_PING_TIMEOUT));
+    }
+    let conn = ConnLimits {
+        write_idle: config.response_idle_timeout,
+        timeouts: ConnTimeouts {
+            head: config.request_head_timeout,
+            idle: config.idle_connection_timeout,
+            response: config.response_idle_timeout,
+        },
+        max_connections: (config.max_connections > 0).then_some(config.max_connections),
+        metrics: Some(app.metrics().connections()),
+    };
     let handler = move |req: Request<Incoming>, peer: SocketAddr| {
         let app = Arc::clone(&app);
         async move { Ok::<_, Infallible>(app.handle_from(req, peer.ip()).await) }
@@ -85,11 +107,37 @@ pub async fn serve<B: Backend>(
     accept_loop(listener, builder, tls, conn, handler, shutdown, "registry").await
 }
 
+/// The longest an HTTP/2 keep-alive ping may go unanswered.
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Per-connection limits applied below HTTP.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug)]
 pub(crate) struct ConnLimits {
     /// Close the connection when a write makes no progress for this long.
     pub(crate) write_idle: Option<Duration>,
+    /// Head, idle and response-progress deadlines.
+    pub(crate) timeouts: ConnTimeouts,
+    /// Connections open at once on the listener; more are refused at accept.
+    pub(crate) max_connections: Option<usize>,
+    /// Where refusals and closes are counted.
+    pub(crate) metrics: Option<ConnectionMetrics>,
+}
+
+impl Default for ConnLimits {
+    /// The admin listener's: no cap, no write timer, but silent and idle connections still
+    /// close (30 s without a request head, 60 s idle).
+    fn default() -> Self {
+        ConnLimits {
+            write_idle: None,
+            timeouts: ConnTimeouts {
+                head: Some(Duration::from_secs(30)),
+                idle: Some(Duration::from_secs(60)),
+                response: None,
+            },
+            max_connections: None,
+            metrics: None,
+        }
+    }
 }
 
 /// TLS termination of a listener.
@@ -115,7 +163,7 @@ where
     F: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
     let builder = Arc::new(builder);
-    let graceful = GracefulShutdown::new();
+    let refusal = Refusal::new(conn.max_connections, tls.is_some());
     // Connection tasks live in a set so that dropping this future (the caller's drain deadline
     // passed) aborts them instead of leaving them detached.
     let mut connections = JoinSet::new();
@@ -138,30 +186,117 @@ where
                 }
             }
         };
+        // Finished connections were reaped above (`biased`), so the set holds the open ones.
+        if let Some(max) = conn.max_connections
+            && connections.len() >= max
+        {
+            if let Some(m) = &conn.metrics {
+                m.refused(ConnRefusal::MaxConnections);
+            }
+            refusal.refuse(stream, peer, max, which);
+            continue;
+        }
         // Small writes (headers, last chunks) must not wait for Nagle.
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(listener = which, %peer, error = %e, "cannot set TCP_NODELAY");
         }
         // The handshake runs in the connection's task: a slow client must not hold up accept.
-        // The watcher is taken now, so a shutdown during the handshake still reaches the
-        // connection once it is served.
-        let (builder, handler, watcher, tls) = (Arc::clone(&builder), handler.clone(), graceful.watcher(), tls.clone());
+        let (builder, handler, shutdown, tls, limits) =
+            (Arc::clone(&builder), handler.clone(), shutdown.clone(), tls.clone(), conn.clone());
+        let open = conn.metrics.as_ref().map(ConnectionMetrics::opened);
         connections.spawn(async move {
+            let _open = open;
             let Some(tls) = tls else {
-                return serve_connection(&builder, stream, conn, handler, watcher, which, peer).await;
+                return serve_connection(&builder, stream, limits, handler, shutdown, which, peer).await;
             };
             match tokio::time::timeout(tls.timeout, tls.acceptor.accept(stream)).await {
-                Ok(Ok(stream)) => serve_connection(&builder, stream, conn, handler, watcher, which, peer).await,
+                Ok(Ok(stream)) => serve_connection(&builder, stream, limits, handler, shutdown, which, peer).await,
                 Ok(Err(e)) => tracing::debug!(listener = which, %peer, error = %e, "TLS handshake failed"),
                 Err(_) => tracing::debug!(listener = which, %peer, "TLS handshake timed out"),
             }
         });
     }
     drop(listener);
-    tracing::info!(listener = which, connections = graceful.count(), "draining connections");
-    graceful.shutdown().await;
+    tracing::info!(listener = which, connections = connections.len(), "draining connections");
     while connections.join_next().await.is_some() {}
     Ok(())
+}
+
+/// How a connection over the cap is turned away: plain HTTP gets a canned HTTP/1 503 with
+/// `Retry-After` and an OCI error body, written without waiting (what does not fit in the
+/// socket buffer at once is dropped); TLS is closed at once (a handshake costs more than the
+/// answer is worth). Warns at most once per second.
+struct Refusal {
+    answer: Option<Bytes>,
+    /// Refused sockets kept open briefly so the client reads the 503 instead of a reset.
+    lingering: Arc<Semaphore>,
+    last_warned: std::sync::Mutex<Option<Instant>>,
+}
+
+/// Refused sockets lingering at once; past that they are closed without waiting.
+const MAX_LINGERING: usize = 64;
+/// How long a refused socket is kept for the client to read the 503.
+const LINGER: Duration = Duration::from_secs(1);
+
+impl Refusal {
+    fn new(max: Option<usize>, tls: bool) -> Self {
+        let answer = match (max, tls) {
+            (Some(max), false) => Some(refusal_response(max)),
+            _ => None,
+        };
+        Refusal { answer, lingering: Arc::new(Semaphore::new(MAX_LINGERING)), last_warned: Default::default() }
+    }
+
+    fn refuse(&self, stream: TcpStream, peer: SocketAddr, max: usize, which: &'static str) {
+        {
+            let mut last = self.last_warned.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if last.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+                *last = Some(Instant::now());
+                tracing::warn!(listener = which, %peer, max_connections = max, "too many connections; refusing new ones");
+            }
+        }
+        let Some(answer) = &self.answer else {
+            return;
+        };
+        // Best effort: a fresh socket's send buffer takes these few hundred bytes at once.
+        let _written = stream.try_write(answer);
+        let Ok(permit) = Arc::clone(&self.lingering).try_acquire_owned() else {
+            return;
+        };
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut stream = stream;
+            // Half-close, then read what the client sent until it closes: closing a socket
+            // with unread bytes sends a reset, which may destroy the 503 before it is read.
+            let _shut = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
+            let mut sink = [0u8; 4096];
+            let _ = tokio::time::timeout(LINGER, async {
+                while let Ok(n) = tokio::io::AsyncReadExt::read(&mut stream, &mut sink).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            })
+            .await;
+        });
+    }
+}
+
+/// `503 UNAVAILABLE` with `Retry-After: 1`, as the OCI error envelope.
+fn refusal_response(max: usize) -> Bytes {
+    let body = serde_json::json!({"errors": [{
+        "code": "UNAVAILABLE",
+        "message": "too many connections; retry shortly",
+        "detail": {"maxConnections": max},
+    }]})
+    .to_string();
+    Bytes::from(format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+         Retry-After: 1\r\n{}: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len(),
+        crate::headers::API_VERSION,
+        crate::headers::API_VERSION_VALUE,
+    ))
 }
 
 async fn serve_connection<I, H, F>(
@@ -169,7 +304,7 @@ async fn serve_connection<I, H, F>(
     io: I,
     limits: ConnLimits,
     handler: H,
-    watcher: Watcher,
+    shutdown: CancellationToken,
     which: &'static str,
     peer: SocketAddr,
 ) where
@@ -177,9 +312,53 @@ async fn serve_connection<I, H, F>(
     H: Fn(Request<Incoming>, SocketAddr) -> F + Send + Sync + 'static,
     F: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
-    let io = WriteIdle::new(io, limits.write_idle, peer);
-    let conn = builder.serve_connection(TokioIo::new(io), service_fn(move |req| handler(req, peer)));
-    if let Err(e) = watcher.watch(conn).await {
-        tracing::debug!(listener = which, %peer, error = %e, "connection ended with an error");
+    let activity = ConnActivity::new();
+    let supervisor = Supervisor::new(Arc::clone(&activity), limits.timeouts);
+    let io = WriteIdle::new(io, limits.write_idle, peer).with_activity(Arc::clone(&activity));
+    let service = service_fn(move |req: Request<Incoming>| {
+        let guard = activity.request_started(req.version() == Version::HTTP_2);
+        let answer = handler(req, peer);
+        async move { answer.await.map(|resp| resp.map(|body| guard.track(body))) }
+    });
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    let mut conn = std::pin::pin!(conn);
+    // Set once a graceful close began (shutdown, or an idle connection): hyper finishes what
+    // is open and closes; the supervisor still bounds it.
+    let mut draining: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            ended = conn.as_mut() => {
+                if let Err(e) = ended {
+                    tracing::debug!(listener = which, %peer, error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            () = shutdown.cancelled(), if draining.is_none() => {
+                conn.as_mut().graceful_shutdown();
+                draining = Some(Instant::now());
+            }
+            (why, graceful) = supervisor.next_close(draining) => {
+                let already_counted = draining.is_some() && why == ConnClose::Idle;
+                if !already_counted && let Some(m) = &limits.metrics {
+                    m.closed(why);
+                }
+                if graceful {
+                    tracing::debug!(listener = which, %peer, reason = why.as_str(), "closing the connection");
+                    conn.as_mut().graceful_shutdown();
+                    draining = Some(Instant::now());
+                    continue;
+                }
+                if why == ConnClose::ZeroWindow {
+                    tracing::warn!(
+                        listener = which,
+                        %peer,
+                        "client took no response bytes for the response idle timeout; closing the connection"
+                    );
+                } else {
+                    tracing::debug!(listener = which, %peer, reason = why.as_str(), "closing the connection");
+                }
+                return;
+            }
+        }
     }
 }

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::metrics::{CacheResult, SpecMetrics};
-use crate::model::ImageSpec;
+use crate::model::{ContentLayer, ImageSpec};
 use crate::provider::SpecProvider;
 
 /// Knobs of the cache.
@@ -34,6 +34,9 @@ pub struct CacheConfig {
     pub stale_for: Duration,
     /// Most workspace ids remembered.
     pub max_entries: u64,
+    /// Most bytes the remembered specs may weigh together (`facade.specCacheBytes`): a spec
+    /// carries its direct content layers, so a count of entries alone does not bound memory.
+    pub max_bytes: u64,
 }
 
 impl Default for CacheConfig {
@@ -43,7 +46,43 @@ impl Default for CacheConfig {
             negative_ttl: Duration::from_secs(2),
             stale_for: Duration::from_secs(3600),
             max_entries: 10_000,
+            max_bytes: 64 << 20,
         }
+    }
+}
+
+/// Bookkeeping of one entry (key, timestamps, map slot), and of each reference or layer.
+const ENTRY_BYTES: usize = 256;
+
+impl Entry {
+    /// What the entry holds in memory, near enough for a byte bound.
+    fn weight(&self, id: &str) -> u32 {
+        let spec = match &self.answer {
+            Answer::Spec(s) => {
+                let refs = std::iter::once(&s.base_ref)
+                    .chain(s.ide_ref.iter())
+                    .chain(s.supervisor_ref.iter())
+                    .chain(s.ide_layer_refs.iter())
+                    .map(|r| {
+                        ENTRY_BYTES
+                            + r.registry.len()
+                            + r.repository.as_str().len()
+                            + r.tag.as_ref().map_or(0, String::len)
+                    })
+                    .sum::<usize>();
+                let layers = s
+                    .content_layers
+                    .iter()
+                    .map(|l| match l {
+                        ContentLayer::Remote(r) => ENTRY_BYTES + r.url.len(),
+                        ContentLayer::Direct { content } => ENTRY_BYTES + content.len(),
+                    })
+                    .sum::<usize>();
+                refs + layers
+            }
+            Answer::NotFound(_) => 0,
+        };
+        u32::try_from(ENTRY_BYTES + id.len() + spec).unwrap_or(u32::MAX)
     }
 }
 
@@ -75,7 +114,14 @@ impl<P: SpecProvider> CachedSpecProvider<P> {
         // Entries must outlive their freshness by the stale window; moka drops them after the
         // longest of the three and when over capacity (least recently used first).
         let keep = config.ttl.max(config.negative_ttl).max(config.stale_for).max(Duration::from_millis(1));
-        let entries = moka::sync::Cache::builder().max_capacity(config.max_entries).time_to_live(keep).build();
+        // Both bounds at once: each entry weighs at least the budget's share of one entry, so
+        // the cache holds at most `max_entries` entries and at most `max_bytes` bytes.
+        let share = u32::try_from(config.max_bytes / config.max_entries.max(1)).unwrap_or(u32::MAX);
+        let entries = moka::sync::Cache::builder()
+            .max_capacity(config.max_bytes)
+            .weigher(move |id: &String, e: &Entry| e.weight(id).max(share))
+            .time_to_live(keep)
+            .build();
         CachedSpecProvider { name: name.to_string(), inner, entries, config, metrics: None }
     }
 
@@ -156,6 +202,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
+    use bytes::Bytes;
 
     /// Answers from a script, counting calls; an empty script is a test bug.
     #[derive(Default)]
@@ -197,7 +244,29 @@ mod tests {
             negative_ttl: Duration::from_secs(2),
             stale_for: Duration::from_secs(60),
             max_entries: 100,
+            max_bytes: 1 << 20,
         }
+    }
+
+    #[tokio::test]
+    async fn big_specs_are_bounded_by_bytes_not_by_count() {
+        let direct = |n: u8| {
+            let mut s = spec("base:1");
+            s.content_layers.push(ContentLayer::Direct { content: Bytes::from(vec![n; 300 << 10]) });
+            s
+        };
+        let mut scripted = Scripted::default();
+        for n in 0..8 {
+            scripted = scripted.then(Ok(direct(n)));
+        }
+        let c = CachedSpecProvider::new("remote", scripted, config());
+        for n in 0..8u8 {
+            c.lookup(&format!("ws-{n}")).await.unwrap();
+        }
+        c.entries.run_pending_tasks();
+        let weight = c.entries.weighted_size();
+        assert!(weight <= 1 << 20, "8 specs of 300 KiB weigh {weight} bytes in a 1 MiB cache");
+        assert!(c.entries.entry_count() >= 2, "nothing kept");
     }
 
     #[tokio::test(start_paused = true)]

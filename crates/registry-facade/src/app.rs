@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use facade_blob::{
     BlobChain, ChainMetrics, ClusterCache, ClusterMetrics, FillConfig, Fills, ImageFetcher, Images, LocalStore,
-    StaticLayer, StoreMetrics,
+    PrefetchMetrics, Prefetcher, StaticLayer, StoreMetrics,
 };
 use facade_server::{AuthFile, Readiness, ServerConfig, ServerMetrics, TlsFiles};
 use facade_spec::{
@@ -26,6 +26,8 @@ use crate::reload::{ProviderFactory, Reloader};
 /// A facade with its listeners bound.
 pub struct App {
     registry_listener: TcpListener,
+    /// The peer listener (cluster-wide single-flight), when configured.
+    peer: Option<crate::peer::PeerNode>,
     admin_listeners: Vec<TcpListener>,
     app: Arc<facade_server::App<Engine>>,
     metrics: prometheus::Registry,
@@ -51,6 +53,10 @@ impl App {
             tracing::info!("{notice}");
         }
         let metrics = prometheus::Registry::new();
+        // Process-wide, like the memory and the blocking pool they divide (facade-blob).
+        facade_blob::ResponseBuffers::configure(config.memory.max_buffered_response_bytes);
+        let lanes = facade_blob::blocking::BlockingMetrics::register(&metrics).context("metrics")?;
+        facade_blob::blocking::configure(facade_blob::blocking::LaneSizes::default(), Some(lanes));
         let upstream = upstream_client(&config, &metrics)?;
         let store = open_store(&config, &metrics)?;
         let static_layers = prepare_static_layers(&config, store.clone()).await?;
@@ -59,8 +65,10 @@ impl App {
         let providers = provider_factory(&config)?;
         let engine = build_engine(&config, &metrics, upstream.clone(), store.clone(), providers, static_layers)?;
         let app = registry_app(&config, &metrics, engine.clone())?;
+        let peer = crate::peer::PeerNode::build(&config, &metrics, &engine.chain)?;
         let (registry_listener, admin_listeners) = bind_listeners(&config)?;
-        upstream.set_address_policy(address_policy(&config, &registry_listener, &admin_listeners));
+        let peer_addr = peer.as_ref().and_then(crate::peer::PeerNode::addr);
+        upstream.set_address_policy(address_policy(&config, &registry_listener, &admin_listeners, peer_addr));
         Ok(App {
             registry_listener,
             admin_listeners,
@@ -70,6 +78,7 @@ impl App {
             grace: config.shutdown_grace,
             store,
             reloader: None,
+            peer,
             parts: Parts { config, engine, upstream, providers: provider_factory },
         })
     }
@@ -106,7 +115,8 @@ impl App {
         let mut tasks = tokio::task::JoinSet::new();
         for l in self.admin_listeners {
             let (reg, ready, stop) = (self.metrics.clone(), self.readiness.clone(), serving.clone());
-            tasks.spawn(async move { facade_server::serve_admin(l, reg, ready, stop).await });
+            let workspaces: Arc<dyn facade_server::Workspaces> = self.parts.engine.clone();
+            tasks.spawn(async move { facade_server::serve_admin_with(l, reg, ready, Some(workspaces), stop).await });
         }
         if let Some(r) = self.reloader {
             tasks.spawn({
@@ -118,6 +128,9 @@ impl App {
             });
         }
         let tls = self.app.is_tls();
+        if let Some(peer) = self.peer {
+            tasks.spawn(peer.serve(serving.clone()));
+        }
         let server = tokio::spawn(facade_server::serve(self.registry_listener, self.app, serving.clone()));
         tracing::info!(%addr, tls, "registry-facade serving");
         tasks.spawn({
@@ -228,9 +241,13 @@ fn build_engine(
     let images = Images::new(config.images.clone(), providers, fetcher, static_layers).with_cluster(cluster.clone());
     let fills = Fills::with_cluster(FillConfig::default(), store.clone(), upstream, cluster, cluster_metrics.clone())
         .context("blob fills")?;
+    // Without a store a fill lives only as long as its readers: prefetch on manifest is off
+    // then (warm-up answers that it needs a store).
+    let prefetch_metrics = PrefetchMetrics::register(metrics).context("metrics")?;
+    let prefetch = Prefetcher::new(config.prefetch.clone(), store.clone(), fills.clone(), prefetch_metrics);
     let chain_metrics = ChainMetrics::register_with(metrics, config.legacy_metrics).context("metrics")?;
     let chain = Arc::new(BlobChain::with_metrics(store, fills, cluster_metrics).with_chain_metrics(chain_metrics));
-    Ok(Arc::new(Engine { images, chain }))
+    Ok(Arc::new(Engine { images, chain, prefetch }))
 }
 
 /// The registry's request handler: prefix, TLS, client auth and request limits.
@@ -261,8 +278,13 @@ fn registry_app(
 /// address).
 /// Upstream connections may not reach this process's own listeners, nor the denied networks
 /// (README, "Security model").
-fn address_policy(config: &Config, registry: &TcpListener, admin: &[TcpListener]) -> facade_upstream::ssrf::Policy {
-    let own = std::iter::once(registry).chain(admin).filter_map(|l| l.local_addr().ok()).collect();
+fn address_policy(
+    config: &Config,
+    registry: &TcpListener,
+    admin: &[TcpListener],
+    peer: Option<SocketAddr>,
+) -> facade_upstream::ssrf::Policy {
+    let own = std::iter::once(registry).chain(admin).filter_map(|l| l.local_addr().ok()).chain(peer).collect();
     facade_upstream::ssrf::Policy::new(own, config.upstream_deny_networks.clone())
 }
 
@@ -346,7 +368,7 @@ fn cluster_cache(config: &Config, metrics: &ClusterMetrics) -> anyhow::Result<Op
     }
     let cluster = ClusterCache::new(c.clone(), metrics.clone()).context("registry.redis / registry.ipfs")?;
     tracing::info!(
-        redis = c.redis.as_ref().map(|r| r.addr.as_str()),
+        redis = c.redis.as_ref().map(|r| r.describe()),
         redis_tls = c.redis.as_ref().is_some_and(|r| r.tls),
         ipfs = c.ipfs.as_ref().map(|i| i.api.as_str()),
         "cluster cache configured"

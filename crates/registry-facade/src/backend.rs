@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use facade_blob::{BlobChain, ErrorKind as K, Images, Prepared, PreparedBlob};
+use facade_blob::{BlobChain, ErrorKind as K, Images, Prefetcher, Prepared, PreparedBlob};
 use facade_server::{
     BackendError, BlobBody, BlobContent, BlobOpener, BlobRequest, ByteRange, ErrorKind, ManifestBody, ManifestRequest,
     OpenFuture, TagsRequest,
@@ -16,6 +16,8 @@ pub struct Engine {
     pub images: Images,
     /// Blob sources.
     pub chain: Arc<BlobChain>,
+    /// Prefetch on manifest, warm-up and their progress.
+    pub prefetch: Arc<Prefetcher>,
 }
 
 #[derive(Clone, Copy)]
@@ -47,11 +49,17 @@ fn map_error(e: facade_blob::Error, route: Route) -> BackendError {
 
 impl facade_server::Backend for Engine {
     async fn manifest(&self, req: ManifestRequest) -> Result<ManifestBody, BackendError> {
+        self.prefetch.touch(&req.provider, &req.id);
         let img = self
             .images
             .manifest(&req.provider, &req.id, &req.reference)
             .await
             .map_err(|e| map_error(e, Route::Manifest))?;
+        // A GET means a pull is starting (a HEAD is often only a tag check): fill the layers
+        // before the client asks for them.
+        if !req.method_head {
+            self.prefetch.manifest_served(&req.provider, &req.id, &img);
+        }
         Ok(ManifestBody {
             bytes: img.manifest.clone(),
             media_type: img.media_type.clone(),
@@ -60,6 +68,7 @@ impl facade_server::Backend for Engine {
     }
 
     async fn blob(&self, req: BlobRequest) -> Result<BlobBody, BackendError> {
+        self.prefetch.touch(&req.provider, &req.id);
         let entry =
             self.images.blob(&req.provider, &req.id, &req.digest).await.map_err(|e| map_error(e, Route::Blob))?;
         let prepared = self.chain.prepare(&req.digest, &entry).await.map_err(|e| {
@@ -111,5 +120,26 @@ impl BlobOpener for Opener {
                 .await
                 .map_err(|e| map_error(e, Route::Blob))
         })
+    }
+}
+
+/// The admin API's warm-up and progress: compose now (so an unknown workspace is a 404 before
+/// anything is promised), then fill in the background.
+impl facade_server::Workspaces for Engine {
+    fn prepare<'a>(
+        &'a self,
+        provider: &'a str,
+        id: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(async move {
+            let img = self.images.image(provider, id).await.map_err(|e| map_error(e, Route::Manifest))?;
+            self.prefetch.warm_up(provider, id, &img).map_err(|e| map_error(e, Route::Manifest))
+        })
+    }
+
+    fn progress(&self, provider: &str, id: &str) -> Option<facade_server::WorkspaceProgress> {
+        let report = self.prefetch.progress(provider, id)?;
+        let json = serde_json::to_vec(&report).ok()?;
+        Some(facade_server::WorkspaceProgress { json: bytes::Bytes::from(json), finished: report.is_finished() })
     }
 }

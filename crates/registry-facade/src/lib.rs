@@ -4,6 +4,7 @@
 pub mod app;
 pub mod backend;
 pub mod config;
+pub mod peer;
 pub mod reload;
 pub mod setup;
 

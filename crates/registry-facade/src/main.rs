@@ -1,5 +1,7 @@
 //! `registry-facade`: an image-composing OCI registry facade for workspaces.
 
+mod prepare;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -51,6 +53,19 @@ enum Command {
         #[arg(long)]
         ca: Option<PathBuf>,
     },
+    /// Warm a workspace image up before it is pulled: POST
+    /// `/v1/workspaces/<provider>/<id>/prepare` to a facade's admin listener (`prometheusAddr`
+    /// or `readinessProbeAddr`), then follow its progress until every layer is in the facade's
+    /// store. Prints one line per layer and a summary; exits 1 when a layer failed.
+    Prepare {
+        /// The facade's admin listener, `HOST:PORT`.
+        admin_addr: String,
+        /// The workspace, `<provider>/<id>` (as in `<facade>/<provider>/<id>:latest`).
+        workspace: String,
+        /// Give up waiting after this long.
+        #[arg(long, default_value = "3h", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Serve image specs from a JSON file over gRPC (`registryfacade.SpecProvider`), for
     /// development and tests of the `remote` provider. Prints `listening on ADDR` on stdout.
     SpecServer {
@@ -99,6 +114,16 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Prepare { admin_addr, workspace, timeout } => {
+            match prepare::run(&admin_addr, &workspace, timeout, &mut std::io::stdout()) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(1),
+                Err(e) => {
+                    eprintln!("registry-facade prepare: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::SpecServer { file, listen, tls_crt, tls_key, tls_client_ca } => {
             spec_server(&file, listen, tls_crt.zip(tls_key), tls_client_ca)
         }
@@ -122,9 +147,13 @@ fn run(path: PathBuf) -> ExitCode {
         }
     };
     // Blob reads run on the blocking pool; every thread that allocates gets a glibc malloc arena
-    // of its own, and the arenas keep freed 1 MiB read buffers. A bounded pool keeps peak RSS
-    // bounded on many-core nodes (measured: 16 concurrent pulls, see bench/RESULTS.md).
-    let rt = match tokio::runtime::Builder::new_multi_thread().max_blocking_threads(16).enable_all().build() {
+    // of its own, and the arenas keep freed read buffers. A bounded pool keeps peak RSS bounded
+    // on many-core nodes (measured: 16 concurrent pulls, see bench/RESULTS.md). facade-blob's
+    // lanes divide it (reads, spool writes, commits, housekeeping); the pool covers them all,
+    // plus bcrypt's own threads and a few for the work without a lane (file polls, static
+    // layer hashing), so a lane's permit always finds a thread.
+    let threads = facade_blob::blocking::LaneSizes::default().threads() + cfg.limits.auth_check_threads + 4;
+    let rt = match tokio::runtime::Builder::new_multi_thread().max_blocking_threads(threads).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("registry-facade: cannot start the runtime: {e}");

@@ -126,6 +126,7 @@ impl Reloader {
             ("facade.shutdownGrace", new.shutdown_grace != old.shutdown_grace),
             ("facade.maxRequest*/maxURLBytes/responseIdleTimeout", differs(&new.limits, &old.limits)),
             ("facade.legacyMetrics", new.legacy_metrics != old.legacy_metrics),
+            ("facade.prefetch*", differs(&new.prefetch, &old.prefetch)),
         ] {
             if changed {
                 restart_needed.push(key);

@@ -13,6 +13,7 @@ pub mod ipfs;
 pub mod metrics;
 pub mod proc;
 pub mod redis;
+pub mod redis_ha;
 pub mod registry;
 pub mod skopeo;
 pub mod tinyproxy;

@@ -15,7 +15,12 @@
 //!   is committed or a reader gets the last byte. A blob that came from the origin is added to
 //!   IPFS afterwards, from the verified spool, in the background.
 //! - **Limits**: no byte from a source for `idle_timeout` counts as a broken body; a fill
-//!   that runs past `deadline` fails. Without a store, a fill nobody reads stops at once.
+//!   that runs past `deadline` fails. Without a store, a fill nobody reads stops at once; with
+//!   one, after the store's `unread_grace`, unless it keeps the minimum rate.
+//! - **Disk budget** (`store/budget.rs`): a fill reserves its blob's size when its spool is
+//!   created; when the budget refuses, [`Fills::join`] fails with [`Error::NoRoom`] and the
+//!   chain streams the blob through instead (`passthrough.rs`). A full disk while spooling ends
+//!   the fill with a [`Fallback`]: its readers go on from the origin at their offset.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -30,13 +35,14 @@ use futures::stream::BoxStream;
 use futures::{FutureExt, Stream, StreamExt};
 use tokio::sync::watch;
 
+use crate::blobs::passthrough::{HashedPrefix, PassConfig, PassThrough};
 use crate::blobs::possession::Vouched;
 use crate::blobs::read::Progress;
 use crate::blobs::spool::Spool;
 use crate::cluster::{BackfillOutcome, BackfillStore, ClusterCache, ClusterMetrics, IndexEntry};
 use crate::error::{Error, Result};
 use crate::metrics::{ChainMetrics, RetryReason};
-use crate::store::{InUse, LocalStore};
+use crate::store::{InUse, LocalStore, PassReason, is_no_space};
 use crate::sync::lock;
 
 /// Knobs of fills.
@@ -202,9 +208,30 @@ pub struct Fill {
     head: watch::Receiver<Head>,
     /// Keeps the committed blob from eviction while readers (who hold the fill) read it.
     _in_use: Option<InUse>,
+    /// Set (before the fill reports its failure) when the disk filled up under the spool.
+    fallback: std::sync::OnceLock<Fallback>,
+}
+
+/// How the readers of a fill that hit a full disk go on: from the origin, at the offset the
+/// spool reached, with the hash of the bytes before it (the spool file stays readable through
+/// the descriptors readers hold), so the whole blob is still verified before its last byte.
+#[derive(Clone)]
+pub struct Fallback {
+    /// Bytes in the spool file, and their hash state (`None`: start hashing from byte 0).
+    pub(crate) prefix: Option<HashedPrefix>,
 }
 
 impl Fill {
+    /// The origin this fill downloads from.
+    pub fn origin(&self) -> &UpstreamBlob {
+        &self.origin
+    }
+
+    /// Whether the fill ended because the disk filled up, and how its readers go on.
+    pub fn fallback(&self) -> Option<&Fallback> {
+        self.fallback.get()
+    }
+
     /// The file readers read from (open before any rename, so commit does not disturb them).
     pub fn file(&self) -> Arc<std::fs::File> {
         self.file.clone()
@@ -252,6 +279,8 @@ pub struct Fills {
     inflight: Mutex<HashMap<Digest, Vec<Weak<Fill>>>>,
     /// Origins known to hold stored blobs (see `possession.rs`).
     vouched: Vouched,
+    /// Cluster-wide single-flight (`peer.rs`), when configured.
+    peers: std::sync::OnceLock<peer::Peers>,
 }
 
 /// Batches progress notifications: every send wakes every reader, and per-chunk wake-ups of
@@ -287,6 +316,9 @@ impl Notifier {
 /// Progress a broken body must have brought for its resume not to count against the budget.
 const RESUME_PROGRESS: u64 = 1 << 20;
 
+/// How often a fill waiting for bytes looks whether anybody still needs it.
+const UNREAD_CHECK: Duration = Duration::from_secs(1);
+
 /// The fill task's ends of its readers' channels.
 struct Senders {
     progress: watch::Sender<Progress>,
@@ -312,6 +344,8 @@ struct Run<'a> {
     /// Start of the current `min_rate` window and the bytes accepted at its start (tokio's
     /// clock, like every other deadline of the fill).
     window: (tokio::time::Instant, u64),
+    /// Since when nobody reads the fill, and the bytes accepted then.
+    unread: Option<(tokio::time::Instant, u64)>,
 }
 
 impl Run<'_> {
@@ -328,7 +362,7 @@ impl Run<'_> {
         }
         self.spool.append(bytes).await?;
         self.notify.progress(self.tx, self.spool.written());
-        if fills.abandoned(self.fill) {
+        if fills.abandoned(self.fill, &mut self.unread, self.spool.accepted()) {
             return Err(Error::Cancelled { digest: self.fill.digest.clone() });
         }
         self.check_rate(&fills.config)
@@ -364,8 +398,15 @@ impl Run<'_> {
     }
 
     /// The next item of `body`. When nothing is ready, what is pending is written first, so
-    /// readers of a trickle see every byte that arrived; no item for `idle` is a stall.
-    async fn next<S: Stream + Unpin>(&mut self, body: &mut S, idle: Duration) -> Result<Option<S::Item>> {
+    /// readers of a trickle see every byte that arrived; no item for `idle` is a stall. While
+    /// it waits, it looks every [`UNREAD_CHECK`] whether anybody still needs the fill, so a
+    /// source that sends nothing cannot keep an unread fill (and its reservation) alive.
+    async fn next<S: Stream + Unpin>(
+        &mut self,
+        fills: &Fills,
+        body: &mut S,
+        idle: Duration,
+    ) -> Result<Option<S::Item>> {
         if let Some(item) = body.next().now_or_never() {
             return Ok(item);
         }
@@ -373,10 +414,24 @@ impl Run<'_> {
             let written = self.spool.flush().await?;
             self.notify.flush(self.tx, written);
         }
-        tokio::time::timeout(idle, body.next()).await.map_err(|_| Error::FillTimeout {
-            digest: self.fill.digest.clone(),
-            reason: format!("no byte for {idle:?} at offset {}", self.spool.accepted()),
-        })
+        let deadline = tokio::time::Instant::now() + idle;
+        loop {
+            let wake = deadline.min(tokio::time::Instant::now() + UNREAD_CHECK);
+            match tokio::time::timeout_at(wake, body.next()).await {
+                Ok(item) => return Ok(item),
+                Err(_) => {
+                    if fills.abandoned(self.fill, &mut self.unread, self.spool.accepted()) {
+                        return Err(Error::Cancelled { digest: self.fill.digest.clone() });
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(Error::FillTimeout {
+                            digest: self.fill.digest.clone(),
+                            reason: format!("no byte for {idle:?} at offset {}", self.spool.accepted()),
+                        });
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -419,6 +474,7 @@ impl Fills {
             chain_metrics: std::sync::OnceLock::new(),
             inflight: Mutex::new(HashMap::new()),
             vouched: Vouched::new(100_000),
+            peers: std::sync::OnceLock::new(),
         }))
     }
 
@@ -483,7 +539,23 @@ impl Fills {
             }
             return Ok((existing, false));
         }
-        let spool = Spool::reserve(self.store.as_ref(), &self.config.spool_dir, digest)?;
+        // One disk budget for the store and the spools: the blob's declared size is reserved
+        // now, or the blob is streamed through instead (the caller's decision).
+        let reservation = match &self.store {
+            Some(store) => {
+                Some(store.reserve(size).map_err(|reason| Error::NoRoom { digest: digest.clone(), reason })?)
+            }
+            None => None,
+        };
+        let spool = match Spool::reserve(self.store.as_ref(), &self.config.spool_dir, digest, reservation) {
+            Err(Error::Io { source, .. }) if is_no_space(&source) && self.store.is_some() => {
+                if let Some(store) = &self.store {
+                    store.no_space();
+                }
+                return Err(Error::NoRoom { digest: digest.clone(), reason: PassReason::NoSpace });
+            }
+            other => other?,
+        };
         let path = spool.path().ok_or_else(|| Error::Spool { reason: "new spool has no file".into() })?;
         let file = std::fs::File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
         let (tx, rx) = watch::channel(Progress::Running { written: 0 });
@@ -497,6 +569,7 @@ impl Fills {
             progress: rx,
             head,
             _in_use: in_use,
+            fallback: std::sync::OnceLock::new(),
         });
         table.entry(digest.clone()).or_default().push(Arc::downgrade(&fill));
         drop(table);
@@ -505,17 +578,33 @@ impl Fills {
         Ok((fill, true))
     }
 
-    /// Whether nobody needs the rest of `fill`: no reader holds it (readers hold it as the guard
-    /// of their stream; the fill's task holds one reference) and there is no store to fill for
-    /// later. Decided under the table's lock, and an abandoned fill leaves the table at once,
+    /// Whether nobody needs the rest of `fill`: no reader holds it (readers, prefetches
+    /// included, hold it as the guard of their stream; the fill's task holds one reference) and
+    /// there is no store to fill for later, or there is one but the fill has gone unread for the
+    /// store's `unread_grace` and did not keep the minimum rate over it (or the disk is full).
+    /// A fill that fits its budget (it reserved its size) and moves keeps filling the store for
+    /// later pulls. `unread` is the fill's own record of since when, and from which byte, it is
+    /// unread. Decided under the table's lock, and an abandoned fill leaves the table at once,
     /// so a new request never joins a fill that is about to stop.
-    fn abandoned(&self, fill: &Arc<Fill>) -> bool {
-        if self.store.is_some() {
-            return false;
-        }
+    fn abandoned(&self, fill: &Arc<Fill>, unread: &mut Option<(tokio::time::Instant, u64)>, accepted: u64) -> bool {
         let mut table = self.table();
         if Arc::strong_count(fill) > 1 {
+            *unread = None;
             return false;
+        }
+        if let Some(store) = &self.store {
+            let now = tokio::time::Instant::now();
+            let (since, at) = *unread.get_or_insert((now, accepted));
+            let unread_for = now - since;
+            if unread_for < store.config().unread_grace {
+                return false;
+            }
+            let moving = (accepted - at) as f64 >= self.config.min_rate as f64 * unread_for.as_secs_f64();
+            if moving && !store.disk_full() {
+                *unread = Some((now, accepted));
+                return false;
+            }
+            store.fill_abandoned();
         }
         Self::remove(&mut table, fill);
         true
@@ -599,9 +688,10 @@ impl Fills {
         }
     }
 
-    /// cluster → origin → verify (the readers get the last byte) → commit.
+    /// cluster → origin → verify (the readers get the last byte) → commit. A full disk before
+    /// the readers got the last byte ends the fill with a [`Fallback`] for them; at the commit
+    /// it only keeps the blob out of the store (they were served already).
     async fn run(&self, fill: &Arc<Fill>, spool: Spool, tx: &Senders) -> Result<Came> {
-        let from = &fill.origin;
         let mut run = Run {
             fill,
             spool,
@@ -609,23 +699,87 @@ impl Fills {
             head: &tx.head,
             notify: Notifier::default(),
             window: (tokio::time::Instant::now(), 0),
+            unread: None,
         };
+        let came = match self.download(&mut run, tx).await {
+            Ok(came) => came,
+            Err(e) => {
+                if run.spool.out_of_space() {
+                    self.out_of_space(fill, &run.spool);
+                }
+                return Err(e);
+            }
+        };
+        let committed = run.spool.commit(self.store.clone(), &fill.digest, fill.size).await;
+        if let Err(Error::Io { source, .. }) = &committed
+            && is_no_space(source)
+            && let Some(store) = &self.store
+        {
+            store.no_space();
+        }
+        committed.map(|()| came)
+    }
+
+    /// The disk filled up under `spool`: its readers are told how to go on from the origin
+    /// (before the failure reaches them), and the store makes room.
+    fn out_of_space(&self, fill: &Fill, spool: &Spool) {
+        let prefix = spool.hashed_prefix().map(|(len, hasher)| HashedPrefix { len, hasher });
+        tracing::warn!(
+            digest = %fill.digest, offset = prefix.as_ref().map(|p| p.len),
+            "disk full while downloading a blob; its readers go on streaming from the origin"
+        );
+        let _ = fill.fallback.set(Fallback { prefix });
+        if let Some(store) = &self.store {
+            store.no_space();
+        }
+    }
+
+    /// A pass-through of `[start, end)` of a blob the store does not keep, from origin `from`:
+    /// the origin has answered when this returns (see `passthrough.rs`). `resume` continues a
+    /// reader of a fill that hit a full disk.
+    pub(crate) async fn pass_through(
+        &self,
+        digest: &Digest,
+        size: u64,
+        from: &UpstreamBlob,
+        (start, end): (u64, u64),
+        resume: Option<&Fallback>,
+    ) -> Result<futures::stream::BoxStream<'static, std::io::Result<Bytes>>> {
+        let c = &self.config;
+        let config = PassConfig {
+            idle_timeout: c.idle_timeout,
+            retry_min_delay: c.retry_min_delay,
+            retry_max_delay: c.retry_max_delay,
+            max_attempts_without_progress: c.max_attempts_without_progress,
+            max_resumes: c.max_resumes,
+        };
+        let prefix = resume.and_then(|f| f.prefix.clone());
+        PassThrough::open(self.origin.clone(), from.clone(), digest.clone(), size, start, end, prefix, config).await
+    }
+
+    /// cluster → origin → verify; the readers get the last byte.
+    async fn download(&self, run: &mut Run<'_>, tx: &Senders) -> Result<Came> {
+        let fill = run.fill;
+        let from = &fill.origin;
         let mut came = Came::Origin;
         if let Some(cluster) = &self.cluster
             && let Some(entry) = cluster.lookup(&fill.digest, fill.size).await
             && entry.origins.contains(&from.key())
         {
-            match self.fill_from_cluster(cluster.as_ref(), &entry, &mut run).await {
+            match self.fill_from_cluster(cluster.as_ref(), &entry, run).await {
                 Ok(()) => came = Came::Cluster,
                 Err(e @ Error::Cancelled { .. }) => return Err(e),
+                Err(e) if run.spool.out_of_space() => return Err(e),
                 Err(e) => tracing::info!(
                     digest = %fill.digest, cid = %entry.cid, offset = run.spool.accepted(), error = %e,
                     "IPFS could not deliver the blob; going on from upstream at this offset"
                 ),
             }
         }
+        // Held until the fill ends: other nodes stream from this fill meanwhile (peer.rs).
+        let _lease = if came == Came::Origin { self.fill_from_peers(run).await? } else { None };
         if came == Came::Origin {
-            self.fill_from_origin(&mut run, from).await?;
+            self.fill_from_origin(run, from).await?;
         }
         let verified = run.spool.verify(&fill.digest, fill.size).await;
         if let Err(e) = &verified {
@@ -635,7 +789,6 @@ impl Fills {
         // Readers get the last byte as soon as the digest checks out; syncing and renaming into
         // the store (slow for a large blob) happens after.
         let _ = tx.progress.send(Progress::Verified);
-        run.spool.commit(self.store.clone(), &fill.digest, fill.size).await?;
         Ok(came)
     }
 
@@ -672,7 +825,7 @@ impl Fills {
             };
             run.answered();
             let reason = loop {
-                match run.next(&mut stream, self.config.idle_timeout).await {
+                match run.next(self, &mut stream, self.config.idle_timeout).await {
                     Ok(Some(Ok(bytes))) => run.append(self, bytes).await?,
                     Ok(Some(Err(e))) | Err(e @ Error::FillTimeout { .. }) => break e.to_string(),
                     Err(e) => return Err(e),
@@ -761,7 +914,7 @@ impl Fills {
         }
         run.answered();
         loop {
-            let err = match run.next(&mut stream.body, self.config.idle_timeout).await {
+            let err = match run.next(self, &mut stream.body, self.config.idle_timeout).await {
                 Ok(Some(Ok(bytes))) => {
                     run.append(self, bytes).await?;
                     continue;
@@ -820,6 +973,10 @@ impl Fills {
             .build()
     }
 }
+
+// A child module: the peer source appends to this fill's spool like the others do.
+#[path = "peer.rs"]
+pub mod peer;
 
 #[cfg(test)]
 mod tests;

@@ -4,6 +4,7 @@
 
 pub mod chain;
 pub mod fill;
+pub(crate) mod passthrough;
 pub(crate) mod possession;
 pub mod read;
 pub(crate) mod spool;

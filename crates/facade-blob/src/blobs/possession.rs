@@ -39,6 +39,12 @@ impl Vouched {
         self.known.insert((digest.clone(), from.clone()), ());
     }
 
+    /// Whether `from` has already shown it holds `digest` (no probe: a peer's request must not
+    /// cause upstream traffic).
+    pub(crate) fn holds(&self, digest: &Digest, from: &UpstreamBlob) -> bool {
+        self.known.contains_key(&(digest.clone(), from.clone()))
+    }
+
     /// Whether `from` has shown it holds `digest`, probing it now if it has not yet.
     pub(crate) async fn check(
         &self,

@@ -3,13 +3,26 @@
 //!
 //! Reads use `pread` on a shared descriptor, so many readers of one file need no seeking and a
 //! rename or unlink of the path (commit, cleanup) does not disturb them.
+//!
+//! Memory: every chunk a stream hands out carries what it holds of the process-wide budget of
+//! buffered response bytes (`facade.maxBufferedResponseBytes`, README) and gives it back when
+//! the server drops the chunk after writing it, so backpressure, not buffering, answers a
+//! client that stops reading. A chunk backed by the budget may be big (1 MiB, the throughput
+//! size) and a stream grows to it only as its client takes bytes: a chunk is at most as large
+//! as what the client already consumed, rounded up to a power of two. Without budget to spare a
+//! stream still moves, with one [`SMALL`] chunk of its own at a time. So the bytes buffered are
+//! at most the budget plus [`SMALL`] per open stream; before this, each client that read
+//! nothing pinned a 1 MiB chunk in the server's write buffer and a 1 MiB read-ahead.
 
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::stream::BoxStream;
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+
+use crate::blocking::{self, Lane};
 
 /// How far a fill has come.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,9 +38,86 @@ pub enum Progress {
     Failed(Arc<str>),
 }
 
-/// Read size: large reads keep syscalls and task hops few (a 1 MiB copy loop is this machine's
-/// practical limit, see bench/).
+/// Largest read: large reads keep syscalls and task hops few (a 1 MiB copy loop is this
+/// machine's practical limit, see bench/).
 pub const CHUNK: usize = 1 << 20;
+
+/// A stream's own chunk, outside the budget: what a client that reads nothing can pin.
+pub const SMALL: usize = 64 << 10;
+
+/// The process-wide budget of response bytes held in memory (read, not yet written to a socket).
+#[derive(Debug)]
+pub struct ResponseBuffers {
+    budget: Arc<Semaphore>,
+    max_bytes: usize,
+}
+
+static BUFFERS: RwLock<Option<Arc<ResponseBuffers>>> = RwLock::new(None);
+
+impl ResponseBuffers {
+    /// The default budget, `facade.maxBufferedResponseBytes`'s default.
+    pub const DEFAULT_MAX_BYTES: u64 = 64 << 20;
+
+    /// Sets the budget of the streams opened from now on (the binary, at startup and reload).
+    /// Streams under way keep the budget they were opened with.
+    pub fn configure(max_bytes: u64) {
+        let buffers = ResponseBuffers::new(usize::try_from(max_bytes).unwrap_or(usize::MAX));
+        *BUFFERS.write().unwrap_or_else(|e| e.into_inner()) = Some(buffers);
+    }
+
+    fn new(max_bytes: usize) -> Arc<ResponseBuffers> {
+        let max_bytes = max_bytes.min(Semaphore::MAX_PERMITS);
+        Arc::new(ResponseBuffers { budget: Arc::new(Semaphore::new(max_bytes)), max_bytes })
+    }
+
+    /// The budget in use.
+    pub fn current() -> Arc<ResponseBuffers> {
+        if let Some(b) = BUFFERS.read().unwrap_or_else(|e| e.into_inner()).as_ref()
+            && b.max_bytes > 0
+        {
+            return b.clone();
+        }
+        let mut slot = BUFFERS.write().unwrap_or_else(|e| e.into_inner());
+        slot.get_or_insert_with(|| ResponseBuffers::new(Self::DEFAULT_MAX_BYTES as usize)).clone()
+    }
+
+    /// Bytes of the budget held by chunks now.
+    pub fn held(&self) -> usize {
+        self.max_bytes - self.budget.available_permits()
+    }
+
+    /// The budget's size.
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes
+    }
+
+    fn try_take(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
+        let n = u32::try_from(bytes).ok()?;
+        // Only `NoPermits` can happen: the budget is never closed.
+        self.budget.clone().try_acquire_many_owned(n).ok()
+    }
+}
+
+/// A read buffer and the permit that pays for it; the permit goes back when the last `Bytes`
+/// pointing into the buffer is dropped, after the server wrote it.
+struct Chunk {
+    buf: Vec<u8>,
+    _permit: OwnedSemaphorePermit,
+    /// The stream's count of bytes its client has taken.
+    consumed: Arc<AtomicU64>,
+}
+
+impl AsRef<[u8]> for Chunk {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Chunk {
+    fn drop(&mut self) {
+        self.consumed.fetch_add(self.buf.len() as u64, Ordering::Relaxed);
+    }
+}
 
 /// A stream of the bytes `[start, end_exclusive)` of `file`, whose full size is `size`.
 /// With `progress`, it follows a fill: it never sends the blob's last byte before the fill is
@@ -41,7 +131,28 @@ pub fn file_range_stream(
     progress: Option<watch::Receiver<Progress>>,
     guard: Option<Box<dyn Send + Sync>>,
 ) -> BoxStream<'static, std::io::Result<Bytes>> {
-    let state = Reader { file, pos: start, end: end_exclusive, size, progress, ahead: None, _guard: guard };
+    range_stream_in(ResponseBuffers::current(), file, (start, end_exclusive, size), progress, guard)
+}
+
+fn range_stream_in(
+    buffers: Arc<ResponseBuffers>,
+    file: Arc<std::fs::File>,
+    (start, end_exclusive, size): (u64, u64, u64),
+    progress: Option<watch::Receiver<Progress>>,
+    guard: Option<Box<dyn Send + Sync>>,
+) -> BoxStream<'static, std::io::Result<Bytes>> {
+    let state = Reader {
+        file,
+        pos: start,
+        end: end_exclusive,
+        size,
+        progress,
+        ahead: None,
+        buffers,
+        own: Arc::new(Semaphore::new(SMALL)),
+        consumed: Arc::new(AtomicU64::new(0)),
+        _guard: guard,
+    };
     Box::pin(futures::stream::try_unfold(state, |mut st| async move {
         match st.next_chunk().await? {
             Some(buf) => Ok(Some((buf, st))),
@@ -62,6 +173,10 @@ struct Reader {
     /// The next chunk, read ahead while the previous one is being sent, so disk reads and
     /// socket writes overlap.
     ahead: Option<(u64, tokio::task::JoinHandle<std::io::Result<Bytes>>)>,
+    buffers: Arc<ResponseBuffers>,
+    /// The stream's own [`SMALL`] chunk, for when the budget has nothing to spare.
+    own: Arc<Semaphore>,
+    consumed: Arc<AtomicU64>,
     _guard: Option<Box<dyn Send + Sync>>,
 }
 
@@ -74,17 +189,60 @@ impl Reader {
             Some((at, task)) if at == self.pos => task,
             _ => {
                 let readable = self.readable().await?;
-                self.spawn_read(self.pos, readable)
+                let (want, permit) = self.buffer_for(readable - self.pos).await?;
+                self.spawn_read(self.pos, want, permit)
             }
         };
         let buf = task.await.map_err(std::io::Error::other)??;
         self.pos += buf.len() as u64;
+        // Read ahead only for a client that takes full chunks, and only with budget to spare:
+        // the next chunk is read while the server writes this one.
         if self.pos < self.end
+            && self.grant() == CHUNK
             && let Some(readable) = self.readable_now()?
         {
-            self.ahead = Some((self.pos, self.spawn_read(self.pos, readable)));
+            let want = (readable - self.pos).min(CHUNK as u64) as usize;
+            if let Some(permit) = self.buffers.try_take(want) {
+                self.ahead = Some((self.pos, self.spawn_read(self.pos, want, permit)));
+            }
         }
         Ok(Some(buf))
+    }
+
+    /// The largest chunk this stream may take from the budget: what its client has consumed,
+    /// rounded up to a power of two, between [`SMALL`] and [`CHUNK`].
+    fn grant(&self) -> usize {
+        let consumed = usize::try_from(self.consumed.load(Ordering::Relaxed)).unwrap_or(usize::MAX);
+        consumed.max(SMALL).checked_next_power_of_two().unwrap_or(CHUNK).min(CHUNK)
+    }
+
+    /// Size and permit of the next read of at most `avail` bytes: from the budget when it has
+    /// the stream's grant to spare, else a small chunk: the stream's own, or one from the
+    /// budget while that one is out (a consumer that holds a chunk while it asks for the next
+    /// must not wait for itself), or, with neither, the first of the two to come back (the
+    /// backpressure on a client that reads nothing).
+    async fn buffer_for(&self, avail: u64) -> std::io::Result<(usize, OwnedSemaphorePermit)> {
+        let want = avail.min(self.grant() as u64) as usize;
+        if want > SMALL
+            && let Some(permit) = self.buffers.try_take(want)
+        {
+            return Ok((want, permit));
+        }
+        let want = want.min(SMALL);
+        // `want` ≤ SMALL fits in u32.
+        let n = want as u32;
+        if let Ok(permit) = self.own.clone().try_acquire_many_owned(n) {
+            return Ok((want, permit));
+        }
+        if let Some(permit) = self.buffers.try_take(want) {
+            return Ok((want, permit));
+        }
+        let permit = tokio::select! {
+            p = self.own.clone().acquire_many_owned(n) => p,
+            p = self.buffers.budget.clone().acquire_many_owned(n) => p,
+        };
+        // Neither semaphore is ever closed.
+        Ok((want, permit.map_err(|_| std::io::Error::other("response buffer closed"))?))
     }
 
     /// How far may be read without waiting.
@@ -119,15 +277,23 @@ impl Reader {
         }
     }
 
-    fn spawn_read(&self, pos: u64, readable: u64) -> tokio::task::JoinHandle<std::io::Result<Bytes>> {
-        let want = (readable - pos).min(CHUNK as u64) as usize;
+    fn spawn_read(
+        &self,
+        pos: u64,
+        want: usize,
+        permit: OwnedSemaphorePermit,
+    ) -> tokio::task::JoinHandle<std::io::Result<Bytes>> {
         let file = self.file.clone();
-        tokio::task::spawn_blocking(move || read_exact_at(&file, pos, want))
+        let consumed = self.consumed.clone();
+        blocking::spawn(Lane::Reads, move || {
+            let buf = read_exact_at(&file, pos, want)?;
+            Ok(Bytes::from_owner(Chunk { buf, _permit: permit, consumed }))
+        })
     }
 }
 
-fn read_exact_at(file: &std::fs::File, pos: u64, want: usize) -> std::io::Result<Bytes> {
-    let mut buf = BytesMut::zeroed(want);
+fn read_exact_at(file: &std::fs::File, pos: u64, want: usize) -> std::io::Result<Vec<u8>> {
+    let mut buf = vec![0; want];
     let mut filled = 0;
     while filled < want {
         let n = file.read_at(&mut buf[filled..], pos + filled as u64)?;
@@ -136,7 +302,7 @@ fn read_exact_at(file: &std::fs::File, pos: u64, want: usize) -> std::io::Result
         }
         filled += n;
     }
-    Ok(buf.freeze())
+    Ok(buf)
 }
 
 /// A stream of one in-memory slice.
@@ -151,6 +317,7 @@ mod tests {
     use super::*;
     use futures::{StreamExt, TryStreamExt};
     use std::io::Write;
+    use std::time::Duration;
 
     async fn collect(s: BoxStream<'static, std::io::Result<Bytes>>) -> std::io::Result<Vec<u8>> {
         s.try_fold(Vec::new(), |mut acc, b| async move {
@@ -208,6 +375,64 @@ mod tests {
         let reader = tokio::spawn(collect(file_range_stream(file, 2, 6, 6, Some(rx), None)));
         tx.send(Progress::Failed("digest mismatch".into())).unwrap();
         assert!(reader.await.unwrap().is_err());
+    }
+
+    fn noise_file(len: usize) -> (tempfile::TempDir, Arc<std::fs::File>, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 4096) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let file = Arc::new(std::fs::File::open(&path).unwrap());
+        (dir, file, data)
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_taking_chunks_holds_no_more_than_the_budget() {
+        let (_dir, file, data) = noise_file(8 << 20);
+        let len = data.len() as u64;
+        let buffers = ResponseBuffers::new(2 << 20);
+        let mut s = range_stream_in(buffers.clone(), file, (0, len, len), None, None);
+        // The server's write buffer of a client that reads nothing: chunks pile up, unwritten.
+        let mut held = Vec::new();
+        loop {
+            match tokio::time::timeout(Duration::from_millis(300), s.next()).await {
+                Ok(Some(chunk)) => held.push(chunk.unwrap()),
+                Ok(None) => panic!("the whole blob was buffered"),
+                Err(_) => break,
+            }
+        }
+        let held_bytes: usize = held.iter().map(Bytes::len).sum();
+        assert!(held_bytes <= buffers.max_bytes() + SMALL, "{held_bytes} bytes buffered");
+        assert!(held.iter().all(|c| c.len() <= SMALL), "a client that took nothing got a big chunk");
+        // Written at last: the stream goes on to the end with the right bytes.
+        let mut got: Vec<u8> = held.iter().flat_map(|c| c.iter().copied()).collect();
+        drop(held);
+        while let Some(chunk) = tokio::time::timeout(Duration::from_secs(30), s.next()).await.unwrap() {
+            got.extend_from_slice(&chunk.unwrap());
+        }
+        assert!(got == data, "wrong bytes");
+        assert_eq!(buffers.held(), 0, "budget not given back");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_reads_grows_to_full_chunks_while_the_budget_allows() {
+        let (_dir, file, data) = noise_file(6 << 20);
+        let len = data.len() as u64;
+        let buffers = ResponseBuffers::new(4 << 20);
+        let sizes = |stream: BoxStream<'static, std::io::Result<Bytes>>| async move {
+            stream.map(|c| c.unwrap().len()).collect::<Vec<_>>().await
+        };
+        let got = sizes(range_stream_in(buffers.clone(), file.clone(), (0, len, len), None, None)).await;
+        assert_eq!(got.iter().sum::<usize>(), data.len());
+        assert_eq!(got[0], SMALL, "a new client starts small");
+        assert!(got.iter().filter(|n| **n == CHUNK).count() >= 4, "never grew: {got:?}");
+        // With the budget held elsewhere, a reader still gets everything, in small chunks.
+        let hog = buffers.try_take(4 << 20).unwrap();
+        let got = sizes(range_stream_in(buffers.clone(), file, (0, len, len), None, None)).await;
+        assert_eq!(got.iter().sum::<usize>(), data.len());
+        assert!(got.iter().all(|n| *n <= SMALL));
+        drop(hog);
+        assert_eq!(buffers.held(), 0);
     }
 
     #[tokio::test]

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use facade_oci::Digest;
 
 use crate::error::{Error, Result};
-use crate::store::{LocalStore, TempBlob};
+use crate::store::{LocalStore, Reservation, TempBlob, is_no_space};
 
 /// Bytes collected before a write is handed to the blocking pool.
 pub const BATCH: usize = 1 << 20;
@@ -35,17 +35,39 @@ pub struct Spool {
     written: u64,
     /// A write that failed: every later call answers it.
     broken: Option<String>,
+    /// The write failed because the disk is full (ENOSPC, EDQUOT).
+    out_of_space: bool,
+    /// The spool's room in the store's disk budget, released when the spool goes (after its
+    /// commit has added the blob to the store's total, or with its file).
+    _reservation: Option<Reservation>,
 }
 
 impl Spool {
     /// A spool for `digest`: in the store's temp directory when there is a store (so a commit
-    /// is a rename), else in `spool_dir`.
-    pub fn reserve(store: Option<&LocalStore>, spool_dir: &Path, digest: &Digest) -> Result<Spool> {
+    /// is a rename), holding the store's `reservation` for it; else in `spool_dir`.
+    pub fn reserve(
+        store: Option<&LocalStore>,
+        spool_dir: &Path,
+        digest: &Digest,
+        reservation: Option<Reservation>,
+    ) -> Result<Spool> {
         let temp = match store {
             Some(s) => s.temp_blob(digest)?,
             None => TempBlob::create(spool_dir, digest)?,
         };
-        Ok(Spool::new(temp))
+        let mut spool = Spool::new(temp);
+        spool._reservation = reservation;
+        Ok(spool)
+    }
+
+    /// Whether a write failed because the disk is full.
+    pub fn out_of_space(&self) -> bool {
+        self.out_of_space
+    }
+
+    /// The bytes on disk and their hash state, while the spool still has its file.
+    pub fn hashed_prefix(&self) -> Option<(u64, facade_oci::DigestHasher)> {
+        self.temp.as_ref().and_then(TempBlob::hashed_prefix)
     }
 
     fn new(temp: TempBlob) -> Spool {
@@ -57,6 +79,8 @@ impl Spool {
             accepted: 0,
             written: 0,
             broken: None,
+            out_of_space: false,
+            _reservation: None,
         }
     }
 
@@ -108,7 +132,7 @@ impl Spool {
         };
         let batch = std::mem::take(&mut self.pending);
         self.pending_len = 0;
-        self.writing = Some(tokio::task::spawn_blocking(move || {
+        self.writing = Some(crate::blocking::spawn(crate::blocking::Lane::SpoolWrites, move || {
             let result = batch.iter().try_for_each(|b| temp.write_all(b));
             (temp, result)
         }));
@@ -122,6 +146,7 @@ impl Spool {
                 self.written = temp.written();
                 self.temp = Some(temp);
                 if let Err(e) = result {
+                    self.out_of_space = matches!(&e, Error::Io { source, .. } if is_no_space(source));
                     self.broken = Some(e.to_string());
                     return Err(e);
                 }
@@ -157,7 +182,7 @@ impl Spool {
         self.verify(digest, size).await?;
         let (Some(store), Some(temp)) = (store, self.temp.take()) else { return Ok(()) };
         let digest = digest.clone();
-        tokio::task::spawn_blocking(move || temp.commit(&store, &digest, size))
+        crate::blocking::spawn(crate::blocking::Lane::Commits, move || temp.commit(&store, &digest, size))
             .await
             .map_err(|e| Error::Spool { reason: format!("commit task failed: {e}") })?
     }
@@ -172,7 +197,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let data: Vec<u8> = (0..(3 * BATCH + 12345)).map(|i| (i % 251) as u8).collect();
         let digest = Digest::sha256_of(&data);
-        let mut spool = Spool::reserve(None, dir.path(), &digest).unwrap();
+        let mut spool = Spool::reserve(None, dir.path(), &digest, None).unwrap();
         let path = spool.path().unwrap().to_path_buf();
         for chunk in data.chunks(16 * 1024 + 7) {
             spool.append(Bytes::copy_from_slice(chunk)).await.unwrap();
@@ -188,11 +213,11 @@ mod tests {
     async fn a_wrong_size_is_a_size_mismatch_and_wrong_bytes_a_digest_mismatch() {
         let dir = tempfile::tempdir().unwrap();
         let digest = Digest::sha256_of(b"hello");
-        let mut spool = Spool::reserve(None, dir.path(), &digest).unwrap();
+        let mut spool = Spool::reserve(None, dir.path(), &digest, None).unwrap();
         spool.append(Bytes::from_static(b"hell")).await.unwrap();
         assert!(matches!(spool.verify(&digest, 5).await, Err(Error::SizeMismatch { expected: 5, actual: 4, .. })));
 
-        let mut spool = Spool::reserve(None, dir.path(), &digest).unwrap();
+        let mut spool = Spool::reserve(None, dir.path(), &digest, None).unwrap();
         spool.append(Bytes::from_static(b"jello")).await.unwrap();
         match spool.verify(&digest, 5).await {
             Err(Error::DigestMismatch { expected, actual, .. }) => assert_ne!(expected, actual),
@@ -205,13 +230,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::open(dir.path()).unwrap();
         let digest = Digest::sha256_of(b"hello");
-        let mut spool = Spool::reserve(Some(&store), dir.path(), &digest).unwrap();
+        let mut spool = Spool::reserve(Some(&store), dir.path(), &digest, None).unwrap();
         spool.append(Bytes::from_static(b"hello")).await.unwrap();
         spool.commit(Some(store.clone()), &digest, 5).await.unwrap();
         assert!(store.contains(&digest));
 
         let other = Digest::sha256_of(b"other");
-        let mut spool = Spool::reserve(Some(&store), dir.path(), &other).unwrap();
+        let mut spool = Spool::reserve(Some(&store), dir.path(), &other, None).unwrap();
         spool.append(Bytes::from_static(b"oth")).await.unwrap();
         spool.flush().await.unwrap();
         let path = spool.path().unwrap().to_path_buf();

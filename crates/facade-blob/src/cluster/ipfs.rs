@@ -224,6 +224,79 @@ impl IpfsStore {
             .map_err(|_| err("version", format!("no answer within {:?}", self.config.first_byte_timeout)))?
     }
 
+    /// `POST /api/v0/<path_and_query>` with an empty body: the status and the whole (small)
+    /// answer, within `timeout`.
+    async fn rpc(&self, what: &str, path_and_query: &str, timeout: Duration) -> Result<(http::StatusCode, Bytes)> {
+        let url = format!("{}/api/v0/{path_and_query}", self.api);
+        let body: Body = BodyExt::boxed_unsync(Empty::new().map_err(|never: std::convert::Infallible| match never {}));
+        let req = http::Request::post(&url).body(body).map_err(|e| err(what, e))?;
+        let work = async {
+            let resp = self.client.request(req).await.map_err(|e| err(what, e))?;
+            let status = resp.status();
+            let body = resp.into_body().collect().await.map_err(|e| err(what, e))?.to_bytes();
+            Ok((status, body))
+        };
+        tokio::time::timeout(timeout, work).await.map_err(|_| err(what, format!("no answer within {timeout:?}")))?
+    }
+
+    /// The node's peer ID (`id`): the identity its pins are recorded under, however each
+    /// facade addresses the node.
+    pub async fn peer_id(&self) -> Result<String> {
+        let (status, body) = self.rpc("id", "id", self.config.first_byte_timeout).await?;
+        if !status.is_success() {
+            return Err(err("id", format!("node answered {status}")));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| err("id", e))?;
+        let id = v.get("ID").or_else(|| v.get("id")).and_then(|i| i.as_str()).unwrap_or_default();
+        // Peer IDs are base58 or base32 multihashes; anything else would make a strange key.
+        if id.is_empty() || id.len() > 128 || !id.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return Err(err(
+                "id",
+                format!("answer has no usable ID: {}", String::from_utf8_lossy(&body[..body.len().min(200)])),
+            ));
+        }
+        Ok(id.to_string())
+    }
+
+    /// Removes the recursive pin of `cid` (`pin/rm`): `Ok(true)` when it was pinned, `Ok(false)`
+    /// when it was not (another facade of the same node removed it first).
+    pub async fn unpin(&self, cid: &str) -> Result<bool> {
+        if !is_plausible_cid(cid) {
+            return Err(err("pin/rm", format!("{cid:?} is not a CID")));
+        }
+        let (status, body) =
+            self.rpc("pin/rm", &format!("pin/rm?arg={cid}&recursive=true"), self.config.first_byte_timeout * 4).await?;
+        if status.is_success() {
+            return Ok(true);
+        }
+        // Kubo: "not pinned or pinned indirectly"; js-ipfs: "… is not pinned".
+        let text = String::from_utf8_lossy(&body);
+        if text.contains("not pinned") {
+            return Ok(false);
+        }
+        Err(err("pin/rm", format!("node answered {status}: {}", &text[..text.len().min(200)])))
+    }
+
+    /// Pins `cid` again (`pin/add`), for content whose index entry came back while it was
+    /// being unpinned. Bounded by the node-side timeout: blocks already collected are not
+    /// looked for on the network.
+    pub async fn pin(&self, cid: &str) -> Result<()> {
+        if !is_plausible_cid(cid) {
+            return Err(err("pin/add", format!("{cid:?} is not a CID")));
+        }
+        let node_timeout = format!("{}ms", self.config.node_timeout.as_millis().max(1));
+        let path = format!("pin/add?arg={cid}&recursive=true&timeout={node_timeout}");
+        let (status, body) = self.rpc("pin/add", &path, self.config.node_timeout * 2).await?;
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(err(
+                "pin/add",
+                format!("node answered {status}: {}", String::from_utf8_lossy(&body[..body.len().min(200)])),
+            ))
+        }
+    }
+
     /// The bytes `[offset, offset + length)` of `cid`. Returns once the node answered with a
     /// success status (within the first-byte deadline); the stream then fails if a gap between
     /// chunks exceeds the read deadline. The stream's content is not verified here: the caller

@@ -52,6 +52,29 @@ pub struct ClusterMetrics {
     backfill: IntCounterVec,
     up: IntGaugeVec,
     failures: IntCounterVec,
+    unpinned: IntCounterVec,
+    pinned_bytes: IntGauge,
+}
+
+/// Why a pin was removed from IPFS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnpinReason {
+    /// Its index entry is gone: expired (TTL), evicted by Redis, or removed.
+    Unindexed,
+    /// Its index entry now names another CID.
+    Replaced,
+    /// The pinned bytes were over `facade.clusterIPFSMaxBytes`; it was used least recently.
+    Budget,
+}
+
+impl UnpinReason {
+    fn label(self) -> &'static str {
+        match self {
+            UnpinReason::Unindexed => "unindexed",
+            UnpinReason::Replaced => "replaced",
+            UnpinReason::Budget => "budget",
+        }
+    }
 }
 
 /// The health metrics of one dependency, handed to its breaker.
@@ -78,6 +101,8 @@ impl ClusterMetrics {
             ("registry_facade_backfill_total", Box::new(m.backfill.clone())),
             ("registry_facade_cluster_dependency_up", Box::new(m.up.clone())),
             ("registry_facade_cluster_dependency_failures_total", Box::new(m.failures.clone())),
+            ("registry_facade_ipfs_unpinned_total", Box::new(m.unpinned.clone())),
+            ("registry_facade_ipfs_pinned_bytes", Box::new(m.pinned_bytes.clone())),
         ] {
             registry.register(c).map_err(|e| metric_error(name, e))?;
         }
@@ -119,6 +144,19 @@ impl ClusterMetrics {
             &["dependency"],
         )
         .map_err(|e| metric_error("registry_facade_cluster_dependency_failures_total", e))?;
+        let unpinned = IntCounterVec::new(
+            Opts::new("registry_facade_ipfs_unpinned_total", "IPFS pins removed, by reason"),
+            &["reason"],
+        )
+        .map_err(|e| metric_error("registry_facade_ipfs_unpinned_total", e))?;
+        let pinned_bytes = IntGauge::new(
+            "registry_facade_ipfs_pinned_bytes",
+            "Bytes of the blobs pinned on this facade's IPFS node, as its last pin sweep counted them",
+        )
+        .map_err(|e| metric_error("registry_facade_ipfs_pinned_bytes", e))?;
+        for reason in [UnpinReason::Unindexed, UnpinReason::Replaced, UnpinReason::Budget] {
+            unpinned.with_label_values(&[reason.label()]);
+        }
         for cache in ["local", "cluster"] {
             for result in ["hit", "miss", "error"] {
                 lookups.with_label_values(&[cache, result]);
@@ -129,7 +167,7 @@ impl ClusterMetrics {
                 backfill.with_label_values(&[store, outcome]);
             }
         }
-        Ok(ClusterMetrics { lookups, backfill, up, failures })
+        Ok(ClusterMetrics { lookups, backfill, up, failures, unpinned, pinned_bytes })
     }
 
     /// Counts one lookup.
@@ -158,6 +196,26 @@ impl ClusterMetrics {
             BackfillOutcome::Skipped => "skipped",
         };
         self.backfill.with_label_values(&[store, outcome]).inc();
+    }
+
+    /// Counts one removed pin.
+    pub fn unpinned(&self, reason: UnpinReason) {
+        self.unpinned.with_label_values(&[reason.label()]).inc();
+    }
+
+    /// Sets the pinned-bytes gauge.
+    pub fn set_pinned_bytes(&self, bytes: u64) {
+        self.pinned_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// The current value of an unpin counter (for tests).
+    pub fn unpinned_value(&self, reason: UnpinReason) -> u64 {
+        self.unpinned.with_label_values(&[reason.label()]).get()
+    }
+
+    /// The pinned-bytes gauge's value (for tests).
+    pub fn pinned_bytes_value(&self) -> i64 {
+        self.pinned_bytes.get()
     }
 
     /// The health metrics of `dependency` (`redis` or `ipfs`).

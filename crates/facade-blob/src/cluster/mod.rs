@@ -8,7 +8,9 @@
 //!   `config:<digest>` → an upstream image config; both verified against the digest on read;
 //! - `composed:<provider>/<id>:<digest>` → a composed image record of that workspace, and
 //!   `composed-list:<provider>/<id>` → its recent manifest digests (see `images`);
-//! - `blob:<digest>` → `{cid, mediaType, size}`, the IPFS index.
+//! - `blob:<digest>` → `{cid, mediaType, size, origins, pinner}`, the IPFS index;
+//! - `ipfs-pins:<peer ID>` and `ipfs-sweep:<peer ID>`: the pins made on one IPFS node and the
+//!   lease of its sweep (see `pins`: pins follow the index).
 //!
 //! Nothing here can fail a pull. Every call has a short deadline and goes through the
 //! dependency's [`Breaker`]; a failure, timeout or garbage answer is `None` ("the cache has
@@ -18,7 +20,9 @@
 
 pub mod breaker;
 pub mod ipfs;
+pub mod lease;
 pub mod metrics;
+pub mod pins;
 pub mod redis;
 
 use std::sync::Arc;
@@ -31,8 +35,11 @@ use serde::{Deserialize, Serialize};
 
 pub use breaker::{Breaker, BreakerConfig};
 pub use ipfs::{IpfsConfig, IpfsStore, api_url_from_multiaddr};
-pub use metrics::{BackfillOutcome, BackfillStore, CacheName, ClusterMetrics, DependencyMetrics, LookupResult};
-pub use redis::{RedisConfig, RedisKv};
+pub use metrics::{
+    BackfillOutcome, BackfillStore, CacheName, ClusterMetrics, DependencyMetrics, LookupResult, UnpinReason,
+};
+pub use pins::SweepReport;
+pub use redis::{RedisConfig, RedisKv, RedisTopology};
 
 use crate::error::Result;
 
@@ -57,6 +64,18 @@ pub struct ClusterConfig {
     pub max_value_bytes: usize,
     /// Backoff of both breakers.
     pub breaker: BreakerConfig,
+    /// Most bytes of blobs kept pinned on one IPFS node (None: bounded by `index_ttl` only).
+    pub ipfs_max_bytes: Option<u64>,
+    /// How often a facade sweeps its IPFS node's pins (see `pins`).
+    pub pin_sweep_interval: Duration,
+}
+
+impl ClusterConfig {
+    /// The sweep interval for an index TTL: a quarter of it, between 1 s and 1 min, so an
+    /// expired entry's pin goes within about a minute and short test TTLs are seen quickly.
+    pub fn sweep_interval_for(index_ttl: Duration) -> Duration {
+        (index_ttl / 4).clamp(Duration::from_secs(1), Duration::from_secs(60))
+    }
 }
 
 impl Default for ClusterConfig {
@@ -69,6 +88,8 @@ impl Default for ClusterConfig {
             content_ttl: Duration::from_secs(24 * 3600),
             max_value_bytes: 4 << 20,
             breaker: BreakerConfig::default(),
+            ipfs_max_bytes: None,
+            pin_sweep_interval: Duration::from_secs(60),
         }
     }
 }
@@ -89,6 +110,10 @@ pub struct IndexEntry {
     /// the cluster (docs/security-model.md). Entries without origins are not used.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub origins: Vec<String>,
+    /// The peer ID of the IPFS node whose pin keeps the content (its record is scored by the
+    /// entry's hits); absent in entries written before pins were recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinner: Option<String>,
 }
 
 struct RedisSide {
@@ -100,6 +125,8 @@ struct RedisSide {
 struct IpfsSide {
     store: IpfsStore,
     breaker: Breaker,
+    /// The node's peer ID once asked (see `pins`).
+    peer: std::sync::Mutex<Option<String>>,
 }
 
 /// The cluster cache of one facade.
@@ -108,6 +135,10 @@ pub struct ClusterCache {
     ipfs: Option<IpfsSide>,
     config: ClusterConfig,
     metrics: ClusterMetrics,
+    /// The pins this process made (see `pins`).
+    local_pins: std::sync::Mutex<pins::LocalPins>,
+    /// This process, as the holder of sweep leases.
+    me: String,
 }
 
 impl std::fmt::Debug for ClusterCache {
@@ -138,10 +169,14 @@ impl ClusterCache {
             Some(ic) => Some(IpfsSide {
                 store: IpfsStore::new(ic.clone())?,
                 breaker: Breaker::new("ipfs", config.breaker, metrics.dependency("ipfs")),
+                peer: std::sync::Mutex::new(None),
             }),
             None => None,
         };
-        let cache = Arc::new(ClusterCache { redis, ipfs, config, metrics });
+        let me = format!("{}-{}", std::process::id(), pins::now_millis());
+        let local_pins = std::sync::Mutex::new(pins::LocalPins::default());
+        let cache = Arc::new(ClusterCache { redis, ipfs, config, metrics, local_pins, me });
+        cache.spawn_sweeper();
         let weak = Arc::downgrade(&cache);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(PROBE_INTERVAL);
@@ -378,6 +413,7 @@ impl ClusterCache {
         match serde_json::from_slice::<IndexEntry>(&raw) {
             Ok(e) if e.size == size => {
                 self.metrics.lookup(CacheName::Cluster, LookupResult::Hit);
+                self.touch_pin(digest.as_str(), &e);
                 Some(e)
             }
             Ok(e) => {
@@ -447,14 +483,23 @@ impl ClusterCache {
         let Some(added) = i.breaker.call(add_timeout, i.store.add(file, size)).await else {
             return BackfillOutcome::Failed;
         };
+        // The node's identity names the pin's record; without it the pin could not be swept,
+        // so the blob is not indexed (the next fill publishes it again).
+        let Some(peer) = self.ipfs_peer().await else { return BackfillOutcome::Failed };
         let entry = IndexEntry {
             cid: added.cid.clone(),
             media_type: media_type.to_string(),
             size,
             origins: vec![origin.to_string()],
+            pinner: Some(peer.clone()),
         };
         let Ok(value) = serde_json::to_vec(&entry) else { return BackfillOutcome::Failed };
-        if self.redis_set(&["blob", digest.as_str()], &value, self.config.index_ttl).await {
+        let indexed = self.redis_set(&["blob", digest.as_str()], &value, self.config.index_ttl).await;
+        // Recorded whether or not the entry was written: the pin exists either way, and a pin
+        // without an entry is what the sweep removes.
+        let member = pins::PinMember { digest: digest.to_string(), cid: added.cid.clone(), size };
+        self.record_pin(&peer, member).await;
+        if indexed {
             tracing::debug!(%digest, cid = %added.cid, size, "added blob to IPFS and the index");
             BackfillOutcome::Ok
         } else {

@@ -42,13 +42,14 @@ pub struct FetchConfig {
     pub platform: Platform,
     /// How long a tag → digest resolution is trusted.
     pub tag_ttl: Duration,
-    /// How many images are kept by digest.
-    pub max_images: u64,
+    /// Bytes of manifests and configs kept by digest (`facade.imageCacheBytes`; a count of
+    /// images alone let an upstream's big configs grow the cache to GiBs).
+    pub max_bytes: u64,
 }
 
 impl Default for FetchConfig {
     fn default() -> Self {
-        FetchConfig { platform: Platform::host(), tag_ttl: Duration::from_secs(60), max_images: 512 }
+        FetchConfig { platform: Platform::host(), tag_ttl: Duration::from_secs(60), max_bytes: 64 << 20 }
     }
 }
 
@@ -67,7 +68,11 @@ impl ImageFetcher {
     /// A fetcher using `client`.
     pub fn new(client: facade_upstream::Client, config: FetchConfig) -> Self {
         let by_digest = moka::future::Cache::builder()
-            .max_capacity(config.max_images)
+            .max_capacity(config.max_bytes)
+            .weigher(|k: &DigestKey, img: &Arc<FetchedImage>| {
+                let bytes = k.0.len() + k.1.len() + img.manifest.len() + img.config.len() + 256;
+                u32::try_from(bytes).unwrap_or(u32::MAX)
+            })
             .time_to_idle(Duration::from_secs(6 * 3600))
             .build();
         ImageFetcher { client, config, tags: Mutex::new(HashMap::new()), by_digest, cluster: None }

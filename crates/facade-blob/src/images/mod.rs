@@ -81,16 +81,46 @@ pub struct ComposedImage {
 pub struct ImagesConfig {
     /// How long a composed image is reused before the spec and tags are looked at again.
     pub compose_ttl: Duration,
-    /// Most (provider, id) pairs kept.
-    pub max_workspaces: u64,
     /// Earlier versions of one workspace's image kept servable by digest.
     pub versions_per_workspace: usize,
+    /// Bytes the composed images kept in memory may weigh together (manifests, configs and
+    /// other in-memory blobs, and their blob index), `facade.imageCacheBytes`: a count of
+    /// entries alone let a few big images (a spec's direct content layers) grow it to GiBs.
+    pub max_bytes: u64,
 }
 
 impl Default for ImagesConfig {
     fn default() -> Self {
-        ImagesConfig { compose_ttl: Duration::from_secs(30), max_workspaces: 10_000, versions_per_workspace: 4 }
+        ImagesConfig { compose_ttl: Duration::from_secs(30), versions_per_workspace: 4, max_bytes: 64 << 20 }
     }
+}
+
+/// Bookkeeping of one blob index entry (key, entry, map slot), counted in an image's weight.
+const INDEX_ENTRY_BYTES: usize = 256;
+
+impl ComposedImage {
+    /// What this image holds in memory, near enough for a cache's byte bound.
+    pub fn weight(&self) -> usize {
+        let blobs: usize = self
+            .blobs
+            .values()
+            .map(|e| {
+                let held = match &e.origin {
+                    BlobOrigin::Bytes(b) => b.len(),
+                    BlobOrigin::Upstream(u) => u.registry.len() + u.repo.as_str().len(),
+                    BlobOrigin::Remote { url } => url.len(),
+                    BlobOrigin::Stored => 0,
+                };
+                INDEX_ENTRY_BYTES + e.media_type.len() + held
+            })
+            .sum();
+        self.manifest.len() + self.media_type.len() + blobs
+    }
+}
+
+/// A moka weight: saturates instead of wrapping.
+fn moka_weight(bytes: usize) -> u32 {
+    u32::try_from(bytes).unwrap_or(u32::MAX)
 }
 
 type WsKey = (String, String);
@@ -214,10 +244,20 @@ impl Images {
         fetcher: ImageFetcher,
         static_layers: Vec<StaticLayer>,
     ) -> Self {
-        let current =
-            moka::future::Cache::builder().max_capacity(config.max_workspaces).time_to_live(config.compose_ttl).build();
+        // Bounded by bytes, not entries. The current images get a quarter of the budget: they
+        // are also among the versions, which get the rest, so both together stay within it.
+        let current_bytes = config.max_bytes / 4;
+        let versions_bytes = config.max_bytes - current_bytes;
+        let current = moka::future::Cache::builder()
+            .max_capacity(current_bytes)
+            .weigher(|_: &WsKey, img: &Arc<ComposedImage>| moka_weight(img.weight()))
+            .time_to_live(config.compose_ttl)
+            .build();
         let versions = moka::sync::Cache::builder()
-            .max_capacity(config.max_workspaces)
+            .max_capacity(versions_bytes)
+            .weigher(|_: &WsKey, list: &Arc<Mutex<VecDeque<Arc<ComposedImage>>>>| {
+                moka_weight(lock(list).iter().map(|v| v.weight()).sum::<usize>().max(INDEX_ENTRY_BYTES))
+            })
             .time_to_idle(Duration::from_secs(3600))
             .build();
         Images {
@@ -276,12 +316,16 @@ impl Images {
 
     fn remember(&self, key: &WsKey, img: &Arc<ComposedImage>) {
         let list = self.versions.get_with(key.clone(), || Arc::new(Mutex::new(VecDeque::new())));
-        let mut l = lock(&list);
-        if l.iter().any(|v| v.manifest_digest == img.manifest_digest) {
-            return;
+        {
+            let mut l = lock(&list);
+            if l.iter().any(|v| v.manifest_digest == img.manifest_digest) {
+                return;
+            }
+            l.push_front(img.clone());
+            l.truncate(self.config.versions_per_workspace.max(1));
         }
-        l.push_front(img.clone());
-        l.truncate(self.config.versions_per_workspace.max(1));
+        // moka weighs an entry when it is inserted: insert the grown list again.
+        self.versions.insert(key.clone(), list);
     }
 
     fn share(&self, provider: &str, id: &str, img: &ComposedImage) {

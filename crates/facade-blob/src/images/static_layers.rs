@@ -92,8 +92,20 @@ pub fn prepare_file(path: &Path, store: Option<&LocalStore>) -> Result<PreparedF
         Some(s) => {
             // The store is the layer's only source: pinned first, so that no process sharing
             // the store evicts it between the write and the pin.
-            s.pin(&digest)?;
-            s.put_bytes(&digest, &bytes)?;
+            let written = s.pin(&digest).and_then(|()| s.put_bytes(&digest, &bytes));
+            if let Err(e) = written {
+                // A full (or failing) disk must not stop the facade from starting, or it
+                // crash-loops while the node needs it: the layer answers 503 until the store's
+                // background task has written it.
+                tracing::error!(
+                    layer = %path.display(), %digest, error = %e,
+                    "cannot write a static layer into the local store; it is unavailable until it can be written (retried in the background)"
+                );
+                if matches!(&e, Error::Io { source, .. } if crate::store::is_no_space(source)) {
+                    s.no_space();
+                }
+                s.add_pending_static(path.to_path_buf(), digest.clone());
+            }
             None
         }
         None => Some(Bytes::from(bytes)),

@@ -18,19 +18,27 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use facade_oci::Digest;
-use prometheus::{IntCounter, IntGauge, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 use crate::error::{Error, Result};
 use crate::sync::lock;
 
+mod budget;
 mod temp;
+pub use budget::{DISK_FULL_BACKOFF, PassReason, Reservation, is_no_space};
 pub use temp::TempBlob;
 
 /// Bounds of the store.
 #[derive(Clone, Debug)]
 pub struct StoreConfig {
-    /// Most bytes of blobs kept (`None`: unbounded).
+    /// Most bytes of blobs kept, spools of fills under way included (`None`: unbounded).
     pub max_bytes: Option<u64>,
+    /// The largest blob kept (`None`: as large as `max_bytes`); larger ones are streamed
+    /// through to their readers without being stored.
+    pub max_blob_bytes: Option<u64>,
+    /// A fill nobody reads any more goes on this long, then stops unless it keeps its minimum
+    /// rate (it fits the budget: it reserved its size).
+    pub unread_grace: Duration,
     /// Blobs not used for this long are evicted (`None`: kept while there is room).
     pub ttl: Option<Duration>,
     /// A blob's use time is written at most this often (it costs a metadata write).
@@ -43,6 +51,8 @@ impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             max_bytes: None,
+            max_blob_bytes: None,
+            unread_grace: Duration::from_secs(5),
             ttl: None,
             touch_interval: Duration::from_secs(60),
             gc_interval: Duration::from_secs(60),
@@ -55,6 +65,14 @@ impl Default for StoreConfig {
 pub struct StoreMetrics {
     bytes: IntGauge,
     evictions: IntCounter,
+    /// Bytes reserved by spools under way.
+    reserved: IntGauge,
+    /// The configured budget (0: unbounded).
+    budget: IntGauge,
+    /// Blobs streamed through instead of stored, by reason.
+    passthrough: IntCounterVec,
+    /// Fills stopped because nobody read them any more.
+    abandoned: IntCounter,
 }
 
 impl StoreMetrics {
@@ -71,7 +89,59 @@ impl StoreMetrics {
         registry
             .register(Box::new(evictions.clone()))
             .map_err(|source| Error::Metrics { name: "registry_facade_store_evictions_total", source })?;
-        Ok(StoreMetrics { bytes, evictions })
+        let reserved = IntGauge::new(
+            "registry_facade_store_reserved_bytes",
+            "Bytes of the store's budget reserved by downloads under way (their spools)",
+        )
+        .map_err(|source| Error::Metrics { name: "registry_facade_store_reserved_bytes", source })?;
+        let budget = IntGauge::new(
+            "registry_facade_store_budget_bytes",
+            "The store's disk budget for blobs and spools (facade.storeMaxBytes; 0: unbounded)",
+        )
+        .map_err(|source| Error::Metrics { name: "registry_facade_store_budget_bytes", source })?;
+        let passthrough = IntCounterVec::new(
+            Opts::new(
+                "registry_facade_blob_passthrough_total",
+                "Blob reads streamed through from upstream without being stored (too_large, budget, enospc)",
+            ),
+            &["reason"],
+        )
+        .map_err(|source| Error::Metrics { name: "registry_facade_blob_passthrough_total", source })?;
+        for r in PassReason::ALL {
+            passthrough.with_label_values(&[r.label()]);
+        }
+        let abandoned = IntCounter::new(
+            "registry_facade_fills_abandoned_total",
+            "Downloads into the store stopped because nobody read them any more",
+        )
+        .map_err(|source| Error::Metrics { name: "registry_facade_fills_abandoned_total", source })?;
+        for (name, c) in [
+            (
+                "registry_facade_store_reserved_bytes",
+                Box::new(reserved.clone()) as Box<dyn prometheus::core::Collector>,
+            ),
+            ("registry_facade_store_budget_bytes", Box::new(budget.clone())),
+            ("registry_facade_blob_passthrough_total", Box::new(passthrough.clone())),
+            ("registry_facade_fills_abandoned_total", Box::new(abandoned.clone())),
+        ] {
+            registry.register(c).map_err(|source| Error::Metrics { name, source })?;
+        }
+        Ok(StoreMetrics { bytes, evictions, reserved, budget, passthrough, abandoned })
+    }
+
+    /// The pass-through counter's value for `reason`.
+    pub fn passthrough_value(&self, reason: PassReason) -> u64 {
+        self.passthrough.with_label_values(&[reason.label()]).get()
+    }
+
+    /// The abandoned-fills counter's value.
+    pub fn abandoned_value(&self) -> u64 {
+        self.abandoned.get()
+    }
+
+    /// The reserved-bytes gauge's value.
+    pub fn reserved_value(&self) -> i64 {
+        self.reserved.get()
     }
 
     /// The evictions counter's value.
@@ -110,6 +180,11 @@ struct Inner {
     instance: String,
     metrics: std::sync::OnceLock<StoreMetrics>,
     wake: tokio::sync::Notify,
+    /// Bytes reserved by spools under way (see `budget.rs`).
+    reserved: AtomicU64,
+    /// Set when the disk was found full: the next eviction pass removes every blob it may.
+    evict_all: std::sync::atomic::AtomicBool,
+    budget: budget::BudgetState,
 }
 
 /// A content-addressed store on local disk. Cheap to clone (shared state).
@@ -208,6 +283,9 @@ impl LocalStore {
                 instance: format!("{}-{:016x}", std::process::id(), rand::random::<u64>()),
                 metrics: std::sync::OnceLock::new(),
                 wake: tokio::sync::Notify::new(),
+                reserved: AtomicU64::new(0),
+                evict_all: std::sync::atomic::AtomicBool::new(false),
+                budget: budget::BudgetState::default(),
             }),
         };
         let total = store.scan().iter().map(|b| b.size).sum();
@@ -218,6 +296,8 @@ impl LocalStore {
     /// Reports size and evictions into `metrics` from now on (the first call wins).
     pub fn set_metrics(&self, metrics: StoreMetrics) {
         metrics.bytes.set(i64::try_from(self.total_bytes()).unwrap_or(i64::MAX));
+        metrics.reserved.set(i64::try_from(self.reserved_bytes()).unwrap_or(i64::MAX));
+        metrics.budget.set(self.inner.config.max_bytes.map_or(0, |m| i64::try_from(m).unwrap_or(i64::MAX)));
         let _ = self.inner.metrics.set(metrics);
     }
 
@@ -388,7 +468,8 @@ impl LocalStore {
 
     fn committed(&self, size: u64) {
         self.add_total(size);
-        if self.inner.config.max_bytes.is_some_and(|max| self.total_bytes() > max) {
+        let used = self.total_bytes().saturating_add(self.reserved_bytes());
+        if self.inner.config.max_bytes.is_some_and(|max| used > max) {
             self.inner.wake.notify_one();
         }
     }
@@ -417,12 +498,18 @@ impl LocalStore {
     }
 
     /// One eviction pass (blocking: it scans the store): removes blobs idle past the TTL, then
-    /// least recently used ones until the total fits the limit. Blobs in use or pinned stay.
+    /// least recently used ones until the total fits the limit less what spools under way have
+    /// reserved (one budget for both). Blobs in use or pinned stay. After the disk was found
+    /// full, every blob that may go goes.
     pub fn evict_now(&self) -> Evicted {
         let mut blobs = self.scan();
         let mut total: u64 = blobs.iter().map(|b| b.size).sum();
         self.set_total(total);
-        let max = self.inner.config.max_bytes;
+        let max = if self.inner.evict_all.swap(false, Ordering::SeqCst) {
+            Some(0)
+        } else {
+            self.inner.config.max_bytes.map(|m| m.saturating_sub(self.reserved_bytes()))
+        };
         let expired_before = self.inner.config.ttl.and_then(|ttl| SystemTime::now().checked_sub(ttl));
         blobs.sort_by_key(|b| b.used);
         let pinned = self.pinned_by_anyone();
@@ -480,6 +567,7 @@ impl LocalStore {
         let store = self.clone();
         tokio::spawn(async move {
             let bounded = store.inner.config.max_bytes.is_some() || store.inner.config.ttl.is_some();
+            let evict_all = |s: &LocalStore| s.inner.evict_all.load(Ordering::SeqCst);
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -489,11 +577,12 @@ impl LocalStore {
                 let s = store.clone();
                 let pass = move || {
                     s.refresh_pins();
-                    if bounded {
+                    if bounded || evict_all(&s) {
                         s.evict_now();
                     }
+                    s.retry_pending_static();
                 };
-                if let Err(e) = tokio::task::spawn_blocking(pass).await {
+                if let Err(e) = crate::blocking::spawn(crate::blocking::Lane::Housekeeping, pass).await {
                     tracing::warn!(error = %e, "store eviction task failed");
                 }
             }

@@ -48,6 +48,13 @@ impl TempBlob {
         self.written
     }
 
+    /// The bytes written so far and their hash state (`None` once the hash was finished): what
+    /// readers of a fill that hit a full disk need to go on from the origin at this offset and
+    /// still verify the whole blob.
+    pub fn hashed_prefix(&self) -> Option<(u64, DigestHasher)> {
+        self.hasher.clone().map(|h| (self.written, h))
+    }
+
     /// Appends bytes.
     pub fn write_all(&mut self, data: &[u8]) -> Result<()> {
         let file = self

@@ -9,6 +9,7 @@ use facade_blob::{ClusterConfig, StoreConfig};
 
 use super::file::{FacadeSection, FileConfig, IpfsSection, RedisSection};
 use super::values::Checker;
+use facade_blob::cluster::RedisTopology;
 
 /// The store's bounds when the file sets none. facade-blob's store is unbounded by default;
 /// a facade on a node shares the disk with workspaces, so it keeps at most 20 GiB and drops
@@ -26,6 +27,17 @@ pub(super) fn store_bounds(f: &FacadeSection, c: &mut Checker<'_>) -> StoreConfi
     if let Some(t) = c.duration("facade.storeTTL", &f.store_ttl) {
         s.ttl = Some(t).filter(|t| !t.is_zero());
     }
+    // A quarter of the budget by default: one blob can never keep the others (and the fills
+    // of other pulls) out of the store; a larger one is streamed through (docs/blob-engine.md).
+    s.max_blob_bytes = s.max_bytes.map(|m| m / 4);
+    if f.max_blob_bytes.is_some()
+        && let Some(n) = c.size("facade.maxBlobBytes", &f.max_blob_bytes, "4GiB")
+    {
+        s.max_blob_bytes = Some(n).filter(|&n| n > 0);
+    }
+    if let Some(t) = c.positive_duration("facade.unreadFillGrace", &f.unread_fill_grace) {
+        s.unread_grace = t;
+    }
     s
 }
 
@@ -35,6 +47,13 @@ pub(super) fn cluster(file: &FileConfig, c: &mut Checker<'_>) -> ClusterConfig {
     let mut out = ClusterConfig::default();
     if let Some(t) = c.positive_duration("facade.clusterTagTTL", &f.cluster_tag_ttl) {
         out.tag_ttl = t;
+    }
+    if let Some(t) = c.positive_duration("facade.clusterIndexTTL", &f.cluster_index_ttl) {
+        out.index_ttl = t;
+    }
+    out.pin_sweep_interval = ClusterConfig::sweep_interval_for(out.index_ttl);
+    if let Some(n) = c.size("facade.clusterIPFSMaxBytes", &f.cluster_ipfs_max_bytes, "100GiB") {
+        out.ipfs_max_bytes = Some(n).filter(|&n| n > 0);
     }
     let redis_timeout = c.positive_duration("facade.clusterRedisTimeout", &f.cluster_redis_timeout);
     let ipfs_timeout = c.positive_duration("facade.clusterIPFSTimeout", &f.cluster_ipfs_timeout);
@@ -47,14 +66,86 @@ pub(super) fn cluster(file: &FileConfig, c: &mut Checker<'_>) -> ClusterConfig {
     out
 }
 
-/// `registry.redis`, the password from `REDIS_PASSWORD`.
-fn redis(s: &RedisSection, timeout: Option<Duration>, c: &mut Checker<'_>) -> RedisConfig {
+fn is_host_port(addr: &str) -> bool {
+    addr.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0))
+}
+
+/// `host:port` addresses of `key`, at least one.
+fn addresses(key: &str, list: &[String], c: &mut Checker<'_>) -> Vec<String> {
+    if list.is_empty() {
+        c.problem(key, "needs at least one host:port");
+    }
+    let list: Vec<String> = list.iter().map(|a| a.trim().to_string()).collect();
+    for a in list.iter().filter(|a| !is_host_port(a)) {
+        c.problem(key, format_args!("{a:?} is not host:port"));
+    }
+    list
+}
+
+/// Which Redis: `singleHostAddr` (the reference's), `clusterAddresses` or `sentinel`, exactly
+/// one of them.
+fn topology(s: &RedisSection, c: &mut Checker<'_>) -> RedisTopology {
+    let single = !s.single_host_addr.trim().is_empty();
+    let cluster = !s.cluster_addresses.is_empty();
+    let set: Vec<&str> =
+        [(single, "singleHostAddr"), (cluster, "clusterAddresses"), (s.sentinel.is_some(), "sentinel")]
+            .into_iter()
+            .filter_map(|(on, name)| on.then_some(name))
+            .collect();
+    if set.len() > 1 {
+        c.problem(
+            "registry.redis",
+            format_args!("set one of singleHostAddr, clusterAddresses and sentinel, not {}", set.join(" and ")),
+        );
+        return RedisTopology::Single;
+    }
+    if cluster {
+        return RedisTopology::Cluster { seeds: addresses("registry.redis.clusterAddresses", &s.cluster_addresses, c) };
+    }
+    if let Some(sentinel) = &s.sentinel {
+        let master_name = sentinel.master_name.trim().to_string();
+        if master_name.is_empty() {
+            c.problem("registry.redis.sentinel.masterName", "empty; name the master the sentinels monitor");
+        }
+        let sentinels = addresses("registry.redis.sentinel.addresses", &sentinel.addresses, c);
+        return RedisTopology::Sentinel { master_name, sentinels };
+    }
     let addr = s.single_host_addr.trim();
-    let valid = addr.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
-    if !valid {
+    if !is_host_port(addr) {
         c.problem("registry.redis.singleHostAddr", format_args!("{addr:?} is not host:port"));
     }
-    let mut out = RedisConfig::new(addr);
+    RedisTopology::Single
+}
+
+/// `registry.redis.caFile`: a PEM bundle of CA certificates, only with `useTLS` and certificate
+/// checks on (with `insecureSkipVerify` nothing would read it).
+fn redis_ca(s: &RedisSection, c: &mut Checker<'_>) -> Option<Vec<u8>> {
+    const KEY: &str = "registry.redis.caFile";
+    if s.ca_file.is_empty() {
+        return None;
+    }
+    if !s.use_tls || s.insecure_skip_verify {
+        c.problem(KEY, "needs useTLS on and insecureSkipVerify off (it is the CA that checks the server)");
+        return None;
+    }
+    let p = c.path(&s.ca_file);
+    let text = std::fs::read_to_string(&p)
+        .map_err(|e| c.problem(KEY, format_args!("cannot read {}: {e}", p.display())))
+        .ok()?;
+    match facade_upstream::parse_ca_bundle(&text) {
+        Ok(_) => Some(text.into_bytes()),
+        Err(e) => {
+            c.problem(KEY, format_args!("{}: {e}", p.display()));
+            None
+        }
+    }
+}
+
+/// `registry.redis`, the password from `REDIS_PASSWORD`.
+fn redis(s: &RedisSection, timeout: Option<Duration>, c: &mut Checker<'_>) -> RedisConfig {
+    let mut out = RedisConfig::new(s.single_host_addr.trim());
+    out.topology = topology(s, c);
+    out.ca_pem = redis_ca(s, c);
     out.username = Some(s.username.clone()).filter(|u| !u.is_empty());
     out.password = c.env_var("REDIS_PASSWORD");
     out.tls = s.use_tls;
@@ -86,4 +177,139 @@ fn ipfs(s: &IpfsSection, timeout: Option<Duration>, c: &mut Checker<'_>) -> Opti
         out.node_timeout = t;
     }
     Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::time::Duration;
+
+    use facade_blob::cluster::RedisTopology;
+
+    use super::super::{MapEnv, parse};
+
+    fn parse_redis(redis: &str, facade: &str) -> Result<super::super::Config, String> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("specs.json"), "{}").unwrap();
+        std::fs::write(dir.path().join("ca.pem"), CA).unwrap();
+        std::fs::write(dir.path().join("junk.pem"), "not a certificate").unwrap();
+        let text = format!(
+            r#"{{"registry": {{"fixedSpecFN": "specs.json", "redis": {redis},
+               "ipfs": {{"enabled": true, "ipfsAddr": "/ip4/127.0.0.1/tcp/5001"}}}}, "facade": {facade}}}"#
+        );
+        parse(&text, dir.path(), &MapEnv::default()).map_err(|e| e.to_string())
+    }
+
+    /// A self-signed CA certificate (`openssl req -x509 -newkey ec`), as a private CA file.
+    const CA: &str = "-----BEGIN CERTIFICATE-----
+MIIBejCCAR+gAwIBAgIUFs/fiQNjND0vQpeCrWFyD3MWY6swCgYIKoZIzj0EAwIw
+EjEQMA4GA1UEAwwHdGVzdC1jYTAeFw0yNjEyMDQxODUwMjlaFw0zNjEyMDExODUw
+MjlaMBIxEDAOBgNVBAMMB3Rlc3QtY2EwWTATBgcqhkjOPQIBBggqhkjOPQMBBwNC
+AARqgnxdjuG0OF82W1Ka+fjvD93/NsEOoVOHfl0iQedWi5F0RNKIsnufyexn/6sp
+hUVIW/NlOMAEsQI0ty3Zqpquo1MwUTAdBgNVHQ4EFgQUiPnfNYut5kFsKgVpRzCO
+zD2v/NUwHwYDVR0jBBgwFoAUiPnfNYut5kFsKgVpRzCOzD2v/NUwDwYDVR0TAQH/
+BAUwAwEB/zAKBggqhkjOPQQDAgNJADBGAiEA0c2+bjXpt1lpxknG/K5rkPWt8f0n
+5dEJYl6AorNf+fcCIQDBpX0TaQXrG1dvBMrotgVzmmBx2rrOlzRo20Tx+UPF+g==
+-----END CERTIFICATE-----
+";
+
+    #[test]
+    fn cluster_and_sentinel_topologies_parse() {
+        let c = parse_redis(
+            r#"{"enabled": true, "clusterAddresses": ["10.0.0.1:7000", "10.0.0.2:7000"], "useTLS": true, "caFile": "ca.pem"}"#,
+            "{}",
+        );
+        let c = c.unwrap();
+        let r = c.cluster.redis.as_ref().unwrap();
+        assert_eq!(r.topology, RedisTopology::Cluster { seeds: vec!["10.0.0.1:7000".into(), "10.0.0.2:7000".into()] });
+        assert_eq!((r.tls, r.ca_pem.as_deref()), (true, Some(CA.as_bytes())));
+        let c = parse_redis(
+            r#"{"enabled": true, "sentinel": {"masterName": "mymaster", "addresses": ["s1:26379", "s2:26379"]}}"#,
+            r#"{"clusterIndexTTL": "10m", "clusterIPFSMaxBytes": "1GiB"}"#,
+        )
+        .unwrap();
+        let r = c.cluster.redis.as_ref().unwrap();
+        assert_eq!(
+            r.topology,
+            RedisTopology::Sentinel {
+                master_name: "mymaster".into(),
+                sentinels: vec!["s1:26379".into(), "s2:26379".into()]
+            }
+        );
+        assert_eq!(c.cluster.index_ttl, Duration::from_secs(600));
+        assert_eq!(c.cluster.ipfs_max_bytes, Some(1 << 30));
+        assert_eq!(c.cluster.pin_sweep_interval, Duration::from_secs(60));
+        // The reference's keys alone: a single Redis, as before.
+        let c = parse_redis(r#"{"enabled": true, "singleHostAddr": "redis:6379"}"#, r#"{"clusterIndexTTL": "2s"}"#)
+            .unwrap();
+        assert_eq!(c.cluster.redis.as_ref().unwrap().topology, RedisTopology::Single);
+        assert_eq!(c.cluster.pin_sweep_interval, Duration::from_secs(1));
+        assert_eq!(c.cluster.ipfs_max_bytes, None);
+    }
+
+    #[test]
+    fn bad_combinations_are_one_line_each() {
+        for (redis, facade, needle) in [
+            (
+                r#"{"enabled": true, "singleHostAddr": "redis:6379", "clusterAddresses": ["a:1"]}"#,
+                "{}",
+                "registry.redis: set one of singleHostAddr, clusterAddresses and sentinel, not singleHostAddr and clusterAddresses",
+            ),
+            (
+                r#"{"enabled": true, "clusterAddresses": ["a:1"], "sentinel": {"masterName": "m", "addresses": ["s:1"]}}"#,
+                "{}",
+                "not clusterAddresses and sentinel",
+            ),
+            (
+                r#"{"enabled": true, "clusterAddresses": ["nope"]}"#,
+                "{}",
+                "registry.redis.clusterAddresses: \"nope\" is not host:port",
+            ),
+            (
+                r#"{"enabled": true, "sentinel": {"addresses": ["s:1"]}}"#,
+                "{}",
+                "registry.redis.sentinel.masterName: empty",
+            ),
+            (
+                r#"{"enabled": true, "sentinel": {"masterName": "m"}}"#,
+                "{}",
+                "registry.redis.sentinel.addresses: needs at least one",
+            ),
+            (r#"{"enabled": true, "sentinel": {"masterName": "m", "addresses": ["s:1"], "port": 1}}"#, "{}", "port"),
+            (
+                r#"{"enabled": true, "singleHostAddr": "r:1", "caFile": "ca.pem"}"#,
+                "{}",
+                "registry.redis.caFile: needs useTLS",
+            ),
+            (
+                r#"{"enabled": true, "singleHostAddr": "r:1", "useTLS": true, "insecureSkipVerify": true, "caFile": "ca.pem"}"#,
+                "{}",
+                "registry.redis.caFile: needs useTLS on and insecureSkipVerify off",
+            ),
+            (
+                r#"{"enabled": true, "singleHostAddr": "r:1", "useTLS": true, "caFile": "junk.pem"}"#,
+                "{}",
+                "registry.redis.caFile",
+            ),
+            (
+                r#"{"enabled": true, "singleHostAddr": "r:1", "useTLS": true, "caFile": "gone.pem"}"#,
+                "{}",
+                "cannot read",
+            ),
+            (
+                r#"{"enabled": true, "singleHostAddr": "r:1"}"#,
+                r#"{"clusterIndexTTL": "0s"}"#,
+                "facade.clusterIndexTTL: must be more than 0",
+            ),
+            (
+                r#"{"enabled": true, "singleHostAddr": "r:1"}"#,
+                r#"{"clusterIPFSMaxBytes": "lots"}"#,
+                "facade.clusterIPFSMaxBytes",
+            ),
+        ] {
+            let e = parse_redis(redis, facade).unwrap_err();
+            assert!(e.contains(needle), "{redis} {facade}: {e}");
+        }
+    }
 }

@@ -145,6 +145,27 @@ pub struct RedisSection {
     /// for managed Redis services whose certificates carry no usable name).
     #[serde(rename = "insecureSkipVerify", default, deserialize_with = "null_as_default")]
     pub insecure_skip_verify: bool,
+    /// `host:port` of Redis Cluster nodes (instead of `singleHostAddr`).
+    #[serde(rename = "clusterAddresses", default, deserialize_with = "null_as_default")]
+    pub cluster_addresses: Vec<String>,
+    /// A master found through Redis Sentinel (instead of `singleHostAddr`).
+    #[serde(default)]
+    pub sentinel: Option<SentinelSection>,
+    /// With `useTLS`: PEM file of a private CA to trust instead of the system's.
+    #[serde(rename = "caFile", default, deserialize_with = "null_as_default")]
+    pub ca_file: String,
+}
+
+/// `registry.redis.sentinel`.
+#[derive(Debug, Deserialize, Clone, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SentinelSection {
+    /// The monitored master's name.
+    #[serde(rename = "masterName", default, deserialize_with = "null_as_default")]
+    pub master_name: String,
+    /// `host:port` of the sentinels.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub addresses: Vec<String>,
 }
 
 /// `registry.ipfs`.
@@ -247,6 +268,13 @@ pub struct FacadeSection {
     /// Blobs of the local store unused for this long are evicted ("0s": never).
     #[serde(rename = "storeTTL", default)]
     pub store_ttl: Option<String>,
+    /// The largest blob the local store keeps (larger ones are streamed through): a size, 0
+    /// for "as large as storeMaxBytes"; default a quarter of storeMaxBytes.
+    #[serde(rename = "maxBlobBytes", default)]
+    pub max_blob_bytes: Option<serde_json::Value>,
+    /// How long a download nobody reads any more goes on before it must show it keeps moving.
+    #[serde(rename = "unreadFillGrace", default)]
+    pub unread_fill_grace: Option<String>,
     /// How long a tag resolution is shared with other facades through Redis.
     #[serde(rename = "clusterTagTTL", default)]
     pub cluster_tag_ttl: Option<String>,
@@ -256,6 +284,12 @@ pub struct FacadeSection {
     /// Deadline for IPFS's first byte of a blob.
     #[serde(rename = "clusterIPFSTimeout", default)]
     pub cluster_ipfs_timeout: Option<String>,
+    /// Life of a blob's cluster index entry since its last use; its IPFS pin goes with it.
+    #[serde(rename = "clusterIndexTTL", default)]
+    pub cluster_index_ttl: Option<String>,
+    /// Most bytes kept pinned on one IPFS node (0: no byte bound).
+    #[serde(rename = "clusterIPFSMaxBytes", default)]
+    pub cluster_ipfs_max_bytes: Option<serde_json::Value>,
     /// bcrypt htpasswd file of the users allowed to pull when `registry.requireAuth` is on.
     #[serde(default)]
     pub htpasswd: Option<String>,
@@ -294,8 +328,56 @@ pub struct FacadeSection {
     /// A response making no progress for this long is cut ("0s": never).
     #[serde(rename = "responseIdleTimeout", default)]
     pub response_idle_timeout: Option<String>,
+    /// A connection without a complete request head this long is closed ("0s": never).
+    #[serde(rename = "requestHeadTimeout", default)]
+    pub request_head_timeout: Option<String>,
+    /// A connection with no request open this long is closed ("0s": never).
+    #[serde(rename = "idleConnectionTimeout", default)]
+    pub idle_connection_timeout: Option<String>,
+    /// Open connections on the registry port; more get 503 (0: unlimited).
+    #[serde(rename = "maxConnections", default)]
+    pub max_connections: Option<u64>,
+    /// Failed credential checks per second per client address (0: unlimited).
+    #[serde(rename = "authFailuresPerSecond", default)]
+    pub auth_failures_per_second: Option<u64>,
+    /// Blocking threads bcrypt may take at once.
+    #[serde(rename = "authCheckThreads", default)]
+    pub auth_check_threads: Option<u64>,
+    /// Bytes of blob responses held in memory at once, read but not yet written to clients
+    /// (a size); beyond it streams go on in small chunks.
+    #[serde(rename = "maxBufferedResponseBytes", default)]
+    pub max_buffered_response_bytes: Option<serde_json::Value>,
+    /// Bytes of composed images (and, as much again, of fetched manifests and configs) kept in
+    /// memory (a size).
+    #[serde(rename = "imageCacheBytes", default)]
+    pub image_cache_bytes: Option<serde_json::Value>,
+    /// Bytes of specs kept in memory (a size).
+    #[serde(rename = "specCacheBytes", default)]
+    pub spec_cache_bytes: Option<serde_json::Value>,
     /// Also export the Go facade's metric names (`gitpod_registry_facade_*`) next to ours, for
     /// dashboards and alerts written against it (see docs/migration.md).
     #[serde(rename = "legacyMetrics", default)]
     pub legacy_metrics: Option<bool>,
+    /// Where the peer listener binds (cluster-wide single-flight; off when absent).
+    #[serde(rename = "peerAddr", default)]
+    pub peer_addr: Option<String>,
+    /// `host:port` other nodes reach the peer listener at (`$POD_IP` expanded).
+    #[serde(rename = "peerAdvertiseAddr", default)]
+    pub peer_advertise_addr: Option<String>,
+    /// File holding the cluster secret nodes present to each other's peer listeners.
+    #[serde(rename = "peerSecretFile", default)]
+    pub peer_secret_file: Option<String>,
+    /// Most other nodes one node serves a blob to at once.
+    #[serde(rename = "peerMaxFollowers", default)]
+    pub peer_max_followers: Option<u64>,
+    /// Life of a download lease without renewal.
+    #[serde(rename = "peerLeaseTTL", default)]
+    pub peer_lease_ttl: Option<String>,
+    /// Layer fills one prefetch on manifest (or warm-up) runs at once (0: no prefetch on
+    /// manifest).
+    #[serde(rename = "prefetchParallelism", default)]
+    pub prefetch_parallelism: Option<u64>,
+    /// A prefetch stops when no request of its workspace image came for this long.
+    #[serde(rename = "prefetchIdleTimeout", default)]
+    pub prefetch_idle_timeout: Option<String>,
 }

@@ -1,5 +1,7 @@
-//! The registry listener's request limits (`facade.max*`, `facade.responseIdleTimeout`). The
-//! defaults are facade-server's own `ServerConfig::default()`.
+//! The registry listener's request and connection limits (`facade.max*`,
+//! `facade.responseIdleTimeout`, `facade.requestHeadTimeout`, `facade.idleConnectionTimeout`,
+//! `facade.authFailuresPerSecond`, `facade.authCheckThreads`). The defaults are
+//! facade-server's own `ServerConfig::default()`.
 
 use std::time::Duration;
 
@@ -14,6 +16,9 @@ const MIN_HEADER_BYTES: u64 = 8 << 10;
 const MAX_HEADER_BYTES: u64 = 1 << 20;
 /// The shortest URL limit: a manifest URL with a long repository name must fit.
 const MIN_URL_BYTES: u64 = 1 << 10;
+/// Most blocking threads bcrypt may take: the binary's blocking pool has 16, and blob file I/O
+/// needs most of them.
+const MAX_AUTH_CHECK_THREADS: u64 = 8;
 
 /// The validated request limits of the registry listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,6 +31,19 @@ pub struct RequestLimits {
     pub max_requests_per_client: usize,
     /// `responseIdleTimeout` (`None`: never).
     pub response_idle_timeout: Option<Duration>,
+    /// `requestHeadTimeout`: a connection without a complete request head this long after
+    /// accept (HTTP/1: after the first byte of a later request) is closed (`None`: never).
+    pub request_head_timeout: Option<Duration>,
+    /// `idleConnectionTimeout`: a connection with no request open this long is closed
+    /// (`None`: never).
+    pub idle_connection_timeout: Option<Duration>,
+    /// `maxConnections`: open connections on the registry port; more get 503 (0: unlimited).
+    pub max_connections: usize,
+    /// `authFailuresPerSecond`: failed credential checks per client address per second, bursts
+    /// of twice that; more get 429 (0: unlimited).
+    pub auth_failures_per_second: u32,
+    /// `authCheckThreads`: blocking threads bcrypt may take at once.
+    pub auth_check_threads: usize,
 }
 
 impl Default for RequestLimits {
@@ -36,6 +54,11 @@ impl Default for RequestLimits {
             max_url_bytes: d.max_url_bytes,
             max_requests_per_client: d.max_requests_per_client,
             response_idle_timeout: d.response_idle_timeout,
+            request_head_timeout: d.request_head_timeout,
+            idle_connection_timeout: d.idle_connection_timeout,
+            max_connections: d.max_connections,
+            auth_failures_per_second: d.auth_failures_per_second,
+            auth_check_threads: d.auth_check_threads,
         }
     }
 }
@@ -47,6 +70,11 @@ impl RequestLimits {
         s.max_url_bytes = self.max_url_bytes;
         s.max_requests_per_client = self.max_requests_per_client;
         s.response_idle_timeout = self.response_idle_timeout;
+        s.request_head_timeout = self.request_head_timeout;
+        s.idle_connection_timeout = self.idle_connection_timeout;
+        s.max_connections = self.max_connections;
+        s.auth_failures_per_second = self.auth_failures_per_second;
+        s.auth_check_threads = self.auth_check_threads;
     }
 }
 
@@ -99,6 +127,7 @@ pub(super) fn request_limits(
     if let Some(t) = c.duration("facade.responseIdleTimeout", &f.response_idle_timeout) {
         l.response_idle_timeout = Some(t).filter(|t| !t.is_zero());
     }
+    connection_limits(f, &mut l, c);
     if let Some(t) = l.response_idle_timeout {
         for (key, stall) in stall_timeouts {
             if t <= *stall {
@@ -114,4 +143,36 @@ pub(super) fn request_limits(
         }
     }
     l
+}
+
+/// The connection ceilings and the credential-check lane.
+fn connection_limits(f: &FacadeSection, l: &mut RequestLimits, c: &mut Checker<'_>) {
+    if let Some(t) = c.duration("facade.requestHeadTimeout", &f.request_head_timeout) {
+        l.request_head_timeout = Some(t).filter(|t| !t.is_zero());
+    }
+    if let Some(t) = c.duration("facade.idleConnectionTimeout", &f.idle_connection_timeout) {
+        l.idle_connection_timeout = Some(t).filter(|t| !t.is_zero());
+    }
+    if let Some(n) = f.max_connections {
+        match usize::try_from(n) {
+            Ok(n) => l.max_connections = n,
+            Err(_) => c.problem("facade.maxConnections", format_args!("{n} is too large")),
+        }
+    }
+    if let Some(n) = f.auth_failures_per_second {
+        match u32::try_from(n) {
+            Ok(n) => l.auth_failures_per_second = n,
+            Err(_) => c.problem("facade.authFailuresPerSecond", format_args!("{n} is too large")),
+        }
+    }
+    match f.auth_check_threads {
+        Some(n) if (1..=MAX_AUTH_CHECK_THREADS).contains(&n) => l.auth_check_threads = n as usize,
+        Some(n) => c.problem(
+            "facade.authCheckThreads",
+            format_args!(
+                "{n} is outside 1..{MAX_AUTH_CHECK_THREADS} (the blocking pool that blob file I/O uses has 16 threads)"
+            ),
+        ),
+        None => {}
+    }
 }

@@ -10,6 +10,8 @@ mod cluster;
 mod env;
 mod file;
 mod limits;
+mod memory;
+mod peer;
 mod providers;
 mod registry;
 mod upstream;
@@ -22,7 +24,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use facade_blob::{ClusterConfig, FetchConfig, ImagesConfig, StaticLayerSpec, StoreConfig};
+use facade_blob::{ClusterConfig, FetchConfig, ImagesConfig, PrefetchConfig, StaticLayerSpec, StoreConfig};
 
 pub use env::{Env, LISTEN_HOST_ENV, MapEnv, ProcessEnv};
 pub use file::{
@@ -30,6 +32,8 @@ pub use file::{
     StaticLayerEntry, TlsSection,
 };
 pub use limits::RequestLimits;
+pub use memory::MemoryLimits;
+pub use peer::PeerSettings;
 pub use providers::{RemoteSpecProvider, RemoteSpecTls, SpecSettings};
 pub use registry::ClientAuth;
 pub use values::parse_size;
@@ -90,6 +94,12 @@ pub struct Config {
     pub limits: RequestLimits,
     /// `facade.legacyMetrics`: export the Go facade's metric names too.
     pub legacy_metrics: bool,
+    /// Cluster-wide single-flight (`facade.peer*`); `None`: off.
+    pub peer: Option<PeerSettings>,
+    /// Prefetch on manifest and warm-up (`facade.prefetch*`).
+    pub prefetch: PrefetchConfig,
+    /// Process-wide memory ceilings (`facade.maxBufferedResponseBytes`).
+    pub memory: MemoryLimits,
 }
 
 impl Config {
@@ -140,6 +150,25 @@ fn decode(text: &str) -> Result<FileConfig, ConfigError> {
     })
 }
 
+/// Most fills one prefetch may run at once: more only competes with the pulls themselves.
+const MAX_PREFETCH_PARALLELISM: u64 = 64;
+
+/// `facade.prefetchParallelism` and `facade.prefetchIdleTimeout`.
+fn prefetch(f: &FacadeSection, c: &mut Checker<'_>) -> PrefetchConfig {
+    let mut p = PrefetchConfig::default();
+    match f.prefetch_parallelism {
+        Some(n) if n > MAX_PREFETCH_PARALLELISM => {
+            c.problem("facade.prefetchParallelism", format_args!("{n} is more than {MAX_PREFETCH_PARALLELISM}"))
+        }
+        Some(n) => p.parallelism = usize::try_from(n).unwrap_or(0),
+        None => {}
+    }
+    if let Some(t) = c.positive_duration("facade.prefetchIdleTimeout", &f.prefetch_idle_timeout) {
+        p.idle_timeout = t;
+    }
+    p
+}
+
 /// Parses and validates configuration text. `base_dir` resolves relative paths.
 pub fn parse(text: &str, base_dir: &std::path::Path, env: &dyn Env) -> Result<Config, ConfigError> {
     let file = decode(text)?;
@@ -150,7 +179,7 @@ pub fn parse(text: &str, base_dir: &std::path::Path, env: &dyn Env) -> Result<Co
     let cluster = cluster::cluster(&file, c);
     let limits = limits::request_limits(f, &limits::stall_timeouts(&upstream, &cluster), c);
     registry::require_a_spec_provider(r, c);
-    let config = Config {
+    let mut config = Config {
         listen: registry::listen(&file, c),
         tls: registry::tls(r, c),
         client_auth: registry::client_auth(&file, c),
@@ -170,11 +199,15 @@ pub fn parse(text: &str, base_dir: &std::path::Path, env: &dyn Env) -> Result<Co
         images: upstream::images(f, c),
         shutdown_grace: c.duration("facade.shutdownGrace", &f.shutdown_grace).unwrap_or(DEFAULT_SHUTDOWN_GRACE),
         legacy_metrics: f.legacy_metrics.unwrap_or(true),
+        peer: peer::peer(f, cluster.redis.is_some(), c),
+        prefetch: prefetch(f, c),
         upstream_deny_networks: upstream::deny_networks(f, c),
         upstream,
         cluster,
         limits,
+        memory: memory::memory_limits(f, c),
     };
+    memory::cache_bytes(f, c, &mut config.fetch, &mut config.images, &mut config.spec.cache);
     let problems = checker.into_problems();
     if problems.is_empty() { Ok(config) } else { Err(ConfigError(problems)) }
 }

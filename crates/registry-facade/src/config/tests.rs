@@ -443,9 +443,44 @@ fn request_limits_have_defaults_and_parse() {
             max_header_bytes: 128 << 10,
             max_url_bytes: 4096,
             max_requests_per_client: 0,
-            response_idle_timeout: None
+            response_idle_timeout: None,
+            ..RequestLimits::default()
         }
     );
+}
+
+#[test]
+fn connection_limits_have_defaults_parse_and_name_bad_values() {
+    let c = parse_str(r#"{"registry": {"fixedSpecFN": "specs.json"}}"#).unwrap();
+    assert_eq!(c.limits.request_head_timeout, Some(Duration::from_secs(30)));
+    assert_eq!(c.limits.idle_connection_timeout, Some(Duration::from_secs(60)));
+    assert_eq!(
+        (c.limits.max_connections, c.limits.auth_failures_per_second, c.limits.auth_check_threads),
+        (4096, 10, 2)
+    );
+    let c = parse_str(
+        r#"{"registry": {"fixedSpecFN": "specs.json"},
+           "facade": {"requestHeadTimeout": "5s", "idleConnectionTimeout": "0s", "maxConnections": 0,
+                      "authFailuresPerSecond": 3, "authCheckThreads": 1}}"#,
+    )
+    .unwrap();
+    assert_eq!(c.limits.request_head_timeout, Some(Duration::from_secs(5)));
+    assert_eq!(c.limits.idle_connection_timeout, None);
+    assert_eq!((c.limits.max_connections, c.limits.auth_failures_per_second, c.limits.auth_check_threads), (0, 3, 1));
+    let mut server = facade_server::ServerConfig::default();
+    c.limits.apply_to(&mut server);
+    assert_eq!((server.request_head_timeout, server.idle_connection_timeout), (Some(Duration::from_secs(5)), None));
+    assert_eq!((server.max_connections, server.auth_failures_per_second, server.auth_check_threads), (0, 3, 1));
+    let e = parse_str(
+        r#"{"registry": {"fixedSpecFN": "specs.json"},
+           "facade": {"requestHeadTimeout": "soon", "idleConnectionTimeout": "later", "authCheckThreads": 0,
+                      "authFailuresPerSecond": 99999999999}}"#,
+    )
+    .unwrap_err()
+    .to_string();
+    for key in ["requestHeadTimeout", "idleConnectionTimeout", "authCheckThreads", "authFailuresPerSecond"] {
+        assert!(e.contains(&format!("facade.{key}")), "{key}: {e}");
+    }
 }
 
 #[test]
@@ -517,7 +552,7 @@ fn the_readme_shows_the_defaults_an_empty_facade_section_gets() {
     .unwrap();
     let (redis, ipfs) = (c.cluster.redis.as_ref().unwrap(), c.cluster.ipfs.as_ref().unwrap());
     let rows = readme_facade_defaults();
-    assert_eq!(rows.len(), 28, "the README's facade table, one row per key: {rows:?}");
+    assert_eq!(rows.len(), 47, "the README's facade table, one row per key: {rows:?}");
     for (key, doc) in &rows {
         let dur = || humantime::parse_duration(doc).unwrap_or_else(|e| panic!("{key}: {doc:?}: {e}"));
         let size = || usize::try_from(parse_size(doc).unwrap()).unwrap();
@@ -535,9 +570,15 @@ fn the_readme_shows_the_defaults_an_empty_facade_section_gets() {
             "upstreamDenyNetworks" => assert!(doc == "[]" && c.upstream_deny_networks.is_empty()),
             "storeMaxBytes" => assert_eq!(c.store_bounds.max_bytes, Some(parse_size(doc).unwrap())),
             "storeTTL" => assert_eq!(at_most(c.store_bounds.ttl), dur()),
+            "maxBlobBytes" => assert!(
+                doc == "storeMaxBytes / 4" && c.store_bounds.max_blob_bytes == c.store_bounds.max_bytes.map(|m| m / 4)
+            ),
+            "unreadFillGrace" => assert_eq!(c.store_bounds.unread_grace, dur()),
             "clusterTagTTL" => assert_eq!(c.cluster.tag_ttl, dur()),
             "clusterRedisTimeout" => assert_eq!(redis.timeout, dur()),
             "clusterIPFSTimeout" => assert_eq!(ipfs.first_byte_timeout, dur()),
+            "clusterIndexTTL" => assert_eq!(c.cluster.index_ttl, dur()),
+            "clusterIPFSMaxBytes" => assert!(doc == "0" && c.cluster.ipfs_max_bytes.is_none()),
             "specTimeout" => assert_eq!(c.spec.grpc.timeout, dur()),
             "specCacheTTL" => assert_eq!(c.spec.cache.ttl, dur()),
             "specNegativeTTL" => assert_eq!(c.spec.cache.negative_ttl, dur()),
@@ -550,7 +591,28 @@ fn the_readme_shows_the_defaults_an_empty_facade_section_gets() {
             "maxURLBytes" => assert_eq!(c.limits.max_url_bytes, size()),
             "maxRequestsPerClient" => assert_eq!(c.limits.max_requests_per_client.to_string(), *doc),
             "responseIdleTimeout" => assert_eq!(at_most(c.limits.response_idle_timeout), dur()),
+            "requestHeadTimeout" => assert_eq!(at_most(c.limits.request_head_timeout), dur()),
+            "idleConnectionTimeout" => assert_eq!(at_most(c.limits.idle_connection_timeout), dur()),
+            "maxConnections" => assert_eq!(c.limits.max_connections.to_string(), *doc),
+            "authFailuresPerSecond" => assert_eq!(c.limits.auth_failures_per_second.to_string(), *doc),
+            "authCheckThreads" => assert_eq!(c.limits.auth_check_threads.to_string(), *doc),
+            "maxBufferedResponseBytes" => {
+                assert_eq!(c.memory.max_buffered_response_bytes, parse_size(doc).unwrap())
+            }
+            "imageCacheBytes" => {
+                assert_eq!(
+                    (c.images.max_bytes, c.fetch.max_bytes),
+                    (parse_size(doc).unwrap(), parse_size(doc).unwrap())
+                )
+            }
+            "specCacheBytes" => assert_eq!(c.spec.cache.max_bytes, parse_size(doc).unwrap()),
             "legacyMetrics" => assert_eq!(c.legacy_metrics.to_string(), *doc),
+            "prefetchParallelism" => assert_eq!(c.prefetch.parallelism.to_string(), *doc),
+            "prefetchIdleTimeout" => assert_eq!(c.prefetch.idle_timeout, dur()),
+            "peerAddr" | "peerSecretFile" => assert!(doc == "—" && c.peer.is_none()),
+            "peerAdvertiseAddr" => assert_eq!(doc, "peerAddr"),
+            "peerMaxFollowers" => assert_eq!(super::peer::DEFAULT_MAX_FOLLOWERS.to_string(), *doc),
+            "peerLeaseTTL" => assert_eq!(super::peer::DEFAULT_LEASE_TTL, dur()),
             other => panic!("the README documents facade.{other}; add its default to this test"),
         }
     }
@@ -573,4 +635,47 @@ fn upstream_deny_networks_parse_and_name_bad_entries() {
         err.contains("facade.upstreamDenyNetworks") && err.contains("10.0.0.0/33") && err.contains("nope"),
         "{err}"
     );
+}
+
+#[test]
+fn prefetch_keys_parse_and_bad_values_are_named() {
+    let c = parse_str(
+        r#"{"registry": {"fixedSpecFN": "specs.json"}, "facade": {"prefetchParallelism": 0, "prefetchIdleTimeout": "2s"}}"#,
+    )
+    .unwrap();
+    assert_eq!((c.prefetch.parallelism, c.prefetch.idle_timeout), (0, Duration::from_secs(2)));
+    let err = parse_str(
+        r#"{"registry": {"fixedSpecFN": "specs.json"}, "facade": {"prefetchParallelism": 65, "prefetchIdleTimeout": "0s"}}"#,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("facade.prefetchParallelism: 65 is more than 64"), "{err}");
+    assert!(err.contains("facade.prefetchIdleTimeout: must be more than 0"), "{err}");
+}
+
+#[test]
+fn max_blob_bytes_defaults_to_a_quarter_of_the_budget_and_unread_fill_grace_parses() {
+    let c = parse_str(
+        r#"{"registry": {"fixedSpecFN": "specs.json"},
+            "facade": {"storeMaxBytes": "128MiB", "unreadFillGrace": "2s"}}"#,
+    )
+    .unwrap();
+    assert_eq!(c.store_bounds.max_blob_bytes, Some(32 << 20));
+    assert_eq!(c.store_bounds.unread_grace, Duration::from_secs(2));
+    let c = parse_str(
+        r#"{"registry": {"fixedSpecFN": "specs.json"}, "facade": {"storeMaxBytes": "1GiB", "maxBlobBytes": "700MiB"}}"#,
+    )
+    .unwrap();
+    assert_eq!(c.store_bounds.max_blob_bytes, Some(700 << 20));
+    // 0: as large as the budget; an unbounded store keeps blobs of any size.
+    let c = parse_str(r#"{"registry": {"fixedSpecFN": "specs.json"}, "facade": {"maxBlobBytes": 0}}"#).unwrap();
+    assert_eq!(c.store_bounds.max_blob_bytes, None);
+    let c = parse_str(r#"{"registry": {"fixedSpecFN": "specs.json"}, "facade": {"storeMaxBytes": 0}}"#).unwrap();
+    assert_eq!(c.store_bounds.max_blob_bytes, None);
+    let e = parse_str(
+        r#"{"registry": {"fixedSpecFN": "specs.json"}, "facade": {"maxBlobBytes": "huge", "unreadFillGrace": "0s"}}"#,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("facade.maxBlobBytes") && e.contains("facade.unreadFillGrace"), "{e}");
 }

@@ -162,3 +162,48 @@ async fn a_stored_layer_is_served_only_to_origins_that_show_they_hold_it() {
     assert!(got.is_err(), "the hostile origin's bytes completed a read");
     assert!(store.contains(&digest), "the stored layer was disturbed");
 }
+
+#[tokio::test]
+async fn a_blob_larger_than_the_store_keeps_is_streamed_through_and_never_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = crate::store::StoreConfig {
+        max_bytes: Some(1 << 20),
+        max_blob_bytes: Some(64 << 10),
+        ..crate::store::StoreConfig::default()
+    };
+    let store = LocalStore::open_with(&dir.path().join("store"), config).unwrap();
+    let metrics = crate::store::StoreMetrics::register(&prometheus::Registry::new()).unwrap();
+    store.set_metrics(metrics.clone());
+    let bytes: Bytes = (0..200_000u32).map(|i| (i % 253) as u8).collect::<Vec<u8>>().into();
+    let digest = Digest::sha256_of(&bytes);
+    let origin = Arc::new(Serving { bytes: bytes.clone(), opens: Default::default() });
+    let chain = chain_over(&store, dir.path(), origin.clone());
+    let entry = upstream_entry("registry.test", bytes.len() as u64);
+
+    let size = bytes.len() as u64;
+    assert_eq!(collect(chain.open(&digest, &entry, 0, size).await.unwrap()).await, bytes);
+    assert_eq!(collect(chain.open(&digest, &entry, 150_000, size).await.unwrap()).await, &bytes[150_000..]);
+    assert_eq!(origin.opens.load(std::sync::atomic::Ordering::SeqCst), 2, "one origin body per read");
+    assert!(!store.contains(&digest));
+    assert_eq!(std::fs::read_dir(dir.path().join("store/tmp")).unwrap().count(), 0);
+    assert_eq!(metrics.passthrough_value(crate::store::PassReason::TooLarge), 2);
+}
+
+#[tokio::test]
+async fn a_static_layer_not_yet_written_answers_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::open(&dir.path().join("store")).unwrap();
+    let bytes = Bytes::from_static(b"static layer that did not fit");
+    let digest = Digest::sha256_of(&bytes);
+    let file = dir.path().join("layer.tar");
+    std::fs::write(&file, &bytes).unwrap();
+    store.add_pending_static(file, digest.clone());
+    let chain = chain(&store, dir.path());
+    let entry = BlobEntry { size: bytes.len() as u64, media_type: "x".into(), origin: BlobOrigin::Stored };
+    let err = chain.open(&digest, &entry, 0, bytes.len() as u64).await.err().unwrap();
+    assert_eq!(err.kind(), crate::ErrorKind::Unavailable, "{err}");
+    // The store's background pass writes it; then it is served.
+    store.retry_pending_static();
+    assert!(!store.is_pending_static(&digest));
+    assert_eq!(collect(chain.open(&digest, &entry, 0, bytes.len() as u64).await.unwrap()).await, bytes);
+}

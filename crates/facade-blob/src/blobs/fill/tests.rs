@@ -41,6 +41,8 @@ enum Step {
     Lie(u64),
     /// Serves other bytes of the right length.
     Garbage,
+    /// Serves from the offset asked for, `chunk` bytes every `every`: slow but steady.
+    Pace { chunk: usize, every: Duration },
 }
 
 struct Scripted {
@@ -105,6 +107,16 @@ impl Origin for Scripted {
                 }
                 Step::Garbage => futures::stream::iter(vec![Ok(Bytes::from(vec![0u8; rest.len()]))]).boxed(),
                 Step::Hang => futures::stream::pending().boxed(),
+                Step::Pace { chunk, every } => {
+                    let chunks: Vec<Bytes> =
+                        (0..rest.len()).step_by(chunk).map(|i| rest.slice(i..(i + chunk).min(rest.len()))).collect();
+                    futures::stream::iter(chunks)
+                        .then(move |c| async move {
+                            tokio::time::sleep(every).await;
+                            Ok(c)
+                        })
+                        .boxed()
+                }
                 Step::Trickle(every) => futures::stream::unfold((), move |()| async move {
                     tokio::time::sleep(every).await;
                     Some((Ok(Bytes::from_static(b"x")), ()))
@@ -355,7 +367,13 @@ struct FlakyCluster {
 impl ClusterBlobs for FlakyCluster {
     fn lookup<'a>(&'a self, _digest: &'a Digest, size: u64) -> BoxFuture<'a, Option<IndexEntry>> {
         Box::pin(async move {
-            Some(IndexEntry { cid: "bafy".into(), media_type: "x".into(), size, origins: vec![from().key()] })
+            Some(IndexEntry {
+                cid: "bafy".into(),
+                media_type: "x".into(),
+                size,
+                origins: vec![from().key()],
+                pinner: None,
+            })
         })
     }
 
@@ -545,4 +563,210 @@ async fn a_cluster_entry_of_another_origin_is_not_used() {
     assert_eq!(got, blob);
     assert_eq!(cluster.cats.load(Ordering::SeqCst), 0, "another origin's index entry was used");
     assert_eq!(origin.opens(), vec![0]);
+}
+
+/// A store with a disk budget of `max` bytes, blobs of at most `max_blob`, and metrics.
+fn budget_store(dir: &std::path::Path, max: u64, max_blob: Option<u64>) -> (LocalStore, crate::store::StoreMetrics) {
+    let config = crate::store::StoreConfig {
+        max_bytes: Some(max),
+        max_blob_bytes: max_blob,
+        ..crate::store::StoreConfig::default()
+    };
+    let store = LocalStore::open_with(&dir.join("store"), config).unwrap();
+    let metrics = crate::store::StoreMetrics::register(&prometheus::Registry::new()).unwrap();
+    store.set_metrics(metrics.clone());
+    (store, metrics)
+}
+
+async fn collect(stream: futures::stream::BoxStream<'static, std::io::Result<Bytes>>) -> std::io::Result<Vec<u8>> {
+    stream
+        .try_fold(Vec::new(), |mut acc, b| async move {
+            acc.extend_from_slice(&b);
+            Ok(acc)
+        })
+        .await
+}
+
+#[tokio::test(start_paused = true)]
+async fn fills_reserve_their_size_in_the_disk_budget_and_what_does_not_fit_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, metrics) = budget_store(dir.path(), 1 << 20, Some(700 << 10));
+    let big = data(800 << 10);
+    let big_digest = Digest::sha256_of(&big);
+    let blob = data(600 << 10);
+    let digest = Digest::sha256_of(&blob);
+    let other = data(500 << 10);
+    let other_digest = Digest::sha256_of(&other);
+    let origin = Scripted::new(blob.clone(), vec![Step::Hang]);
+    let f = fills(dir.path(), Some(store.clone()), origin.clone());
+
+    // Larger than a blob may be: refused before anything touches the disk.
+    match f.join(&big_digest, big.len() as u64, "x", &from()) {
+        Err(Error::NoRoom { reason: PassReason::TooLarge, .. }) => {}
+        other => panic!("expected too_large, got {:?}", other.map(|(_, started)| started)),
+    }
+    // The first fill reserves its declared size; a second that would take the spools past the
+    // budget is refused while the first holds its room.
+    let (held, _) = f.join(&digest, blob.len() as u64, "x", &from()).unwrap();
+    assert_eq!(store.reserved_bytes(), blob.len() as u64);
+    assert_eq!(metrics.reserved_value(), blob.len() as i64);
+    match f.join(&other_digest, other.len() as u64, "x", &from()) {
+        Err(Error::NoRoom { reason: PassReason::Budget, .. }) => {}
+        other => panic!("expected budget, got {:?}", other.map(|(_, started)| started)),
+    }
+    // Its room comes back when it goes (here: its reader leaves and the grace runs out).
+    drop(held);
+    wait_for_empty_table(&f).await;
+    for _ in 0..100 {
+        if store.reserved_bytes() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(store.reserved_bytes(), 0);
+    assert_eq!(metrics.reserved_value(), 0);
+    assert!(f.join(&other_digest, other.len() as u64, "x", &from()).is_ok());
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unread_fill_stops_after_the_grace_unless_it_keeps_moving() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, metrics) = budget_store(dir.path(), 64 << 20, None);
+    let grace = store.config().unread_grace;
+    let blob = data(1 << 20);
+    let digest = Digest::sha256_of(&blob);
+    let size = blob.len() as u64;
+
+    // A source that answers and then sends nothing: the fill stops within the grace (and one
+    // check), long before the idle timeout would resume it.
+    let origin = Scripted::new(blob.clone(), vec![Step::Hang]);
+    let mut cfg = config(dir.path());
+    cfg.idle_timeout = Duration::from_secs(60);
+    let f = Fills::with_origin(cfg, Some(store.clone()), origin.clone(), None, ClusterMetrics::unregistered()).unwrap();
+    let (fill, _) = f.join(&digest, size, "x", &from()).unwrap();
+    fill.answered().await.unwrap();
+    let left = tokio::time::Instant::now();
+    drop(fill);
+    wait_for_empty_table(&f).await;
+    for _ in 0..500 {
+        if origin.dropped.load(Ordering::SeqCst) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(origin.dropped.load(Ordering::SeqCst), "the unread download went on");
+    let stopped = left.elapsed();
+    assert!(stopped >= grace && stopped <= grace + Duration::from_secs(2), "stopped after {stopped:?}");
+    assert_eq!(origin.opens(), vec![0]);
+    assert_eq!(metrics.abandoned_value(), 1);
+    assert!(!store.contains(&digest));
+    assert_eq!(store.reserved_bytes(), 0);
+
+    // A source that keeps a steady 64 KiB/s (above the 1 KiB/s minimum): the fill goes on
+    // unread, within its reservation, and the next pull finds the blob stored.
+    let origin = Scripted::new(blob.clone(), vec![Step::Pace { chunk: 64 << 10, every: Duration::from_secs(1) }]);
+    let f = fills(dir.path(), Some(store.clone()), origin.clone());
+    let (fill, _) = f.join(&digest, size, "x", &from()).unwrap();
+    fill.answered().await.unwrap();
+    drop(fill);
+    // 16 s at that pace.
+    for _ in 0..60 {
+        if f.inflight() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(store.contains(&digest), "a moving download that fits the budget was stopped");
+    assert_eq!(metrics.abandoned_value(), 1);
+    assert_eq!(origin.opens(), vec![0]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_join_within_the_grace_gets_the_same_fill() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _metrics) = budget_store(dir.path(), 64 << 20, None);
+    let blob = data(64 << 10);
+    let digest = Digest::sha256_of(&blob);
+    let size = blob.len() as u64;
+    let origin = Scripted::new(blob.clone(), vec![Step::Pace { chunk: 4096, every: Duration::from_secs(1) }]);
+    let f = fills(dir.path(), Some(store.clone()), origin.clone());
+    let (first, started) = f.join(&digest, size, "x", &from()).unwrap();
+    assert!(started);
+    drop(first);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (again, started) = f.join(&digest, size, "x", &from()).unwrap();
+    assert!(!started, "a fill within its grace was not joined");
+    let stream = file_range_stream(again.file(), 0, size, size, Some(again.progress()), Some(Box::new(again)));
+    assert_eq!(collect(stream).await.unwrap(), blob);
+    assert_eq!(origin.opens(), vec![0]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn pass_through_streams_verified_bytes_and_ranges_without_touching_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let blob = data(3 << 20);
+    let digest = Digest::sha256_of(&blob);
+    let size = blob.len() as u64;
+    let cut = Step::Serve { chunk: 64 << 10, cut: Some(1 << 20) };
+    let origin = Scripted::new(blob.clone(), vec![cut, Step::Serve { chunk: 64 << 10, cut: None }]);
+    let (store, _m) = budget_store(dir.path(), 1 << 20, None);
+    let f = fills(dir.path(), Some(store.clone()), origin.clone());
+
+    // Whole, across a broken body (resumed at its offset).
+    let got = collect(f.pass_through(&digest, size, &from(), (0, size), None).await.unwrap()).await.unwrap();
+    assert_eq!(got, blob);
+    assert_eq!(origin.opens(), vec![0, 1 << 20]);
+    // A range to the end: downloaded from 0 (to hash all of it), the start skipped.
+    let got = collect(f.pass_through(&digest, size, &from(), (2_000_000, size), None).await.unwrap()).await;
+    assert_eq!(got.unwrap(), &blob[2_000_000..]);
+    // A range short of the end stops downloading at its end.
+    let got = collect(f.pass_through(&digest, size, &from(), (10, 5000), None).await.unwrap()).await;
+    assert_eq!(got.unwrap(), &blob[10..5000]);
+    assert_eq!(std::fs::read_dir(dir.path().join("store/tmp")).unwrap().count(), 0);
+    assert!(!store.contains(&digest));
+
+    // Wrong bytes: the blob's last byte never goes out.
+    let f = fills(dir.path(), Some(store.clone()), Scripted::new(blob.clone(), vec![Step::Garbage]));
+    let mut stream = f.pass_through(&digest, size, &from(), (0, size), None).await.unwrap();
+    let mut got = 0u64;
+    let err = loop {
+        match stream.next().await {
+            Some(Ok(b)) => got += b.len() as u64,
+            Some(Err(e)) => break e,
+            None => panic!("a wrong blob was completed"),
+        }
+    };
+    assert!(got < size && err.to_string().contains("hashed to"), "{got} {err}");
+
+    // The origin's refusal is the answer, before any stream.
+    let not_found = || facade_upstream::Error::NotFound { host: "registry.test".into(), what: "blob".into() };
+    let f = fills(dir.path(), Some(store), Scripted::new(blob.clone(), vec![Step::Fail(not_found)]));
+    let err = f.pass_through(&digest, size, &from(), (0, size), None).await.err().unwrap();
+    assert_eq!(err.kind(), crate::ErrorKind::ManifestUnknown, "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reader_goes_on_from_the_origin_with_the_spools_hash_state() {
+    // What a fill's readers do after a full disk (`chain.rs`): the spool's bytes and hash state
+    // at the offset reached, then the origin from there; the whole blob is still verified.
+    let dir = tempfile::tempdir().unwrap();
+    let blob = data(2 << 20);
+    let digest = Digest::sha256_of(&blob);
+    let size = blob.len() as u64;
+    let origin = Scripted::new(blob.clone(), vec![Step::Serve { chunk: 64 << 10, cut: None }]);
+    let f = fills(dir.path(), None, origin.clone());
+    let mut hasher = digest.hasher().unwrap();
+    hasher.update(&blob[..700_000]);
+    let prefix = HashedPrefix { len: 700_000, hasher };
+    let fallback = Fallback { prefix: Some(prefix.clone()) };
+    let got = collect(f.pass_through(&digest, size, &from(), (700_000, size), Some(&fallback)).await.unwrap()).await;
+    assert_eq!(got.unwrap(), &blob[700_000..]);
+    assert_eq!(origin.opens(), vec![700_000], "the origin was not asked from the spool's end");
+
+    // A hash state of other bytes: the blob fails at its end.
+    let mut wrong = digest.hasher().unwrap();
+    wrong.update(&vec![0u8; 700_000]);
+    let fallback = Fallback { prefix: Some(HashedPrefix { len: 700_000, hasher: wrong }) };
+    let got = collect(f.pass_through(&digest, size, &from(), (700_000, size), Some(&fallback)).await.unwrap()).await;
+    assert!(got.is_err());
 }
