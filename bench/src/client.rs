@@ -111,11 +111,19 @@ impl Small {
 /// One small request (manifests, checks) with the manifest `Accept` header; the body is read
 /// whole.
 pub fn small(addr: SocketAddr, method: &str, path: &str) -> anyhow::Result<Small> {
+    let accept = format!("Accept: {}\r\n", facade_oci::media_types::MANIFEST_ACCEPT);
+    exchange(addr, method, path, &accept)
+}
+
+/// A call to the facade's admin API (the warm-up and progress routes): JSON accepted, an empty
+/// body sent (`Content-Length: 0`, which a POST without one needs), the answer read whole.
+pub fn admin(addr: SocketAddr, method: &str, path: &str) -> anyhow::Result<Small> {
+    exchange(addr, method, path, "Accept: application/json\r\nContent-Length: 0\r\n")
+}
+
+fn exchange(addr: SocketAddr, method: &str, path: &str, headers: &str) -> anyhow::Result<Small> {
     let mut conn = connect(addr)?;
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: {}\r\nConnection: close\r\n\r\n",
-        facade_oci::media_types::MANIFEST_ACCEPT
-    );
+    let req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Connection: close\r\n\r\n");
     conn.write_all(req.as_bytes()).with_context(|| format!("{method} {addr}{path}"))?;
     let mut buf = vec![0u8; 64 * 1024];
     let (head, filled) = read_head(&mut conn, &mut buf).with_context(|| format!("{method} {addr}{path}"))?;

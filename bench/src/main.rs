@@ -11,7 +11,10 @@
 mod client;
 mod copy_server;
 mod cpu;
+mod curl;
+mod first_pull;
 mod load;
+mod rate_proxy;
 mod report;
 mod systems;
 mod wrk;
@@ -54,6 +57,20 @@ struct Cli {
     /// Where to write the results.
     #[arg(long, default_value_os_t = Path::new(env!("CARGO_MANIFEST_DIR")).join("RESULTS.md"))]
     out: PathBuf,
+    /// Run only these sections (comma-separated; default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Section>,
+}
+
+/// The parts of the run `--only` can pick.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Section {
+    /// Single-stream, concurrent and manifest measurements against the targets, and two nodes.
+    Streams,
+    /// The layer pulled with curl.
+    Curl,
+    /// containerd's first pull of a ten-layer workspace image, loopback and remote.
+    FirstPull,
 }
 
 fn main() -> ExitCode {
@@ -97,12 +114,17 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     let load_before = report::load_average();
     tracing::info!(load_average = %load_before, "starting");
     let start = (cpu::machine(), cpu::own_ticks());
-    let results = measure(&params, &facade_bin)?;
+    let sections =
+        if cli.only.is_empty() { vec![Section::Streams, Section::Curl, Section::FirstPull] } else { cli.only.clone() };
+    let results = measure(&params, &facade_bin, &sections)?;
     // Every child is stopped and reaped by now, so its CPU time is in our children's ticks.
     let usage = cpu::usage(start, (cpu::machine(), cpu::own_ticks()));
 
-    let (table, verdict) = report::table(&results, &params);
-    println!("\n{table}\nTargets met: {} of {}", verdict.met, verdict.total);
+    if results.streams_ran {
+        let (table, verdict) = report::table(&results, &params);
+        println!("\n{table}\nTargets met: {} of {}", verdict.met, verdict.total);
+    }
+    println!("{}", report::extra_sections(&results));
     let others = report::other_load(quiet, &usage);
     println!("{others}");
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
@@ -121,18 +143,70 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
 }
 
 /// Every measurement; the world and every system are gone when it returns.
-fn measure(params: &Params, facade_bin: &Path) -> anyhow::Result<Results> {
+fn measure(params: &Params, facade_bin: &Path, sections: &[Section]) -> anyhow::Result<Results> {
     let world = World::build(params)?;
     let mut results = Results { layer_size: world.layer_size, layer_digest: world.layer.clone(), ..Results::default() };
-    single_streams(&world, params, facade_bin, &mut results)?;
-    results.facade.concurrent = concurrent(&world, params, Kind::Facade(facade_bin), &mut results.verified)?;
-    results.dist.concurrent = concurrent(&world, params, Kind::Distribution, &mut results.verified)?;
-    for s in [&mut results.facade, &mut results.dist] {
-        s.peak_rss_whole_run = s.peak_rss_whole_run.max(s.concurrent.peak_rss_after_warm);
+    if sections.contains(&Section::Streams) {
+        single_streams(&world, params, facade_bin, &mut results)?;
+        results.facade.concurrent = concurrent(&world, params, Kind::Facade(facade_bin), &mut results.verified)?;
+        results.dist.concurrent = concurrent(&world, params, Kind::Distribution, &mut results.verified)?;
+        for s in [&mut results.facade, &mut results.dist] {
+            s.peak_rss_whole_run = s.peak_rss_whole_run.max(s.concurrent.peak_rss_after_warm);
+        }
+        results.streams_ran = true;
     }
-    // Last: js-ipfs keeps a CPU busy while it adds, which must not weigh on the rows above.
-    results.two_nodes = Some(two_nodes(&world, facade_bin, &mut results.verified)?);
+    if sections.contains(&Section::Curl) {
+        results.curl = Some(curl_rows(&world, params, facade_bin));
+    }
+    if sections.contains(&Section::FirstPull) {
+        results.first_pull = Some(first_pull::run(&world.upstream, facade_bin, &first_pull::Params::new(params.quick)));
+    }
+    if sections.contains(&Section::Streams) {
+        // Last: js-ipfs keeps a CPU busy while it adds, which must not weigh on the rows above.
+        results.two_nodes = Some(two_nodes(&world, facade_bin, &mut results.verified)?);
+    }
     Ok(results)
+}
+
+/// The layer pulled with curl: cold pulls alternate between a fresh facade and a fresh
+/// distribution proxy, warm pulls go round-robin over every system. A pull that fails is the
+/// row's result (`Err`), not a broken bench.
+fn curl_rows(world: &World, p: &Params, facade_bin: &Path) -> Result<report::CurlResults, String> {
+    if !curl::available() {
+        return Err("curl is not installed (scripts/install-deps.sh)".into());
+    }
+    let run = || -> anyhow::Result<report::CurlResults> {
+        let mut c = report::CurlResults::default();
+        let kinds = [Kind::Facade(facade_bin), Kind::Distribution];
+        let mut live: [Option<Instance>; 2] = [None, None];
+        for i in 0..p.cold_reps {
+            for (k, kind) in kinds.iter().enumerate() {
+                tracing::info!("curl: {} cold {}/{}", kind.name(), i + 1, p.cold_reps);
+                drop(live[k].take());
+                let inst = kind.start_primed(world)?;
+                let pull = curl::pull(inst.addr(), &kind.blob_path(&world.layer), world.layer_size)
+                    .with_context(|| format!("log: {}", inst.log_tail()))?;
+                if k == 0 {
+                    c.facade_cold.push(pull)
+                } else {
+                    c.dist_cold.push(pull)
+                }
+                live[k] = Some(inst);
+            }
+        }
+        let [Some(f), Some(d)] = &live else { bail!("no cold run") };
+        let direct_path = format!("/v2/big/blobs/{}", world.layer);
+        let (f_blob, d_blob) = (kinds[0].blob_path(&world.layer), kinds[1].blob_path(&world.layer));
+        tracing::info!("curl: {} warm rounds", p.warm_reps);
+        for _ in 0..p.warm_reps {
+            c.copy.push(curl::pull(world.copy.addr, "/layer", world.layer_size)?);
+            c.direct.push(curl::pull(world.upstream.addr, &direct_path, world.layer_size)?);
+            c.facade_warm.push(curl::pull(f.addr(), &f_blob, world.layer_size)?);
+            c.dist_warm.push(curl::pull(d.addr(), &d_blob, world.layer_size)?);
+        }
+        Ok(c)
+    };
+    run().map_err(|e| format!("{e:#}"))
 }
 
 /// The upstream with the layer, the two counting proxies, the copy server and a work dir.
@@ -177,7 +251,7 @@ impl Drop for World {
 }
 
 /// Deterministic incompressible bytes (xorshift64).
-fn noise(len: u64, seed: u64) -> Vec<u8> {
+pub(crate) fn noise(len: u64, seed: u64) -> Vec<u8> {
     let mut x = seed | 1;
     let mut v = Vec::with_capacity(len as usize + 8);
     while (v.len() as u64) < len {
@@ -652,5 +726,12 @@ fn versions() -> String {
             })
             .unwrap_or_else(|e| format!("{bin}: {e}"))
     };
-    format!("{}; {}", out(test_support::registry::REGISTRY_BIN, "--version"), out(wrk::WRK_BIN, "-v"))
+    format!(
+        "{}; {}; {}; {}",
+        out(test_support::registry::REGISTRY_BIN, "--version"),
+        out(wrk::WRK_BIN, "-v"),
+        // curl's first line goes on to list every library it links.
+        out(curl::CURL_BIN, "--version").split_whitespace().take(2).collect::<Vec<_>>().join(" "),
+        out("containerd", "--version")
+    )
 }

@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use crate::client::Pull;
+use crate::curl::CurlPull;
 use crate::load::LoadResult;
 use crate::wrk::WrkResult;
 
@@ -165,9 +166,89 @@ pub struct Params {
     pub quick: bool,
 }
 
+/// One system's `ctr` pulls in one setting of the first-pull section.
+#[derive(Clone, Debug, Default)]
+pub struct SystemRuns {
+    /// Cold pulls (fresh containerd, fresh system), seconds.
+    pub cold: Vec<f64>,
+    /// Warm pulls (fresh containerd, the system's cache filled), seconds.
+    pub warm: Vec<f64>,
+    /// Pulls that failed, with why.
+    pub failures: Vec<String>,
+    /// Bytes the upstream sent during the last cold pull, and the connections it took (remote
+    /// setting only: its proxy counts).
+    pub upstream: Option<(u64, u64)>,
+}
+
+/// The facade warmed up through its admin API, then pulled.
+#[derive(Clone, Debug)]
+pub struct Prepared {
+    /// `POST …/prepare` → progress says done, seconds.
+    pub prepare: f64,
+    /// The `ctr` pull after it, seconds.
+    pub pull: f64,
+    /// Progress requests made.
+    pub polls: usize,
+    /// Bytes done in the last progress answer.
+    pub bytes_done: u64,
+}
+
+/// One setting (loopback, remote) of the first-pull section.
+#[derive(Clone, Debug, Default)]
+pub struct SettingResult {
+    /// Its name as the table shows it.
+    pub name: String,
+    /// The facade.
+    pub facade: SystemRuns,
+    /// The distribution pull-through cache.
+    pub dist: SystemRuns,
+    /// The upstream itself.
+    pub direct: SystemRuns,
+    /// The after-prepare row (`Err`: why it has no figures).
+    pub prepared: Option<Result<Prepared, String>>,
+}
+
+/// containerd's first pull of a ten-layer workspace image.
+#[derive(Clone, Debug, Default)]
+pub struct FirstPull {
+    /// Layers in the image.
+    pub layers: usize,
+    /// Their bytes.
+    pub image_bytes: u64,
+    /// Loopback, then remote.
+    pub settings: Vec<SettingResult>,
+    /// Cold pulls per system and setting.
+    pub cold_reps: usize,
+    /// Warm pulls per caching system and setting.
+    pub warm_reps: usize,
+}
+
+/// curl pulls of the layer.
+#[derive(Clone, Debug, Default)]
+pub struct CurlResults {
+    /// Facade, each on a fresh instance.
+    pub facade_cold: Vec<CurlPull>,
+    /// Distribution proxy, each on a fresh instance.
+    pub dist_cold: Vec<CurlPull>,
+    /// Facade, the last instance again.
+    pub facade_warm: Vec<CurlPull>,
+    /// Distribution proxy, the last instance again.
+    pub dist_warm: Vec<CurlPull>,
+    /// The upstream itself.
+    pub direct: Vec<CurlPull>,
+    /// The copy server.
+    pub copy: Vec<CurlPull>,
+}
+
 /// All measurements.
 #[derive(Clone, Debug, Default)]
 pub struct Results {
+    /// Whether the streaming section (the targets) ran; `--only` may leave it out.
+    pub streams_ran: bool,
+    /// The curl rows (`Err`: why they did not run; `None`: not asked for).
+    pub curl: Option<Result<CurlResults, String>>,
+    /// containerd's first pull (`Err`: why it did not run; `None`: not asked for).
+    pub first_pull: Option<Result<FirstPull, String>>,
     /// The layer blob's size in bytes.
     pub layer_size: u64,
     /// The layer digest.
@@ -522,6 +603,144 @@ pub fn table(r: &Results, p: &Params) -> (String, Verdict) {
     (t, verdict)
 }
 
+/// "4.12 s (4.01, 4.12, 4.30)": the median of `v` and every sample; "–" for none.
+fn secs_median(v: &[f64]) -> String {
+    if v.is_empty() {
+        return "–".into();
+    }
+    let all: Vec<String> = v.iter().map(|x| format!("{x:.2}")).collect();
+    if v.len() == 1 { format!("{:.2} s", v[0]) } else { format!("{:.2} s ({})", median(v), all.join(", ")) }
+}
+
+fn time_ratio(a: &[f64], b: &[f64]) -> String {
+    if a.is_empty() || b.is_empty() { "–".into() } else { format!("{:.2}×", ratio(median(a), median(b))) }
+}
+
+fn with_failures(cell: String, runs: &SystemRuns) -> String {
+    match runs.failures.first() {
+        None => cell,
+        Some(f) => format!("{cell}; **{} failed**: {}", runs.failures.len(), short(f)),
+    }
+}
+
+/// The first-pull section's table: wall time of `ctr images pull` (fetch and unpack) per
+/// system, and the facade's time over the others' (below 1 is faster).
+pub fn first_pull_table(fp: &Option<Result<FirstPull, String>>) -> String {
+    let fp = match fp {
+        None => return String::new(),
+        Some(Err(e)) => return format!("First pull with containerd: **did not run**: {}\n", short(e)),
+        Some(Ok(fp)) => fp,
+    };
+    let mut t = format!(
+        "containerd `ctr images pull` (fetch + unpack, native snapshotter) of a cold workspace image of {} layers, {}; wall time, median (every run):\n\n",
+        fp.layers,
+        mib(fp.image_bytes)
+    );
+    t.push_str(
+        "| Setting: pull | Facade | Distribution proxy | Direct upstream | Facade / direct | Facade / distribution |\n",
+    );
+    t.push_str("|---|---|---|---|---|---|\n");
+    let up = |r: &SystemRuns| {
+        r.upstream.map_or(String::new(), |(b, c)| format!("; upstream {} over {c} connections", mib(b)))
+    };
+    for s in &fp.settings {
+        let (f, d, x) = (&s.facade, &s.dist, &s.direct);
+        let _ = writeln!(
+            t,
+            "| {}: cold, {} per system | {} | {} | {} | {} | {} |",
+            s.name,
+            fp.cold_reps,
+            with_failures(format!("{}{}", secs_median(&f.cold), up(f)), f),
+            with_failures(format!("{}{}", secs_median(&d.cold), up(d)), d),
+            with_failures(format!("{}{}", secs_median(&x.cold), up(x)), x),
+            time_ratio(&f.cold, &x.cold),
+            time_ratio(&f.cold, &d.cold),
+        );
+        let _ = writeln!(
+            t,
+            "| {}: warm (cache filled, fresh containerd), {} per system | {} | {} | – | {} | {} |",
+            s.name,
+            fp.warm_reps,
+            secs_median(&f.warm),
+            secs_median(&d.warm),
+            time_ratio(&f.warm, &x.cold),
+            time_ratio(&f.warm, &d.warm),
+        );
+        let prepared = match &s.prepared {
+            None => "not measured".to_string(),
+            Some(Err(e)) => short(e),
+            Some(Ok(p)) => format!(
+                "warm-up {:.2} s (progress done at {}, {} polls), then pull {:.2} s; warm pull {}: after prepare / warm = {}",
+                p.prepare,
+                mib(p.bytes_done),
+                p.polls,
+                p.pull,
+                secs_median(&f.warm),
+                time_ratio(&[p.pull], &f.warm)
+            ),
+        };
+        let _ = writeln!(
+            t,
+            "| {}: after prepare (`POST …/prepare`, progress done, then pull) | {prepared} | – | – | – | – |",
+            s.name
+        );
+    }
+    t
+}
+
+fn speed_median(v: &[CurlPull]) -> String {
+    if v.is_empty() {
+        return "–".into();
+    }
+    let speeds: Vec<f64> = v.iter().map(|p| p.speed).collect();
+    let ttfb: Vec<f64> = v.iter().map(|p| p.ttfb).collect();
+    format!("{} (first byte {})", gbps(median(&speeds)), ms(median(&ttfb)))
+}
+
+fn speed_ratio(a: &[CurlPull], b: &[CurlPull]) -> f64 {
+    let m = |v: &[CurlPull]| median(&v.iter().map(|p| p.speed).collect::<Vec<_>>());
+    ratio(m(a), m(b))
+}
+
+/// The curl rows: `%{speed_download}` and `%{time_starttransfer}` medians.
+pub fn curl_table(c: &Option<Result<CurlResults, String>>, layer_size: u64) -> String {
+    let c = match c {
+        None => return String::new(),
+        Some(Err(e)) => return format!("curl rows: **did not run**: {}\n", short(e)),
+        Some(Ok(c)) => c,
+    };
+    let mut t = format!(
+        "`curl -sS -o /dev/null` of the {} layer, `%{{speed_download}}` median (`%{{time_starttransfer}}` median); direct upstream and the copy server have no cold state, their row is the same pulls:\n\n",
+        mib(layer_size)
+    );
+    t.push_str(
+        "| curl | Facade | Distribution proxy | Direct upstream | Copy server | Ratios |\n|---|---|---|---|---|---|\n",
+    );
+    let _ = writeln!(
+        t,
+        "| cold (a fresh instance per pull), {} per system | {} | {} | {} | {} | facade / dist = {:.2}×, facade / direct = {:.2}× |",
+        c.facade_cold.len(),
+        speed_median(&c.facade_cold),
+        speed_median(&c.dist_cold),
+        speed_median(&c.direct),
+        speed_median(&c.copy),
+        speed_ratio(&c.facade_cold, &c.dist_cold),
+        speed_ratio(&c.facade_cold, &c.direct),
+    );
+    let _ = writeln!(
+        t,
+        "| warm (the same instance again), {} per system | {} | {} | {} | {} | facade / dist = {:.2}×, facade / copy = {:.2}× |",
+        c.facade_warm.len(),
+        speed_median(&c.facade_warm),
+        speed_median(&c.dist_warm),
+        speed_median(&c.direct),
+        speed_median(&c.copy),
+        speed_ratio(&c.facade_warm, &c.dist_warm),
+        speed_ratio(&c.facade_warm, &c.copy),
+    );
+    t
+}
+
 /// How much else the machine did: the quiet check before the start, and the CPU time other
 /// processes took during the run.
 pub fn other_load(quiet: Option<(f64, Duration)>, usage: &crate::cpu::Usage) -> String {
@@ -629,16 +848,65 @@ pub fn results_md(r: &Results, p: &Params, ctx: &Context) -> String {
     let _ = writeln!(s, "- Other parts: {}", ctx.versions);
     let _ = writeln!(s, "- Load average (1, 5, 15 min) before / after: {} / {}", ctx.load.0, ctx.load.1);
     let _ = writeln!(s, "- Other load: {}", ctx.other_load);
-    let _ = writeln!(s, "\nTargets met: **{} of {}**.\n", verdict.met, verdict.total);
-    s.push_str(&table);
-    s.push_str("\nSHA-256 verified (untimed pulls): ");
-    s.push_str(&r.verified.join("; "));
-    s.push_str(".\n\n## Method\n\n");
+    if r.streams_ran {
+        let _ = writeln!(s, "\nTargets met: **{} of {}**.\n", verdict.met, verdict.total);
+        s.push_str(&table);
+    } else {
+        s.push_str("\nThe streaming section (the targets) was not run (`--only`).\n");
+    }
+    s.push_str(&extra_sections(r));
+    if !r.verified.is_empty() {
+        s.push_str("\nSHA-256 verified (untimed pulls): ");
+        s.push_str(&r.verified.join("; "));
+        s.push_str(".\n");
+    }
+    s.push_str("\n## Method\n\n");
     s.push_str(METHOD);
-    s.push_str("\n## Raw samples\n\nIn the order taken; throughput in GB/s, time to first byte in ms.\n\n");
-    s.push_str(&raw_samples(r));
+    s.push_str(METHOD_EXTRA);
+    if r.streams_ran {
+        s.push_str("\n## Raw samples\n\nIn the order taken; throughput in GB/s, time to first byte in ms.\n\n");
+        s.push_str(&raw_samples(r));
+    }
     s
 }
+
+/// The curl rows and the first-pull table, each under its own heading, when they ran.
+pub fn extra_sections(r: &Results) -> String {
+    let mut s = String::new();
+    let curl = curl_table(&r.curl, r.layer_size);
+    if !curl.is_empty() {
+        s.push_str("\n## curl as the client\n\n");
+        s.push_str(&curl);
+    }
+    let fp = first_pull_table(&r.first_pull);
+    if !fp.is_empty() {
+        s.push_str("\n## First pull with containerd\n\n");
+        s.push_str(&fp);
+    }
+    s
+}
+
+const METHOD_EXTRA: &str = "\
+- curl rows: Debian's curl, `curl -sS -o /dev/null -w '%{http_code} %{size_download} %{speed_download} \
+%{time_starttransfer}'` of the layer (status 200 and the full size checked); cold pulls alternate \
+between a fresh facade and a fresh distribution proxy (the manifest fetched first), warm pulls go \
+round-robin over the copy server, direct upstream and the last facade and distribution instances.
+- First pull with containerd: one upstream repository holds `base` (eight layers of noise), \
+`ide` (two) and `ws` (the same ten layers in one image, for the systems that cannot compose). The \
+facade serves workspace `ws` with `baseRef` = base and `ideRef` = ide, the same ten layers; the \
+distribution proxy and direct upstream serve `ws`. Each timed pull is `ctr images pull \
+--plain-http --snapshotter native --max-concurrent-downloads 3 --print-chainid` into a containerd \
+started for that pull alone (its own root, content store and snapshots), so it fetches and unpacks \
+every layer; the chain ID it prints must be the image's. Cold: a fresh facade (empty store) or \
+distribution proxy (empty storage) per pull; the systems take turns. Warm: the last cold instance \
+again, into a fresh containerd. \"Remote\": every system reaches the upstream through the bench's \
+rate-limiting TCP proxy (`src/rate_proxy.rs`, a token bucket per connection, 64 KiB burst), so \
+parallel connections add up and one connection cannot go faster than the rate; the upstream bytes \
+shown are what that proxy relayed during the last cold pull. After prepare: a fresh facade with \
+its admin listener, `POST /v1/workspaces/fixed/ws/prepare`, `GET …/progress` every 100 ms until \
+its state is done (or, in a document without a state, its totals have every byte), then one timed pull into a fresh containerd; \
+a 404 on the warm-up route gives \"n/a (no warm-up API)\".
+";
 
 fn raw_samples(r: &Results) -> String {
     let mut s = String::from("| Series | Throughput | Time to first byte |\n|---|---|---|\n");

@@ -22,6 +22,8 @@ pub const WORKSPACE: &str = "ws";
 pub struct FacadeProc {
     /// Registry listener.
     pub addr: SocketAddr,
+    /// Admin listener (metrics, probes, the warm-up API), when asked for.
+    pub admin: Option<SocketAddr>,
     proc: KillOnDrop,
     dir: tempfile::TempDir,
 }
@@ -39,17 +41,33 @@ impl FacadeProc {
         base_ref: &str,
         registry_extra: serde_json::Map<String, serde_json::Value>,
     ) -> anyhow::Result<FacadeProc> {
+        Self::start_spec(bin, &json!({"baseRef": base_ref}), registry_extra, false)
+    }
+
+    /// Starts `bin` serving workspace [`WORKSPACE`] with this spec (`baseRef`, `ideRef`, …), a
+    /// fresh store, `registry_extra` added to the `registry` object and, with `admin`, an admin
+    /// listener on a free port (`prometheusAddr`, where the warm-up API lives).
+    pub fn start_spec(
+        bin: &Path,
+        spec: &serde_json::Value,
+        registry_extra: serde_json::Map<String, serde_json::Value>,
+        admin: bool,
+    ) -> anyhow::Result<FacadeProc> {
         let dir = tempfile::Builder::new().prefix("bench-facade-").tempdir()?;
-        std::fs::write(dir.path().join("specs.json"), json!({ WORKSPACE: {"baseRef": base_ref} }).to_string())?;
+        std::fs::write(dir.path().join("specs.json"), json!({ WORKSPACE: spec }).to_string())?;
         let mut last_err = None;
         // The port is picked before the facade binds it; another process can win the race.
         for _ in 0..5 {
             let port = free_port();
+            let admin_addr: Option<SocketAddr> = admin.then(|| ([127, 0, 0, 1], free_port()).into());
             let mut registry = json!({"port": port, "store": "store", "fixedSpecFN": "specs.json"});
             if let Some(r) = registry.as_object_mut() {
                 r.extend(registry_extra.clone());
             }
-            let cfg = json!({"registry": registry, "facade": {"listenHost": "127.0.0.1"}});
+            let mut cfg = json!({"registry": registry, "facade": {"listenHost": "127.0.0.1"}});
+            if let Some(a) = admin_addr {
+                cfg["prometheusAddr"] = json!(a.to_string());
+            }
             let cfg_path = dir.path().join("config.json");
             std::fs::write(&cfg_path, cfg.to_string())?;
             let mut cmd = Command::new(bin);
@@ -57,7 +75,16 @@ impl FacadeProc {
             let mut proc = KillOnDrop::spawn("registry-facade", cmd, &dir.path().join("facade.log"))?;
             let addr: SocketAddr = ([127, 0, 0, 1], port).into();
             match wait_for_tcp(addr, Duration::from_secs(20)) {
-                Ok(()) if proc.check_running().is_ok() => return Ok(FacadeProc { addr, proc, dir }),
+                Ok(()) if proc.check_running().is_ok() => {
+                    if let Some(a) = admin_addr
+                        && let Err(e) = wait_for_tcp(a, Duration::from_secs(10))
+                    {
+                        last_err = Some(anyhow::anyhow!("admin listener {a}: {e}"));
+                        proc.kill();
+                        continue;
+                    }
+                    return Ok(FacadeProc { addr, admin: admin_addr, proc, dir });
+                }
                 Ok(()) => {
                     last_err = Some(anyhow::anyhow!("facade exited: {}", log_tail(&dir.path().join("facade.log"))))
                 }

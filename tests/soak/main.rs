@@ -13,6 +13,14 @@
 //! are counted apart from failures. It passes when no pull failed, no complete body had wrong
 //! bytes, the facade never exited, and its open fds and RSS did not grow past the stated
 //! bounds. The report goes to stdout and to `--out` (bench/SOAK.md).
+//!
+//! Alongside the pulls runs a hostile phase (`hostile.rs`, `--hostile N`, 0 = off): N clients
+//! that open blob GETs and never read, N connections that never send, and a client that reads
+//! 4 MiB of an endless layer and drops it, again and again. It adds no pass condition of its
+//! own: the same bounds must hold with it running, and the report shows RSS, fds and the disk
+//! the facade's store and spools take over time.
+
+mod hostile;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -61,6 +69,7 @@ struct Args {
     seed: u64,
     out: PathBuf,
     ipfs: bool,
+    hostile: usize,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -72,6 +81,7 @@ fn parse_args() -> anyhow::Result<Args> {
         seed: 0x5eed_f00d,
         out: root.join("bench/SOAK.md"),
         ipfs: true,
+        hostile: 120,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -83,9 +93,10 @@ fn parse_args() -> anyhow::Result<Args> {
             "--seed" => args.seed = value()?.parse().context("--seed")?,
             "--out" => args.out = PathBuf::from(value()?),
             "--no-ipfs" => args.ipfs = false,
+            "--hostile" => args.hostile = value()?.parse().context("--hostile")?,
             "-h" | "--help" => {
                 println!(
-                    "soak [--facade BIN] [--seconds N (SOAK_SECONDS, 180)] [--pullers N (8)] [--seed N] [--out FILE] [--no-ipfs]"
+                    "soak [--facade BIN] [--seconds N (SOAK_SECONDS, 180)] [--pullers N (8)] [--seed N] [--out FILE] [--no-ipfs] [--hostile N (120; 0 = no hostile phase)]"
                 );
                 std::process::exit(0);
             }
@@ -905,7 +916,15 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     let reg = Registry::start().context("docker-registry")?;
     let proxy = FaultProxy::start(reg.addr)?;
     let relay = Relay::start(proxy.addr)?;
-    let (workspaces, unique_bytes, specs) = build_world(&reg, &relay.addr.to_string())?;
+    let (workspaces, unique_bytes, mut specs) = build_world(&reg, &relay.addr.to_string())?;
+    let endless = if args.hostile > 0 {
+        Some(hostile::EndlessWorld::start().context("the hostile registry and endless origin")?)
+    } else {
+        None
+    };
+    if let Some(e) = &endless {
+        specs[hostile::ENDLESS_WS] = e.spec();
+    }
     std::fs::write(dir.path().join("specs.json"), specs.to_string())?;
 
     let redis = Redis::start().context("redis-server")?;
@@ -963,6 +982,22 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     let mut targets = Targets { relay, proxy, redis, spec, ipfs };
     let mut max = start;
     let mut facade_exit = None;
+    // What the hostile clients GET: every layer of the legitimate images (the non-readers), and
+    // the endless layer.
+    let blob_paths: Vec<String> = workspaces
+        .iter()
+        .filter(|w| w.id != CHURN_ID)
+        .flat_map(|w| {
+            let layers = w.layers.lock().ok().and_then(|v| v.first().cloned()).unwrap_or_default();
+            layers.into_iter().map(move |d| format!("/v2/fixed/{}/blobs/{d}", w.id))
+        })
+        .collect();
+    let endless_path =
+        endless.as_ref().map(|e| format!("/v2/fixed/{}/blobs/{}", hostile::ENDLESS_WS, e.layer)).unwrap_or_default();
+    let plan = hostile::Plan { non_reading: args.hostile, silent: args.hostile };
+    let counts = hostile::Counts::default();
+    let disk = DiskProbe::new(dir.path().join("store"), pid);
+    let mut timeline = vec![disk.point(Duration::ZERO, start, &counts, endless.as_ref())];
     let faults = std::thread::scope(|s| {
         let pullers: Vec<_> = (0..args.pullers)
             .map(|i| {
@@ -972,12 +1007,22 @@ fn run(args: &Args) -> anyhow::Result<bool> {
             })
             .collect();
         let churn = s.spawn(|| churn_loop(&reg, &workspaces, args.seed, deadline));
+        let addr = facade.addr;
+        let hostile_clients = endless.is_some().then(|| {
+            let (paths, endless_path, stop, counts) = (&blob_paths, &endless_path, &stop, &counts);
+            s.spawn(move || hostile::run(addr, plan, paths, endless_path, deadline, stop, counts))
+        });
+        let mut next_point = Instant::now() + TIMELINE_EVERY;
         let faults = s.spawn(|| fault_loop(&mut cut_total, &mut targets, args.seed, deadline, &fault_log, started));
         while Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(500));
             if let Ok(now) = sample(pid) {
                 max.rss_kib = max.rss_kib.max(now.rss_kib);
                 max.fds = max.fds.max(now.fds);
+                if Instant::now() >= next_point {
+                    timeline.push(disk.point(started.elapsed(), now, &counts, endless.as_ref()));
+                    next_point += TIMELINE_EVERY;
+                }
             }
             if let Err(e) = facade.proc.check_running() {
                 facade_exit = Some(format!("{e:#}"));
@@ -987,6 +1032,9 @@ fn run(args: &Args) -> anyhow::Result<bool> {
         }
         for p in pullers {
             let _ = p.join();
+        }
+        if let Some(h) = hostile_clients {
+            let _ = h.join();
         }
         churn_versions = churn.join().unwrap_or((0, vec!["churn thread panicked".into()]));
         faults.join().unwrap_or_default()
@@ -998,6 +1046,7 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     if let Some(e) = end {
         max.rss_kib = max.rss_kib.max(e.rss_kib);
         max.fds = max.fds.max(e.fds);
+        timeline.push(disk.point(started.elapsed(), e, &counts, endless.as_ref()));
     }
     let metrics = metrics_of_interest(facade.metrics);
     let upstream = (targets.proxy.connections(), targets.proxy.bytes_to_client());
@@ -1089,6 +1138,9 @@ fn run(args: &Args) -> anyhow::Result<bool> {
             r.push_str(&format!("- {f}\n"));
         }
     }
+    if let Some(e) = &endless {
+        r.push_str(&hostile_report(args.hostile, &counts, e, &timeline));
+    }
     r.push_str("\nFacade metrics at the end (non-zero series):\n\n```\n");
     for m in &metrics {
         r.push_str(m);
@@ -1110,4 +1162,162 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     }
     facade.proc.kill();
     Ok(passed)
+}
+
+/// How often the timeline of RSS, fds and disk is sampled.
+const TIMELINE_EVERY: Duration = Duration::from_secs(10);
+
+/// One point of the timeline.
+struct Point {
+    at: Duration,
+    sample: Sample,
+    /// Disk the store dir and the facade's own spool dir take (allocated blocks).
+    disk: u64,
+    /// Allocated bytes of the distinct files the facade holds open (spools of abandoned fills
+    /// included, even once unlinked).
+    open_files: u64,
+    /// How much the free space of the store's filesystem shrank since the start (anything else
+    /// writing to it counts too).
+    avail_drop: Option<i64>,
+    hostile_open: u64,
+    endless_sent: u64,
+}
+
+/// Reads the facade's disk footprint.
+struct DiskProbe {
+    store: PathBuf,
+    spool: PathBuf,
+    pid: u32,
+    avail0: Option<u64>,
+}
+
+impl DiskProbe {
+    fn new(store: PathBuf, pid: u32) -> DiskProbe {
+        let avail0 = avail(&store);
+        // Where the facade spools blobs it cannot reserve store space for (its temp dir).
+        let spool = std::env::temp_dir().join(format!("registry-facade-spool-{pid}"));
+        DiskProbe { store, spool, pid, avail0 }
+    }
+
+    fn point(&self, at: Duration, sample: Sample, c: &hostile::Counts, e: Option<&hostile::EndlessWorld>) -> Point {
+        let avail_drop = match (self.avail0, avail(&self.store)) {
+            (Some(a), Some(b)) => Some(a as i64 - b as i64),
+            _ => None,
+        };
+        Point {
+            at,
+            sample,
+            disk: du(&self.store) + du(&self.spool),
+            open_files: open_file_bytes(self.pid),
+            avail_drop,
+            hostile_open: c.non_reading_open.load(Ordering::Relaxed) + c.silent_open.load(Ordering::Relaxed),
+            endless_sent: e.map_or(0, hostile::EndlessWorld::sent),
+        }
+    }
+}
+
+/// Allocated bytes of the files under `root` (symlinks not followed); 0 if it is missing.
+fn du(root: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut total = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else {
+                total += meta.blocks() * 512;
+            }
+        }
+    }
+    total
+}
+
+/// The allocated bytes of the distinct regular files behind `/proc/<pid>/fd` (a file open
+/// twice counts once; an unlinked spool still counts, which `du` of a directory cannot see).
+fn open_file_bytes(pid: u32) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return 0 };
+    let mut seen = std::collections::BTreeMap::new();
+    for m in fds.flatten().filter_map(|fd| std::fs::metadata(fd.path()).ok()).filter(|m| m.is_file()) {
+        seen.insert((m.dev(), m.ino()), m.blocks() * 512);
+    }
+    seen.values().sum()
+}
+
+/// Free bytes of the filesystem holding `path` (`df`), if it answers.
+fn avail(path: &Path) -> Option<u64> {
+    let dir = if path.exists() { path } else { path.parent()? };
+    let out = Command::new("df").args(["-B1", "--output=avail"]).arg(dir).output().ok()?;
+    String::from_utf8_lossy(&out.stdout).lines().nth(1)?.trim().parse().ok()
+}
+
+fn hostile_report(n: usize, c: &hostile::Counts, e: &hostile::EndlessWorld, timeline: &[Point]) -> String {
+    let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64);
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let median = |v: &Mutex<Vec<f64>>| {
+        let mut v = v.lock().map(|v| v.clone()).unwrap_or_default();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).map_or("–".to_string(), |m| format!("{m:.1} s"))
+    };
+    let endless = c.endless.lock().map(|m| m.clone()).unwrap_or_default();
+    let endless_ok = endless.get("read 4 MiB, dropped").copied().unwrap_or(0);
+    let mut r = String::new();
+    r.push_str(&format!(
+        "\nHostile phase, alongside the pulls, from {} (its own client address):\n\n| hostile client | what happened |\n|---|---|\n",
+        hostile::HOSTILE_SOURCE
+    ));
+    r.push_str(&format!(
+        "| {n} non-reading clients (a blob GET, nothing read, held 20–60 s, again) | {} GETs sent, at most {} open at once, {} could not connect or send |\n",
+        get(&c.non_reading_requests),
+        get(&c.non_reading_peak),
+        get(&c.non_reading_refused)
+    ));
+    r.push_str(&format!(
+        "| {n} silent connections (nothing sent, held 30–90 s, again) | {} made, at most {} open at once, {} closed by the facade first (median after {}), {} could not connect |\n",
+        get(&c.silent_connections),
+        get(&c.silent_peak),
+        get(&c.silent_closed_by_facade),
+        median(&c.silent_lifetimes),
+        get(&c.silent_refused)
+    ));
+    let outcomes: Vec<String> = endless.iter().map(|(k, v)| format!("{k} ×{v}")).collect();
+    r.push_str(&format!(
+        "| endless layer (manifest claims 64 GiB; read 4 MiB, drop, every 5–10 s) | {}; median time to 4 MiB {}; the origin sent {} over {} connections ({} still sending at the end) for {} read by clients |\n",
+        if outcomes.is_empty() { "no attempt".to_string() } else { outcomes.join(", ") },
+        median(&c.endless_secs),
+        mib(e.sent()),
+        get(&e.origin.connections),
+        get(&e.origin.open),
+        mib(endless_ok * (4 << 20))
+    ));
+    let max_disk = timeline.iter().map(|p| p.disk).max().unwrap_or(0);
+    let max_open = timeline.iter().map(|p| p.open_files).max().unwrap_or(0);
+    r.push_str(&format!(
+        "\nDisk: store and spool dirs at most {}, files held open at most {}. Timeline (every {} s; disk = allocated blocks of the store and spool dirs; open files = allocated bytes of the distinct files the facade holds open, unlinked spools included; free-space drop = the filesystem's, anything else writing there included):\n\n",
+        mib(max_disk),
+        mib(max_open),
+        TIMELINE_EVERY.as_secs()
+    ));
+    r.push_str("| t | RSS | fds | disk | open files | free-space drop | hostile conns open | endless origin sent |\n|---|---|---|---|---|---|---|---|\n");
+    for p in timeline {
+        r.push_str(&format!(
+            "| {:.0} s | {} | {} | {} | {} | {} | {} | {} |\n",
+            p.at.as_secs_f64(),
+            mib(p.sample.rss_kib * 1024),
+            p.sample.fds,
+            mib(p.disk),
+            mib(p.open_files),
+            p.avail_drop.map_or("–".to_string(), |d| if d < 0 {
+                format!("-{}", mib(d.unsigned_abs()))
+            } else {
+                mib(d as u64)
+            }),
+            p.hostile_open,
+            mib(p.endless_sent)
+        ));
+    }
+    r
 }
