@@ -23,32 +23,6 @@ use test_support::registry::Registry;
 use test_support::wait;
 
 const MIB: u64 = 1 << 20;
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-const GZIP_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-
-/// Serves an image on `h` as `repo:latest` whose layers are only descriptors (the test scripts
-/// their blobs).
-fn serve_claimed_image(h: &HostileRegistry, repo: &str, layers: &[(String, u64)]) {
-    let config = json!({
-        "architecture": "amd64", "os": "linux", "config": {},
-        "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|(d, _)| d.clone()).collect::<Vec<_>>()},
-        "history": layers.iter().map(|_| json!({"created_by": "scripted"})).collect::<Vec<_>>(),
-    })
-    .to_string()
-    .into_bytes();
-    let config_digest = sha256_digest(&config);
-    let manifest = json!({
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": config.len()},
-        "layers": layers.iter().map(|(d, s)| json!({"mediaType": GZIP_LAYER, "digest": d, "size": s})).collect::<Vec<_>>(),
-    })
-    .to_string()
-    .into_bytes();
-    h.manifest(repo, "latest", OCI_MANIFEST, &manifest);
-    h.blob(repo, &config_digest, Behaviour::blob(config));
-}
 
 /// A facade with a store at `store`, `facade` keys merged in, metrics on a port of its own.
 fn facade(dir: &Path, store: &Path, specs: Value, facade_keys: Value, registry_extra: Value) -> (Facade, String) {
@@ -126,8 +100,8 @@ fn an_endless_layer_read_and_dropped_stops_and_stays_within_the_budget() {
     let dir = tempfile::tempdir().unwrap();
     let endless = format!("sha256:{}", "e".repeat(64));
     let trickled = format!("sha256:{}", "7".repeat(64));
-    serve_claimed_image(&evil, "evil/endless", &[(endless.clone(), 2 << 30)]);
-    serve_claimed_image(&evil, "evil/slow", &[(trickled.clone(), 16 * MIB)]);
+    evil.claimed_image("evil/endless", &[(endless.clone(), 2 << 30)]);
+    evil.claimed_image("evil/slow", &[(trickled.clone(), 16 * MIB)]);
     evil.blob("evil/endless", &endless, Behaviour::Endless { length: 2 << 30, chunk: 64 << 10 });
     evil.blob(
         "evil/slow",

@@ -26,8 +26,6 @@ use test_support::wait;
 use test_support::wire::noise;
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-const GZIP_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 
 fn layer(path: &str, contents: impl Into<Vec<u8>>) -> BuiltLayer {
     build_layer(&[FileEntry::file(path, contents)], LayerCompression::Gzip)
@@ -35,38 +33,6 @@ fn layer(path: &str, contents: impl Into<Vec<u8>>) -> BuiltLayer {
 
 fn image(layers: Vec<BuiltLayer>) -> BuiltImage {
     layers.into_iter().fold(ImageBuilder::new(), |b, l| b.layer(l)).build()
-}
-
-/// An attacker's image: a config it serves itself and layer descriptors that say whatever the
-/// attacker wants (digest, size). Returns (manifest bytes, config bytes, config digest).
-fn hostile_manifest(layers: &[(String, u64)]) -> (Vec<u8>, Vec<u8>, String) {
-    let config = json!({
-        "architecture": "amd64", "os": "linux", "config": {},
-        "created": "2024-01-01T00:00:00Z",
-        "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|(d, _)| d.clone()).collect::<Vec<_>>()},
-        "history": layers.iter().map(|_| json!({"created_by": "evil"})).collect::<Vec<_>>(),
-    })
-    .to_string()
-    .into_bytes();
-    let config_digest = sha256_digest(&config);
-    let manifest = json!({
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": config.len()},
-        "layers": layers.iter().map(|(d, s)| json!({"mediaType": GZIP_LAYER, "digest": d, "size": s})).collect::<Vec<_>>(),
-    })
-    .to_string()
-    .into_bytes();
-    (manifest, config, config_digest)
-}
-
-/// Serves a hostile manifest as `repo:latest` with its config (the layers are the test's
-/// business); returns the config's digest.
-fn serve_hostile_image(h: &HostileRegistry, repo: &str, layers: &[(String, u64)]) -> String {
-    let (manifest, config, config_digest) = hostile_manifest(layers);
-    h.manifest(repo, "latest", OCI_MANIFEST, &manifest);
-    h.blob(repo, &config_digest, Behaviour::blob(config));
-    config_digest
 }
 
 fn facade(dir: &Path, specs: Value, registry_extra: Value, docker_config: Option<&str>) -> Facade {
@@ -128,8 +94,7 @@ fn wrong_size_claims_fail_only_the_claiming_workspace() {
     std::fs::write(dir.path().join("static.tar.gz"), &static_tar).unwrap();
     let static_digest = sha256_digest(&static_tar);
 
-    let evil_config = serve_hostile_image(
-        &evil,
+    let evil_config = evil.claimed_image(
         "evil/base",
         &[(static_digest.clone(), static_tar.len() as u64 + 1000), (ide_layer.digest.clone(), 3)],
     );
@@ -230,7 +195,7 @@ fn a_trickling_registry_cannot_hold_a_legit_pull_hostage() {
 
     let big = layer("data/big", noise(512 * 1024, 11));
     push_image(&reg, "base/a:latest", &image(vec![big.clone()]), PushFormat::Oci).unwrap();
-    serve_hostile_image(&evil, "evil/base", &[(big.digest.clone(), big.size)]);
+    evil.claimed_image("evil/base", &[(big.digest.clone(), big.size)]);
     // 640 B/s of garbage: the whole body would take about 14 minutes.
     evil.blob(
         "evil/base",
@@ -281,7 +246,7 @@ fn origin_error_statuses_reach_the_client_as_oci_errors() {
     ];
     let mut specs = serde_json::Map::new();
     for (repo, behaviour, _, _) in &cases {
-        let _ = serve_hostile_image(&evil, &format!("{repo}/img"), &[(l.digest.clone(), l.size)]);
+        let _ = evil.claimed_image(&format!("{repo}/img"), &[(l.digest.clone(), l.size)]);
         evil.blob(&format!("{repo}/img"), &l.digest, behaviour.clone());
         specs.insert(format!("ws-{repo}"), json!({"baseRef": format!("{}/{repo}/img:latest", evil.host())}));
     }
@@ -367,7 +332,7 @@ fn redirect_targets_never_get_the_authorization_header() {
     let target = HostileRegistry::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let l = layer("r", "redirected layer");
-    serve_hostile_image(&evil, "r/img", &[(l.digest.clone(), l.size)]);
+    evil.claimed_image("r/img", &[(l.digest.clone(), l.size)]);
     evil.blob(
         "r/img",
         &l.digest,
@@ -408,7 +373,7 @@ fn garbage_for_a_shared_digest_never_reaches_the_store_or_the_legit_pull() {
     let dir = tempfile::tempdir().unwrap();
     let shared = layer("data/shared", noise(256 * 1024, 5));
     push_image(&reg, "base/a:latest", &image(vec![shared.clone()]), PushFormat::Oci).unwrap();
-    serve_hostile_image(&evil, "evil/base", &[(shared.digest.clone(), shared.size)]);
+    evil.claimed_image("evil/base", &[(shared.digest.clone(), shared.size)]);
     evil.blob("evil/base", &shared.digest, Behaviour::blob(noise(shared.size as usize, 6)));
     let specs = json!({
         "ws-a": {"baseRef": format!("{}/base/a:latest", reg.host())},
@@ -442,7 +407,7 @@ fn redirects_to_the_facades_own_ports_or_link_local_are_refused() {
     std::fs::write(dir.path().join("specs.json"), "{}").unwrap();
     let mut specs = serde_json::Map::new();
     for repo in ["own", "meta", "ll"] {
-        let _ = serve_hostile_image(&evil, &format!("{repo}/img"), &[(l.digest.clone(), l.size)]);
+        let _ = evil.claimed_image(&format!("{repo}/img"), &[(l.digest.clone(), l.size)]);
         specs.insert(format!("ws-{repo}"), json!({"baseRef": format!("{}/{repo}/img:latest", evil.host())}));
     }
     let f = {

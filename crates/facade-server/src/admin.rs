@@ -279,7 +279,8 @@ fn metrics(registry: &Registry) -> Response<Body> {
     resp
 }
 
-fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+/// A short plain-text answer (the admin and peer listeners' non-OCI responses).
+pub(crate) fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     let mut resp = Response::new(Body::full(body));
     *resp.status_mut() = status;
     let h = resp.headers_mut();

@@ -24,6 +24,7 @@ use sha2::{Digest as _, Sha256};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::text;
 use crate::backend::BlobStream;
 use crate::body::Body;
 use crate::serve::{ConnLimits, accept_loop};
@@ -179,15 +180,6 @@ fn percent_decode(s: &str) -> Option<String> {
         }
     }
     String::from_utf8(out).ok()
-}
-
-fn text(status: StatusCode, body: &'static str) -> Response<Body> {
-    let mut resp = Response::new(Body::full(body));
-    *resp.status_mut() = status;
-    let h = resp.headers_mut();
-    h.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-    h.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
-    resp
 }
 
 #[cfg(test)]

@@ -210,6 +210,39 @@ impl HostileRegistry {
         digest
     }
 
+    /// Serves, as `repo:latest`, an image whose layer descriptors say whatever the script wants
+    /// (digest, size) with a config of its own; the layers' blobs are the caller's business.
+    /// Returns the config's digest.
+    pub fn claimed_image(&self, repo: &str, layers: &[(String, u64)]) -> String {
+        const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+        let diff_ids: Vec<&String> = layers.iter().map(|(d, _)| d).collect();
+        let history: Vec<_> = layers.iter().map(|_| serde_json::json!({"created_by": "scripted"})).collect();
+        let config = serde_json::json!({
+            "architecture": "amd64", "os": "linux", "config": {},
+            "created": "2024-01-01T00:00:00Z",
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+            "history": history,
+        })
+        .to_string()
+        .into_bytes();
+        let config_digest = sha256_digest(&config);
+        let descriptors: Vec<_> = layers
+            .iter()
+            .map(|(d, s)| serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": s}))
+            .collect();
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
+            "layers": descriptors,
+        })
+        .to_string()
+        .into_bytes();
+        self.manifest(repo, "latest", OCI_MANIFEST, &manifest);
+        self.blob(repo, &config_digest, Behaviour::blob(config));
+        config_digest
+    }
+
     /// Answers `GET/HEAD /v2/<repo>/blobs/<digest>` with `b`.
     pub fn blob(&self, repo: &str, digest: &str, b: Behaviour) {
         self.route(&format!("/v2/{repo}/blobs/{digest}"), b);
