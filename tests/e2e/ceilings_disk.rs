@@ -46,18 +46,6 @@ fn scrape(metrics: &str) -> String {
     String::from_utf8(request(metrics, "GET", "/metrics", &[], b"").body).unwrap()
 }
 
-fn layers_of(f: &Facade, ws: &str) -> Vec<(String, u64)> {
-    let r = request(&f.host(), "GET", &format!("/v2/fixed/{ws}/manifests/latest"), &[], b"");
-    assert_eq!(r.status, 200, "{ws}: {}", String::from_utf8_lossy(&r.body));
-    let m: Value = serde_json::from_slice(&r.body).unwrap();
-    m["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| (l["digest"].as_str().unwrap().into(), l["size"].as_u64().unwrap()))
-        .collect()
-}
-
 /// Bytes of every file under `dir` (blobs, spools, pins): what the facade puts on the disk.
 fn disk_usage(dir: &Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
@@ -115,7 +103,7 @@ fn an_endless_layer_read_and_dropped_stops_and_stays_within_the_budget() {
     let store = dir.path().join("store");
     let (f, metrics) = facade(dir.path(), &store, specs, json!({"storeMaxBytes": "128MiB"}), json!({}));
 
-    assert_eq!(layers_of(&f, "ws-endless"), vec![(endless.clone(), 2 << 30)]);
+    assert_eq!(f.manifest_layers("ws-endless"), vec![(endless.clone(), 2 << 30)]);
     let started = Instant::now();
     let r = stream_get(&f.host(), &format!("/v2/fixed/ws-endless/blobs/{endless}"), &[], Some(4 * MIB)).unwrap();
     assert_eq!((r.status, r.content_length), (200, Some(2 << 30)));
@@ -179,7 +167,7 @@ fn a_full_disk_never_fails_a_pull() {
     let (f, metrics) = facade(dir.path(), &store, specs, json!({}), json!({}));
 
     let want: Vec<(String, u64)> = layers.iter().map(|l| (l.digest.clone(), l.bytes.len() as u64)).collect();
-    assert_eq!(layers_of(&f, "ws"), want);
+    assert_eq!(f.manifest_layers("ws"), want);
     for round in 0..2 {
         let pulls: Vec<_> = want
             .iter()
@@ -227,7 +215,7 @@ fn a_static_layer_that_cannot_be_written_at_startup_does_not_stop_the_facade() {
         json!({}),
         json!({"staticLayer": [{"ref": "static.tar.gz", "type": "file"}]}),
     );
-    assert!(layers_of(&f, "ws").contains(&(static_layer.digest.clone(), static_layer.bytes.len() as u64)));
+    assert!(f.manifest_layers("ws").contains(&(static_layer.digest.clone(), static_layer.bytes.len() as u64)));
     let path = format!("/v2/fixed/ws/blobs/{}", static_layer.digest);
     let r = request(&f.host(), "GET", &path, &[], b"");
     assert_eq!((r.status, r.error_code()), (503, Some("UNAVAILABLE".into())), "{}", String::from_utf8_lossy(&r.body));

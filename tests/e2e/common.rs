@@ -50,6 +50,20 @@ impl Facade {
     pub fn host(&self) -> String {
         self.addr.to_string()
     }
+
+    /// The (digest, size) of every layer of workspace `ws`'s composed manifest (provider
+    /// `fixed`), in manifest order; asserts the manifest is served.
+    pub fn manifest_layers(&self, ws: &str) -> Vec<(String, u64)> {
+        let r = http::request(&self.host(), "GET", &format!("/v2/fixed/{ws}/manifests/latest"), &[], b"");
+        assert_eq!(r.status, 200, "{ws}: {}", String::from_utf8_lossy(&r.body));
+        let m: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        m["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| (l["digest"].as_str().unwrap().into(), l["size"].as_u64().unwrap()))
+            .collect()
+    }
 }
 
 impl Drop for Facade {

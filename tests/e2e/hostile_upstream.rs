@@ -56,18 +56,6 @@ fn get(f: &Facade, path: &str) -> Response {
     request(&f.host(), "GET", path, &[], b"")
 }
 
-fn manifest_layers(f: &Facade, ws: &str) -> Vec<(String, u64)> {
-    let r = get(f, &format!("/v2/fixed/{ws}/manifests/latest"));
-    assert_eq!(r.status, 200, "{ws}: {}", String::from_utf8_lossy(&r.body));
-    let m: Value = serde_json::from_slice(&r.body).unwrap();
-    m["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| (l["digest"].as_str().unwrap().into(), l["size"].as_u64().unwrap()))
-        .collect()
-}
-
 fn stored(dir: &Path, digest: &str) -> std::path::PathBuf {
     dir.join("store/blobs/sha256").join(digest.trim_start_matches("sha256:"))
 }
@@ -105,7 +93,7 @@ fn wrong_size_claims_fail_only_the_claiming_workspace() {
     let f = facade(dir.path(), specs, json!({"staticLayer": [{"ref": "static.tar.gz", "type": "file"}]}), None);
 
     // A pulls every layer; the IDE layer's fill commits to the store.
-    let a_layers = manifest_layers(&f, "ws-a");
+    let a_layers = f.manifest_layers("ws-a");
     assert!(a_layers.contains(&(static_digest.clone(), static_tar.len() as u64)), "{a_layers:?}");
     assert!(a_layers.contains(&(ide_layer.digest.clone(), ide_layer.size)), "{a_layers:?}");
     for (d, _) in &a_layers {
@@ -119,7 +107,7 @@ fn wrong_size_claims_fail_only_the_claiming_workspace() {
 
     // B's composed manifest carries the attacker's claims; every blob request for them fails
     // with the OCI envelope naming the claim and the verified size.
-    let b_layers = manifest_layers(&f, "ws-b");
+    let b_layers = f.manifest_layers("ws-b");
     for (digest, right, wrong) in [
         (&static_digest, static_tar.len() as u64, static_tar.len() as u64 + 1000),
         (&ide_layer.digest, ide_layer.size, 3),
@@ -207,8 +195,8 @@ fn a_trickling_registry_cannot_hold_a_legit_pull_hostage() {
         "ws-b": {"baseRef": format!("{}/evil/base:latest", evil.host())},
     });
     let f = facade(dir.path(), specs, json!({}), None);
-    manifest_layers(&f, "ws-a");
-    manifest_layers(&f, "ws-b");
+    f.manifest_layers("ws-a");
+    f.manifest_layers("ws-b");
 
     let blob_path = format!("/v2/evil/base/blobs/{}", big.digest);
     let b = background_get(f.host(), format!("/v2/fixed/ws-b/blobs/{}", big.digest));
@@ -252,7 +240,7 @@ fn origin_error_statuses_reach_the_client_as_oci_errors() {
     }
     let f = facade(dir.path(), Value::Object(specs), json!({}), None);
     for (repo, _, status, code) in &cases {
-        manifest_layers(&f, &format!("ws-{repo}"));
+        f.manifest_layers(&format!("ws-{repo}"));
         let r = get(&f, &format!("/v2/fixed/ws-{repo}/blobs/{}", l.digest));
         let body = String::from_utf8_lossy(&r.body).into_owned();
         assert_eq!(error_of(&r), (*status, Some(code.to_string())), "{repo}: {body}");
@@ -299,7 +287,7 @@ fn a_copied_challenge_never_captures_another_registrys_token() {
     let f = facade(dir.path(), specs, json!({}), Some(&docker_config));
 
     let pull_legit = || {
-        for (d, _) in manifest_layers(&f, "ws-legit") {
+        for (d, _) in f.manifest_layers("ws-legit") {
             let r = get(&f, &format!("/v2/fixed/ws-legit/blobs/{d}"));
             assert_eq!((r.status, sha256_digest(&r.body)), (200, d));
         }
@@ -351,7 +339,7 @@ fn redirect_targets_never_get_the_authorization_header() {
         json!({}),
         Some(&auth.docker_config_json(&evil.host())),
     );
-    manifest_layers(&f, "ws");
+    f.manifest_layers("ws");
     let r = get(&f, &format!("/v2/fixed/ws/blobs/{}", l.digest));
     assert_eq!((r.status, sha256_digest(&r.body)), (200, l.digest.clone()));
     let to_evil = evil.requests_to(&format!("/v2/r/img/blobs/{}", l.digest));
@@ -380,13 +368,13 @@ fn garbage_for_a_shared_digest_never_reaches_the_store_or_the_legit_pull() {
         "ws-b": {"baseRef": format!("{}/evil/base:latest", evil.host())},
     });
     let f = facade(dir.path(), specs, json!({}), None);
-    manifest_layers(&f, "ws-b");
+    f.manifest_layers("ws-b");
 
     let b = background_get(f.host(), format!("/v2/fixed/ws-b/blobs/{}", shared.digest)).join().unwrap();
     assert!(b.1.len() < shared.bytes.len(), "{}: the attacker's client got every byte", b.0);
     assert!(!stored(dir.path(), &shared.digest).exists(), "unverified bytes entered the store");
 
-    manifest_layers(&f, "ws-a");
+    f.manifest_layers("ws-a");
     let a = get(&f, &format!("/v2/fixed/ws-a/blobs/{}", shared.digest));
     assert_eq!(a.status, 200);
     assert!(a.body == shared.bytes, "the legit pull got wrong bytes");
@@ -428,7 +416,7 @@ fn redirects_to_the_facades_own_ports_or_link_local_are_refused() {
     ];
     for (repo, target) in &targets {
         evil.blob(&format!("{repo}/img"), &l.digest, Behaviour::Redirect { location: target.clone() });
-        manifest_layers(&f, &format!("ws-{repo}"));
+        f.manifest_layers(&format!("ws-{repo}"));
         let r = get(&f, &format!("/v2/fixed/ws-{repo}/blobs/{}", l.digest));
         let body = String::from_utf8_lossy(&r.body).into_owned();
         assert_eq!(error_of(&r), (403, Some("DENIED".to_string())), "{repo}: {body}");
