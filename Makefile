@@ -51,6 +51,10 @@ soak: build
 	./target/release/soak --facade ./target/release/registry-facade --seconds $(SOAK_SECONDS) --out bench/SOAK.md
 	bash scripts/splice-soak.sh
 
+# A test run builds every crate once: incremental caches would only add GiBs to its disk use
+# (a clean CI run ran out of disk with them and full debug info, see Cargo.toml's profile.dev).
+lint test fuzz-smoke: export CARGO_INCREMENTAL := 0
+
 lint: deps
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings

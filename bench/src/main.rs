@@ -13,6 +13,7 @@ mod copy_server;
 mod cpu;
 mod curl;
 mod first_pull;
+mod herd;
 mod load;
 mod rate_proxy;
 mod report;
@@ -71,6 +72,8 @@ enum Section {
     Curl,
     /// containerd's first pull of a ten-layer workspace image, loopback and remote.
     FirstPull,
+    /// N facades sharing one Redis vs N distribution caches, all asking for one new layer at once.
+    Herd,
 }
 
 fn main() -> ExitCode {
@@ -114,8 +117,11 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     let load_before = report::load_average();
     tracing::info!(load_average = %load_before, "starting");
     let start = (cpu::machine(), cpu::own_ticks());
-    let sections =
-        if cli.only.is_empty() { vec![Section::Streams, Section::Curl, Section::FirstPull] } else { cli.only.clone() };
+    let sections = if cli.only.is_empty() {
+        vec![Section::Streams, Section::Curl, Section::FirstPull, Section::Herd]
+    } else {
+        cli.only.clone()
+    };
     let results = measure(&params, &facade_bin, &sections)?;
     // Every child is stopped and reaped by now, so its CPU time is in our children's ticks.
     let usage = cpu::usage(start, (cpu::machine(), cpu::own_ticks()));
@@ -161,6 +167,10 @@ fn measure(params: &Params, facade_bin: &Path, sections: &[Section]) -> anyhow::
     if sections.contains(&Section::FirstPull) {
         results.first_pull = Some(first_pull::run(&world.upstream, facade_bin, &first_pull::Params::new(params.quick)));
     }
+    if sections.contains(&Section::Herd) {
+        let p = herd::Params::new(params.quick);
+        results.herd = Some(herd::run(&world.upstream, facade_bin, &p, &mut results.verified)?);
+    }
     if sections.contains(&Section::Streams) {
         // Last: js-ipfs keeps a CPU busy while it adds, which must not weigh on the rows above.
         results.two_nodes = Some(two_nodes(&world, facade_bin, &mut results.verified)?);
@@ -183,7 +193,7 @@ fn curl_rows(world: &World, p: &Params, facade_bin: &Path) -> Result<report::Cur
             for (k, kind) in kinds.iter().enumerate() {
                 tracing::info!("curl: {} cold {}/{}", kind.name(), i + 1, p.cold_reps);
                 drop(live[k].take());
-                let inst = kind.start_primed(world)?;
+                let inst = kind.start_primed_direct(world)?;
                 let pull = curl::pull(inst.addr(), &kind.blob_path(&world.layer), world.layer_size)
                     .with_context(|| format!("log: {}", inst.log_tail()))?;
                 if k == 0 {
@@ -337,12 +347,15 @@ impl Kind<'_> {
     }
 
     fn start(self, world: &World) -> anyhow::Result<Instance> {
+        self.start_on(self.proxy(world).host())
+    }
+
+    /// Starts an instance whose upstream is `upstream` (`host:port`).
+    fn start_on(self, upstream: String) -> anyhow::Result<Instance> {
         Ok(match self {
-            Kind::Facade(bin) => {
-                Instance::Facade(FacadeProc::start(bin, &format!("{}/big:1", world.facade_proxy.host()))?)
-            }
+            Kind::Facade(bin) => Instance::Facade(FacadeProc::start(bin, &format!("{upstream}/big:1"))?),
             Kind::Distribution => {
-                let (reg, pid) = systems::start_distribution_proxy(&world.dist_proxy.host())?;
+                let (reg, pid) = systems::start_distribution_proxy(&upstream)?;
                 Instance::Distribution(reg, pid)
             }
         })
@@ -364,7 +377,16 @@ impl Kind<'_> {
 
     /// Starts a fresh instance and fetches the manifest, as a client does before the blobs.
     fn start_primed(self, world: &World) -> anyhow::Result<Instance> {
-        let inst = self.start(world)?;
+        self.prime(world, self.start(world)?)
+    }
+
+    /// As [`Kind::start_primed`], with the upstream reached directly, not through the
+    /// system's counting proxy (whose copy loop caps a cold pull at its own speed).
+    fn start_primed_direct(self, world: &World) -> anyhow::Result<Instance> {
+        self.prime(world, self.start_on(world.upstream.addr.to_string())?)
+    }
+
+    fn prime(self, world: &World, inst: Instance) -> anyhow::Result<Instance> {
         let m = client::small(inst.addr(), "GET", &self.manifest_path())?;
         let manifest: serde_json::Value = serde_json::from_slice(&m.body).unwrap_or_default();
         if m.status != 200 || manifest["layers"][0]["digest"] != world.layer.as_str() {

@@ -271,6 +271,8 @@ pub struct Results {
     pub verified: Vec<String>,
     /// The two-node run (`Err`: why it did not run or failed; `None`: not measured).
     pub two_nodes: Option<Result<TwoNodes, String>>,
+    /// The herd (`Err`: why it did not run; `None`: not asked for).
+    pub herd: Option<Result<crate::herd::Herd, String>>,
 }
 
 /// One line of the table.
@@ -863,6 +865,9 @@ pub fn results_md(r: &Results, p: &Params, ctx: &Context) -> String {
     s.push_str("\n## Method\n\n");
     s.push_str(METHOD);
     s.push_str(METHOD_EXTRA);
+    if r.herd.is_some() {
+        s.push_str(METHOD_HERD);
+    }
     if r.streams_ran {
         s.push_str("\n## Raw samples\n\nIn the order taken; throughput in GB/s, time to first byte in ms.\n\n");
         s.push_str(&raw_samples(r));
@@ -883,14 +888,144 @@ pub fn extra_sections(r: &Results) -> String {
         s.push_str("\n## First pull with containerd\n\n");
         s.push_str(&fp);
     }
+    if let Some(h) = &r.herd {
+        s.push_str("\n## Herd\n\n");
+        s.push_str(&herd_table(h));
+    }
     s
+}
+
+/// The herd: each system's upstream bytes and times next to `docs/scale.md`'s model.
+pub fn herd_table(h: &Result<crate::herd::Herd, String>) -> String {
+    let h = match h {
+        Err(e) => return format!("Herd: **did not run**: {}\n", short(e)),
+        Ok(h) => h,
+    };
+    let layer = h.layer_size as f64;
+    let (s_over_b, depth) = (h.model_download(), h.model_depth());
+    let mut t = format!(
+        "Herd: N={} nodes, one new {} layer, upstream {:.0} MiB/s per connection; every node's client released at once on the blob, time = release → that node's last body byte (SHA-256 checked):\n\n",
+        h.nodes,
+        mib(h.layer_size),
+        h.rate as f64 / MIB
+    );
+    t.push_str("| System | Upstream bytes | Upstream layer GETs (new connections) | First node | Last node | Every node, s | Model (`docs/scale.md`) |\n");
+    t.push_str("|---|---|---|---|---|---|---|\n");
+    let row = |name: &str, r: &Result<crate::herd::SystemHerd, String>, model: String| -> String {
+        let x = match r {
+            Err(e) => return format!("| {name} | **did not run**: {} | – | – | – | – | {model} |", short(e)),
+            Ok(x) => x,
+        };
+        let mut nodes: Vec<String> = x.per_node.iter().map(|v| format!("{v:.2}")).collect();
+        if let Some(first) = x.failures.first() {
+            nodes.push(format!("**{} failed**: {}", x.failures.len(), short(first)));
+        }
+        format!(
+            "| {name} | {} = {:.2}× layer | {} ({}) | {:.2} s | {:.2} s | {} | {model} |",
+            mib(x.upstream_bytes),
+            x.upstream_bytes as f64 / layer,
+            x.blob_gets,
+            x.upstream_connections,
+            x.first.as_secs_f64(),
+            x.last.as_secs_f64(),
+            nodes.join(", ")
+        )
+    };
+    // The one-client pull is S / b_u as this machine realizes it (start-up, pacing, hashing,
+    // load): the lag is what the cluster adds on top of that.
+    let realized = h.direct.as_ref().map_or(s_over_b, |d| d.last.as_secs_f64());
+    let lag = match &h.facade {
+        Ok(f) if depth > 0 => {
+            let beyond = f.last.as_secs_f64() - realized;
+            if beyond > 0.0 {
+                format!(
+                    "; measured − one client = {:+.0} ms, lag ≈ {:.0} ms per level",
+                    beyond * 1e3,
+                    beyond / f64::from(depth) * 1e3
+                )
+            } else {
+                format!("; measured − one client = {:+.0} ms (lag below the noise)", beyond * 1e3)
+            }
+        }
+        _ => String::new(),
+    };
+    let _ = writeln!(
+        t,
+        "{}",
+        row(
+            "One client alone, straight from the upstream",
+            &h.direct,
+            format!("S / b_u = {s_over_b:.2} s (this row: S / b_u as realized here)")
+        )
+    );
+    let _ = writeln!(
+        t,
+        "{}",
+        row(
+            &format!("Facade cluster ({} facades, one Redis)", h.nodes),
+            &h.facade,
+            format!(
+                "egress S = 1.00×; t_last ≈ S / b_u + d × lag = {s_over_b:.2} s + {depth} × lag (F = {}, d = ⌈log_F N⌉){lag}",
+                crate::herd::MAX_FOLLOWERS
+            )
+        )
+    );
+    let _ = writeln!(
+        t,
+        "{}",
+        row(
+            &format!("Distribution ×{}", h.nodes),
+            &h.dist,
+            format!("egress N × S = {}.00×; t_last ≈ S / b_u = {s_over_b:.2} s (one connection per node)", h.nodes)
+        )
+    );
+    if let (Ok(f), Ok(d)) = (&h.facade, &h.dist) {
+        let _ = writeln!(
+            t,
+            "| Distribution / facade | {:.2}× | {:.2}× | {:.2}× | {:.2}× | – | – |",
+            ratio(d.upstream_bytes as f64, f.upstream_bytes as f64),
+            ratio(d.blob_gets as f64, f.blob_gets as f64),
+            ratio(d.first.as_secs_f64(), f.first.as_secs_f64()),
+            ratio(d.last.as_secs_f64(), f.last.as_secs_f64()),
+        );
+    }
+    if let Ok(f) = &h.facade
+        && let Some(c) = &f.cluster
+    {
+        let _ = writeln!(
+            t,
+            "\nFacade cluster counters (summed over the nodes' `/metrics`): leases acquired {:.0}, followed {:.0}, Redis unavailable {:.0}; peer fetches ok {:.0}, busy (503; the follower tried the next candidate or claimed again) {:.0}, refused/failed/stalled/slow {:.0}; peer bytes served {}; nodes that logged \"no peer could serve the blob; downloading from upstream\": {}.",
+            c.acquired,
+            c.followed,
+            c.unavailable,
+            c.peer_ok,
+            c.peer_busy,
+            c.peer_other,
+            mib(c.peer_served_bytes as u64),
+            c.alone
+        );
+        if c.alone > 0 && c.peer_busy as usize >= c.alone {
+            let _ = writeln!(
+                t,
+                "\n**{} of {} followers downloaded from upstream without a lease**: every candidate they were given (the holder, then the sources registered when they claimed) answered busy (`peerMaxFollowers` = {}), and a follower registers as a source only once its first byte is in, so in a herd released at once there is none to ask yet. Upstream downloads = 1 holder + {} = {}.",
+                c.alone,
+                h.nodes - 1,
+                crate::herd::MAX_FOLLOWERS,
+                c.alone,
+                1 + c.alone
+            );
+        }
+    }
+    t
 }
 
 const METHOD_EXTRA: &str = "\
 - curl rows: Debian's curl, `curl -sS -o /dev/null -w '%{http_code} %{size_download} %{speed_download} \
 %{time_starttransfer}'` of the layer (status 200 and the full size checked); cold pulls alternate \
-between a fresh facade and a fresh distribution proxy (the manifest fetched first), warm pulls go \
-round-robin over the copy server, direct upstream and the last facade and distribution instances.
+between a fresh facade and a fresh distribution proxy (the manifest fetched first), each reaching \
+the upstream directly, not through a counting proxy (whose copy loop would cap every cold pull at \
+its own speed), warm pulls go round-robin over the copy server, direct upstream and the last \
+facade and distribution instances.
 - First pull with containerd: one upstream repository holds `base` (eight layers of noise), \
 `ide` (two) and `ws` (the same ten layers in one image, for the systems that cannot compose). The \
 facade serves workspace `ws` with `baseRef` = base and `ideRef` = ide, the same ten layers; the \
@@ -906,6 +1041,28 @@ shown are what that proxy relayed during the last cold pull. After prepare: a fr
 its admin listener, `POST /v1/workspaces/fixed/ws/prepare`, `GET …/progress` every 100 ms until \
 its state is done (or, in a document without a state, its totals have every byte), then one timed pull into a fresh containerd; \
 a 404 on the warm-up route gives \"n/a (no warm-up API)\".
+";
+
+const METHOD_HERD: &str = "\
+- Herd (`src/herd.rs`): a new image `herd:1` (one uncompressed layer of noise) in the upstream; each \
+system reaches it through a fresh rate-limiting proxy (the first-pull section's \"remote\", 24 MiB/s per \
+connection) behind a proxy that counts request lines, so its upstream bytes, layer GETs and new \
+connections are its own (a facade reuses the keep-alive connection its manifest GET opened, so it \
+can show fewer new connections than GETs). Facade cluster: N release-binary facade processes, each \
+with its own empty store, registry, admin and peer listener on free loopback ports, one real \
+`redis-server` (`registry.redis`) holding the download leases, a shared `facade.peerSecretFile`, \
+`peerMaxFollowers` 4 (the default), `prefetchParallelism` 0 (so the blob GETs, not the manifest GET, \
+start the downloads); `registry.ipfs` is off, leases need only Redis. Distribution: N \
+`docker-registry` pull-through caches, each with its own storage (2.8 fetches a cold blob twice, \
+once for the client and once for its storage, hence 2 GETs per node). Every node gets the manifest \
+first; then N client threads, one per node, wait on one barrier and GET the layer blob, each \
+hashing what it receives (a wrong byte fails the bench). First / last node = release (the first \
+thread past the barrier) → that node's last body byte. \"One client alone\" is one hashed GET \
+straight through a fresh remote: S / b_u as this machine realizes it. The model column is \
+`docs/scale.md`'s, with b_u the proxy's rate (loopback peer bandwidth is far above b_u / F); the lag \
+is the last node's time beyond the one-client pull, spread over the d levels. The cluster counters \
+are the nodes' `/metrics` after the herd, plus the nodes whose log says they went to upstream \
+because no candidate could serve.
 ";
 
 fn raw_samples(r: &Results) -> String {

@@ -5,8 +5,10 @@
 //!
 //! Shown here: four nodes asking for one new 48 MiB layer at the same moment make one upstream
 //! GET of it, and every node's bytes are right; the lease holder killed (a real process, SIGKILL)
-//! in the middle of the download leaves its followers to finish from upstream at the offset they
-//! reached, with the right bytes.
+//! in the middle of the download is replaced by one of its followers, which goes on from
+//! upstream at its offset while the others stream from it: one more upstream GET, not one per
+//! follower, and the right bytes everywhere. The leases work the same over a Redis Cluster and
+//! through Sentinel.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::Command;
@@ -20,6 +22,7 @@ use test_support::fault_proxy::{FaultProxy, Faults};
 use test_support::image::{BuiltLayer, FileEntry, ImageBuilder, LayerCompression, PushFormat, build_layer, push_image};
 use test_support::proc::{KillOnDrop, free_port, wait_for_tcp};
 use test_support::redis::Redis;
+use test_support::redis_ha::{MASTER_NAME, RedisCluster, RedisSentinel};
 use test_support::registry::Registry;
 use test_support::wait;
 
@@ -49,12 +52,18 @@ fn world(layer_size: usize, throttle: u64) -> World {
 }
 
 fn config(w: &World, name: &str, port: u16, metrics: String, peer: String) -> Value {
+    let redis = json!({"enabled": true, "singleHostAddr": w.redis.host(), "username": "", "useTLS": false});
+    config_over(name, port, metrics, peer, redis)
+}
+
+/// A node's configuration with `redis` as its `registry.redis` section.
+fn config_over(name: &str, port: u16, metrics: String, peer: String, redis: Value) -> Value {
     json!({
         "registry": {
             "port": port,
             "fixedSpecFN": "specs.json",
             "store": format!("store-{name}"),
-            "redis": {"enabled": true, "singleHostAddr": w.redis.host(), "username": "", "useTLS": false},
+            "redis": redis,
         },
         "prometheusAddr": metrics,
         "facade": {
@@ -168,7 +177,41 @@ fn four_nodes_asking_at_once_make_one_upstream_download() {
 }
 
 #[test]
-fn followers_finish_from_upstream_when_the_lease_holder_is_killed() {
+fn a_herd_wider_than_the_fan_out_still_makes_one_upstream_download() {
+    // Five nodes at once, each serving two followers at most: the holder answers two, the
+    // other two find every candidate busy, and must wait for a follower with a prefix to
+    // register as a source instead of going upstream themselves.
+    const NODES: usize = 5;
+    let w = world(32 * MIB as usize, 8 * MIB);
+    let two = json!({"peerMaxFollowers": 2});
+    let nodes: Vec<Facade> = (0..NODES).map(|i| node_with(&w, &format!("w{i}"), two.clone())).collect();
+    for n in &nodes {
+        compose(&n.host());
+    }
+    let barrier = Arc::new(Barrier::new(NODES));
+    let (path, digest, size) = (blob_path(&w), w.layer.digest.clone(), w.layer.size);
+    let pulls: Vec<_> = nodes
+        .iter()
+        .map(|n| {
+            let (host, barrier, path, digest) = (n.host(), barrier.clone(), path.clone(), digest.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                pull_layer(&host, &path, &digest, size);
+            })
+        })
+        .collect();
+    for p in pulls {
+        p.join().expect("a node's pull failed");
+    }
+    assert_eq!(layer_gets(&w), 1, "upstream GETs of the layer: {:?}", w.upstream.requests());
+    let sum = |series: &str| nodes.iter().map(|n| metric(n, series)).sum::<f64>();
+    assert_eq!(sum(r#"registry_facade_cluster_leases_total{outcome="acquired"}"#), 1.0);
+    assert_eq!(sum(r#"registry_facade_cluster_leases_total{outcome="followed"}"#), (NODES - 1) as f64);
+    assert_eq!(sum(r#"registry_facade_peer_fetches_total{outcome="ok"}"#), (NODES - 1) as f64);
+}
+
+#[test]
+fn a_follower_takes_over_when_the_lease_holder_is_killed() {
     const FOLLOWERS: usize = 3;
     let w = world(48 * MIB as usize, 8 * MIB);
     let (path, digest, size) = (blob_path(&w), w.layer.digest.clone(), w.layer.size);
@@ -199,6 +242,7 @@ fn followers_finish_from_upstream_when_the_lease_holder_is_killed() {
         metric_at(&holder_metrics, "registry_facade_peer_served_bytes_total") > (FOLLOWERS as u64 * 16 * MIB) as f64
     });
     let before_kill = w.upstream.bytes_to_client();
+    let gets_before_kill = layer_gets(&w);
     assert!(before_kill < size, "the holder finished before it was killed");
     holder.kill();
     for p in pulls {
@@ -210,6 +254,16 @@ fn followers_finish_from_upstream_when_the_lease_holder_is_killed() {
     // socket buffers): together they fetched far less than three layers.
     assert!(after < FOLLOWERS as u64 * (size - 8 * MIB), "followers re-downloaded from 0: {after}");
     assert!(layer_gets(&w) <= 1 + FOLLOWERS, "{:?}", w.upstream.requests());
+    // One follower took the lease over and downloaded the rest; the others streamed from it.
+    assert_eq!(layer_gets(&w) - gets_before_kill, 1, "upstream GETs after the kill: {:?}", w.upstream.requests());
+    let sum = |series: &str| followers.iter().map(|f| metric(f, series)).sum::<f64>();
+    assert_eq!(sum(r#"registry_facade_cluster_leases_total{outcome="taken_over"}"#), 1.0);
+    assert_eq!(sum(r#"registry_facade_peer_fetches_total{outcome="ok"}"#), (FOLLOWERS - 1) as f64);
+    // Every follower keeps its own verified copy.
+    let hex = digest.trim_start_matches("sha256:").to_string();
+    wait::until("every follower to store the layer", Duration::from_secs(30), || {
+        (0..FOLLOWERS).all(|i| w.dir.path().join(format!("store-f{i}/blobs/sha256/{hex}")).is_file())
+    });
     let broken: f64 = followers
         .iter()
         .map(|f| {
@@ -220,7 +274,7 @@ fn followers_finish_from_upstream_when_the_lease_holder_is_killed() {
     assert_eq!(broken, FOLLOWERS as f64, "each follower saw its peer break");
     eprintln!(
         "holder killed at {before_kill} upstream bytes; {FOLLOWERS} followers then fetched {after} bytes upstream in {} GETs",
-        layer_gets(&w) - 1
+        layer_gets(&w) - gets_before_kill
     );
 }
 
@@ -302,8 +356,68 @@ fn a_stalled_holder_is_left_for_upstream_at_the_offset_reached() {
     pull_layer(&follower.host(), &path, &digest, size);
     holder_pull.join().expect("the holder's pull failed");
     assert_eq!(metric(&follower, r#"registry_facade_peer_fetches_total{outcome="stalled"}"#), 1.0);
+    // The follower took the lease over from the silent holder (which still downloads).
+    assert_eq!(metric(&follower, r#"registry_facade_cluster_leases_total{outcome="taken_over"}"#), 1.0);
     // One download by the holder, one ranged by the follower from where the peer went silent.
     assert_eq!(layer_gets(&w), 2, "{:?}", w.upstream.requests());
     assert!(w.upstream.bytes_to_client() < 2 * size - 2 * MIB, "the follower started over");
     eprintln!("follower of a stalled holder done in {:?}", started.elapsed());
+}
+
+/// Three nodes over the Redis whose `registry.redis` section is `redis` ask for one layer at
+/// once: one upstream GET, one lease acquired, the right bytes everywhere.
+fn one_download_over(w: &World, redis: &Value) {
+    const NODES: usize = 3;
+    let nodes: Vec<Facade> = (0..NODES)
+        .map(|i| {
+            let cfg = config_over(&format!("t{i}"), 0, "127.0.0.1:0".into(), "127.0.0.1:0".into(), redis.clone());
+            Facade::start(&cfg, w.dir.path()).unwrap()
+        })
+        .collect();
+    for n in &nodes {
+        compose(&n.host());
+    }
+    let barrier = Arc::new(Barrier::new(NODES));
+    let (path, digest, size) = (blob_path(w), w.layer.digest.clone(), w.layer.size);
+    let pulls: Vec<_> = nodes
+        .iter()
+        .map(|n| {
+            let (host, barrier, path, digest) = (n.host(), barrier.clone(), path.clone(), digest.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                pull_layer(&host, &path, &digest, size);
+            })
+        })
+        .collect();
+    for p in pulls {
+        p.join().expect("a node's pull failed");
+    }
+    assert_eq!(layer_gets(w), 1, "upstream GETs of the layer: {:?}", w.upstream.requests());
+    let sum = |series: &str| nodes.iter().map(|n| metric(n, series)).sum::<f64>();
+    assert_eq!(sum(r#"registry_facade_cluster_leases_total{outcome="acquired"}"#), 1.0);
+    assert_eq!(sum(r#"registry_facade_cluster_leases_total{outcome="followed"}"#), (NODES - 1) as f64);
+    assert_eq!(sum(r#"registry_facade_cluster_leases_total{outcome="unavailable"}"#), 0.0);
+    assert_eq!(sum(r#"registry_facade_peer_fetches_total{outcome="ok"}"#), (NODES - 1) as f64);
+}
+
+#[test]
+fn one_download_per_cluster_over_a_redis_cluster() {
+    let w = world(16 * MIB as usize, 8 * MIB);
+    let cluster = RedisCluster::start(3).unwrap();
+    one_download_over(&w, &json!({"enabled": true, "clusterAddresses": cluster.seeds()}));
+    // The released lease is gone; its sources stay beside it, in the lease's slot.
+    wait::until("the lease to be released", Duration::from_secs(10), || {
+        cluster.keys("registry-facade:lease:*").is_ok_and(|k| k.is_empty())
+    });
+    assert_eq!(cluster.nodes_holding("registry-facade:lease-sources:*"), 1);
+}
+
+#[test]
+fn one_download_per_cluster_through_sentinel() {
+    let w = world(16 * MIB as usize, 8 * MIB);
+    let sentinel = RedisSentinel::start(3).unwrap();
+    let redis =
+        json!({"enabled": true, "sentinel": {"masterName": MASTER_NAME, "addresses": sentinel.sentinel_addrs()}});
+    one_download_over(&w, &redis);
+    assert_eq!(sentinel.keys("registry-facade:lease-sources:*").unwrap().len(), 1);
 }

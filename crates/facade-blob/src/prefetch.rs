@@ -178,8 +178,10 @@ pub enum LayerSource {
     Pending,
     /// Already in the local store (and its origin vouched for it).
     Store,
-    /// A single-flight fill: the cluster cache first, then the layer's origin registry.
+    /// A single-flight fill from the layer's origin registry.
     Upstream,
+    /// A single-flight fill from the cluster: IPFS, or another node's download.
+    Cluster,
     /// Held in memory (direct content layers).
     Memory,
     /// A remote content layer: clients fetch it from its URL, nothing to fill here.
@@ -571,8 +573,8 @@ impl Prefetcher {
         });
         let result = self.follow_fill(job, i, &digest, &entry, from).await;
         match result {
-            Ok(()) => {
-                done(LayerSource::Upstream);
+            Ok(source) => {
+                done(source);
                 self.metrics.bytes.with_label_values(&[job.kind().label()]).inc_by(size);
                 true
             }
@@ -605,20 +607,26 @@ impl Prefetcher {
         digest: &Digest,
         entry: &BlobEntry,
         from: &UpstreamBlob,
-    ) -> std::result::Result<(), String> {
+    ) -> std::result::Result<LayerSource, String> {
         let (fill, _started) =
             self.fills.join(digest, entry.size, &entry.media_type, from).map_err(|e| e.to_string())?;
+        let source = |fill: &crate::blobs::fill::Fill| {
+            if fill.came_from_cluster() { LayerSource::Cluster } else { LayerSource::Upstream }
+        };
         let mut progress = fill.progress();
         loop {
             let now = progress.borrow_and_update().clone();
             match now {
-                Progress::Running { written } => job.update(i, |l| l.bytes_done = written),
-                Progress::Verified => return Ok(()),
+                Progress::Running { written } => job.update(i, |l| {
+                    l.bytes_done = written;
+                    l.source = source(&fill);
+                }),
+                Progress::Verified => return Ok(source(&fill)),
                 Progress::Failed(reason) => return Err(reason.to_string()),
             }
             if progress.changed().await.is_err() {
                 return match &*progress.borrow() {
-                    Progress::Verified => Ok(()),
+                    Progress::Verified => Ok(source(&fill)),
                     Progress::Failed(reason) => Err(reason.to_string()),
                     Progress::Running { .. } => Err("the fill ended without verifying the blob".into()),
                 };

@@ -6,8 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use facade_blob::cluster::lease::{LeaseConfig, Leases};
-use facade_blob::cluster::redis::RedisTopology;
-use facade_blob::{BlobChain, ClusterMetrics, Fills, PeerConfig, PeerMetrics, PeerServe, Peers};
+use facade_blob::{BlobChain, Fills, PeerConfig, PeerMetrics, PeerServe, Peers};
 use facade_server::{PeerAnswer, PeerBlobs, PeerRequest, PeerServerConfig};
 use futures::future::BoxFuture;
 use tokio::net::TcpListener;
@@ -30,25 +29,20 @@ impl PeerNode {
     /// `facade.peerAddr` and `facade.peerSecretFile` are set.
     pub fn build(config: &Config, metrics: &prometheus::Registry, chain: &BlobChain) -> anyhow::Result<Option<Self>> {
         let Some(settings) = &config.peer else { return Ok(None) };
+        // The leases live in the cluster cache's Redis, whichever topology it is.
         let Some(redis) = config.cluster.redis.clone() else { return Ok(None) };
-        if redis.topology != RedisTopology::Single {
-            tracing::warn!(
-                "facade.peerAddr: download leases need a single Redis (registry.redis.singleHostAddr); cluster-wide single-flight is off"
-            );
-            return Ok(None);
-        }
         let listener =
             bind(settings.listen).with_context(|| format!("facade.peerAddr: cannot listen on {}", settings.listen))?;
         let bound = listener.local_addr().context("facade.peerAddr")?;
         let me = format!("http://{}", settings.advertise.clone().unwrap_or_else(|| bound.to_string()));
         let lease_config =
             LeaseConfig { redis, ttl: settings.lease_ttl, me: me.clone(), breaker: config.cluster.breaker };
-        // The cluster cache counts Redis failures; the leases' own breaker is not counted twice.
-        let leases = Leases::new(lease_config, &ClusterMetrics::unregistered()).context("download leases")?;
+        let fills = chain.fills().clone();
+        // Lease failures count into the cluster cache's Redis failures.
+        let leases = Leases::new(lease_config, fills.cluster_metrics()).context("download leases")?;
         let mut peer_config = PeerConfig::new(me.clone(), settings.secret.clone());
         peer_config.max_followers = settings.max_followers;
         let peer_metrics = PeerMetrics::register(metrics).context("metrics")?;
-        let fills = chain.fills().clone();
         fills.set_peers(Peers::new(peer_config, leases, peer_metrics));
         tracing::info!(listen = %bound, advertised = %me, max_followers = settings.max_followers, lease_ttl = ?settings.lease_ttl, "cluster-wide single-flight on");
         Ok(Some(PeerNode {

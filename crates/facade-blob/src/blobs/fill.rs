@@ -210,6 +210,9 @@ pub struct Fill {
     _in_use: Option<InUse>,
     /// Set (before the fill reports its failure) when the disk filled up under the spool.
     fallback: std::sync::OnceLock<Fallback>,
+    /// Where the bytes come from now: true while they come from the cluster (IPFS or another
+    /// node's fill), false from the origin. For progress reports (README, warm-up).
+    from_cluster: std::sync::atomic::AtomicBool,
 }
 
 /// How the readers of a fill that hit a full disk go on: from the origin, at the offset the
@@ -230,6 +233,16 @@ impl Fill {
     /// Whether the fill ended because the disk filled up, and how its readers go on.
     pub fn fallback(&self) -> Option<&Fallback> {
         self.fallback.get()
+    }
+
+    /// Whether the bytes come from the cluster (IPFS or another node) rather than the origin:
+    /// now, while the fill runs; once it is verified, whether every byte did.
+    pub fn came_from_cluster(&self) -> bool {
+        self.from_cluster.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn set_came_from_cluster(&self, cluster: bool) {
+        self.from_cluster.store(cluster, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The file readers read from (open before any rename, so commit does not disturb them).
@@ -334,6 +347,16 @@ enum Came {
     Origin,
 }
 
+/// What ended one wait of [`Run::next`].
+enum Waited<T> {
+    /// The body's next item (`None`: it ended).
+    Item(Option<T>),
+    /// The write under way finished: this many bytes are on disk.
+    Written(u64),
+    /// Time to look whether the fill is still wanted or stalled.
+    Wake,
+}
+
 /// One fill's moving parts, handed down the steps of [`Fills::run`].
 struct Run<'a> {
     fill: &'a Arc<Fill>,
@@ -397,10 +420,13 @@ impl Run<'_> {
         });
     }
 
-    /// The next item of `body`. When nothing is ready, what is pending is written first, so
-    /// readers of a trickle see every byte that arrived; no item for `idle` is a stall. While
-    /// it waits, it looks every [`UNREAD_CHECK`] whether anybody still needs the fill, so a
-    /// source that sends nothing cannot keep an unread fill (and its reservation) alive.
+    /// The next item of `body`. When nothing is ready, what is pending starts being written,
+    /// so readers of a trickle see every byte that arrived, and the body is read on while the
+    /// disk works: waiting for each write before the next read halved the cold path's speed
+    /// (download and hashing took turns instead of overlapping, bench/RESULTS.md). No item for
+    /// `idle` is a stall. While it waits, it looks every [`UNREAD_CHECK`] whether anybody still
+    /// needs the fill, so a source that sends nothing cannot keep an unread fill (and its
+    /// reservation) alive.
     async fn next<S: Stream + Unpin>(
         &mut self,
         fills: &Fills,
@@ -410,16 +436,29 @@ impl Run<'_> {
         if let Some(item) = body.next().now_or_never() {
             return Ok(item);
         }
-        if self.spool.is_dirty() {
-            let written = self.spool.flush().await?;
-            self.notify.flush(self.tx, written);
-        }
         let deadline = tokio::time::Instant::now() + idle;
         loop {
+            self.spool.kick()?;
             let wake = deadline.min(tokio::time::Instant::now() + UNREAD_CHECK);
-            match tokio::time::timeout_at(wake, body.next()).await {
-                Ok(item) => return Ok(item),
-                Err(_) => {
+            let step = if self.spool.is_writing() {
+                tokio::select! {
+                    item = body.next() => Waited::Item(item),
+                    written = self.spool.write_done() => Waited::Written(written?),
+                    () = tokio::time::sleep_until(wake) => Waited::Wake,
+                }
+            } else {
+                match tokio::time::timeout_at(wake, body.next()).await {
+                    Ok(item) => Waited::Item(item),
+                    Err(_) => Waited::Wake,
+                }
+            };
+            match step {
+                Waited::Item(item) => return Ok(item),
+                Waited::Written(written) => {
+                    self.notify.flush(self.tx, written);
+                    continue;
+                }
+                Waited::Wake => {
                     if fills.abandoned(self.fill, &mut self.unread, self.spool.accepted()) {
                         return Err(Error::Cancelled { digest: self.fill.digest.clone() });
                     }
@@ -570,6 +609,7 @@ impl Fills {
             head,
             _in_use: in_use,
             fallback: std::sync::OnceLock::new(),
+            from_cluster: std::sync::atomic::AtomicBool::new(false),
         });
         table.entry(digest.clone()).or_default().push(Arc::downgrade(&fill));
         drop(table);
@@ -766,6 +806,7 @@ impl Fills {
             && let Some(entry) = cluster.lookup(&fill.digest, fill.size).await
             && entry.origins.contains(&from.key())
         {
+            fill.set_came_from_cluster(true);
             match self.fill_from_cluster(cluster.as_ref(), &entry, run).await {
                 Ok(()) => came = Came::Cluster,
                 Err(e @ Error::Cancelled { .. }) => return Err(e),
@@ -777,8 +818,16 @@ impl Fills {
             }
         }
         // Held until the fill ends: other nodes stream from this fill meanwhile (peer.rs).
-        let _lease = if came == Came::Origin { self.fill_from_peers(run).await? } else { None };
-        if came == Came::Origin {
+        let _lease = if came == Came::Origin {
+            fill.set_came_from_cluster(true);
+            self.fill_from_peers(run).await?
+        } else {
+            None
+        };
+        // What another node delivered in full counts as the cluster's; anything the origin had
+        // to complete, as the origin's.
+        if came == Came::Origin && run.spool.accepted() < fill.size {
+            fill.set_came_from_cluster(false);
             self.fill_from_origin(run, from).await?;
         }
         let verified = run.spool.verify(&fill.digest, fill.size).await;

@@ -7,9 +7,15 @@
 //!   when it ends, and other nodes stream from this fill through the peer listener;
 //! - **held by another node**: the fill streams the blob from the holder (or from a follower of
 //!   it that has a prefix and capacity) over `GET /peer/v1/blobs/<digest>` into its own spool,
-//!   exactly like the IPFS source: the digest is verified over the whole spool as always, and if
-//!   the peer refuses, is slow, stalls, dies or ends early, the fill goes on from the origin at
-//!   the byte offset reached;
+//!   exactly like the IPFS source: the digest is verified over the whole spool as always;
+//! - **the peer failed** (unreachable, refused, stalled, its body broke or ended early): the
+//!   follower claims again naming the failed peer, and takes the lease over if it still names
+//!   it (`lease.rs`). Of the followers of a dead holder the first to ask becomes the holder and
+//!   goes on from the origin at its offset; the others follow it from theirs. Every spool
+//!   starts at byte 0 (a follower copies the prefix too), so any node's fill serves any offset
+//!   once it gets there. At most [`MAX_ROUNDS`] claims after a failure, then the origin alone;
+//! - **the peer is too slow**, or every candidate is busy: the fill goes on from the origin at
+//!   the byte offset reached, without a lease (the holder is alive and keeps it);
 //! - **unavailable** (Redis down, breaker open): the fill downloads as it did before leases.
 //!
 //! A node serves peers only from a fill of the same (digest, origin) already running or from a
@@ -35,6 +41,7 @@ use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use super::{Fills, Run, UpstreamBlob};
 use crate::blobs::chain::BlobStream;
 use crate::blobs::read::{Progress, file_range_stream};
+use crate::cluster::ClusterMetrics;
 use crate::cluster::lease::{Claim, Lease, Leases};
 use crate::error::{Error, Result};
 
@@ -42,6 +49,21 @@ type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 
 /// Peers a follower tries (the holder, then registered sources) before it goes upstream.
 const MAX_CANDIDATES: usize = 8;
+
+/// Claims after a peer failed before a follower goes to the origin on its own: the holder that
+/// took over may die too, but a node must not wait out a cluster that keeps losing nodes.
+const MAX_ROUNDS: usize = 3;
+
+/// Claims again after every candidate answered busy. In a herd released at once every
+/// follower asks the holder first and the holder serves only `peerMaxFollowers`; the others
+/// found no source yet (a follower registers as one with its first bytes, milliseconds later)
+/// and went upstream: 3 of 7 followers in the bench's 8-node herd. Waiting a little for the
+/// sources to appear costs milliseconds; another upstream download costs the layer again.
+const BUSY_RETRIES: usize = 8;
+
+/// The first wait after a busy answer; it doubles up to [`BUSY_MAX_DELAY`] (about 3 s in all).
+const BUSY_FIRST_DELAY: std::time::Duration = std::time::Duration::from_millis(25);
+const BUSY_MAX_DELAY: std::time::Duration = std::time::Duration::from_millis(800);
 
 /// The path prefix of the peer endpoint.
 pub const PEER_PATH: &str = "/peer/v1/blobs/";
@@ -126,7 +148,8 @@ impl PeerOutcome {
 }
 
 /// `registry_facade_peer_fetches_total{outcome}`, `registry_facade_peer_served_bytes_total`,
-/// `registry_facade_cluster_leases_total{outcome}`.
+/// `registry_facade_cluster_leases_total{outcome}` (one per claim: `acquired`, `taken_over`
+/// from a failed peer, `followed`, `unavailable`).
 #[derive(Clone, Debug)]
 pub struct PeerMetrics {
     fetches: IntCounterVec,
@@ -166,7 +189,7 @@ impl PeerMetrics {
         let leases = IntCounterVec::new(
             Opts::new(
                 "registry_facade_cluster_leases_total",
-                "Download leases claimed before going upstream: acquired, followed (another node downloads) or unavailable (Redis)",
+                "Download leases claimed before going upstream: acquired, taken_over (from a failed holder), followed (another node downloads) or unavailable (Redis)",
             ),
             &["outcome"],
         )
@@ -174,7 +197,7 @@ impl PeerMetrics {
         for o in ["ok", "busy", "refused", "failed", "stalled", "slow"] {
             fetches.with_label_values(&[o]);
         }
-        for o in ["acquired", "followed", "unavailable"] {
+        for o in ["acquired", "taken_over", "followed", "unavailable"] {
             leases.with_label_values(&[o]);
         }
         Ok(PeerMetrics { fetches, served, leases })
@@ -278,6 +301,18 @@ impl Peers {
     }
 }
 
+/// How following peers ended.
+enum Followed {
+    /// The spool is complete.
+    Done,
+    /// The peer at this URL failed; the lease is claimed again naming it.
+    Lost(String),
+    /// Every candidate was busy: claim again for fresh sources after a pause.
+    Busy,
+    /// The peer was too slow, or nobody could serve: the origin, without a lease.
+    Alone,
+}
+
 /// What a node answers a peer.
 pub enum PeerServe {
     /// The bytes from the asked offset to the end; the last one only once verified.
@@ -350,57 +385,116 @@ impl Fills {
         self.peers.get().map(|p| &p.metrics)
     }
 
+    /// The cluster metrics the fills count into (the leases count their Redis failures there).
+    pub fn cluster_metrics(&self) -> &ClusterMetrics {
+        &self.metrics
+    }
+
     /// Before the origin: claims the lease, or streams from the node holding it as far as it
-    /// can. Returns the lease to hold until the fill ends. Fails only for what fails the fill
-    /// (cancelled, more bytes than the blob's size).
+    /// can, taking the lease over when that node fails. Returns the lease to hold until the
+    /// fill ends. Fails only for what fails the fill (cancelled, more bytes than the blob's
+    /// size).
     pub(super) async fn fill_from_peers(&self, run: &mut Run<'_>) -> Result<Option<Lease>> {
         let Some(peers) = self.peers.get() else { return Ok(None) };
         let (digest, origin) = (run.fill.digest.clone(), run.fill.origin.key());
-        match peers.leases.claim(&digest, &origin).await {
-            Claim::Unavailable => {
-                peers.metrics.lease("unavailable");
-                Ok(None)
-            }
-            Claim::Acquired(lease) => {
-                peers.metrics.lease("acquired");
-                tracing::debug!(%digest, origin, "download lease acquired; other nodes will stream from this fill");
-                Ok(Some(lease))
-            }
-            Claim::Held { holder, sources } => {
+        let mut claim = peers.leases.claim(&digest, &origin).await;
+        let (mut busy, mut delay) = (0, BUSY_FIRST_DELAY);
+        let (mut round, mut counted) = (0, None);
+        while round <= MAX_ROUNDS {
+            let (holder, sources) = match claim {
+                Claim::Unavailable => {
+                    peers.metrics.lease("unavailable");
+                    return Ok(None);
+                }
+                Claim::Acquired(lease) if round == 0 => {
+                    peers.metrics.lease("acquired");
+                    tracing::debug!(%digest, origin, "download lease acquired; other nodes will stream from this fill");
+                    return Ok(Some(lease));
+                }
+                Claim::Acquired(lease) => {
+                    peers.metrics.lease("taken_over");
+                    tracing::info!(
+                        %digest, origin, offset = run.spool.accepted(),
+                        "download lease taken over from a failed peer; going on from upstream, others follow"
+                    );
+                    return Ok(Some(lease));
+                }
+                Claim::Held { holder, sources } => (holder, sources),
+            };
+            // Once per claim of a round: asking again while peers are busy is the same claim.
+            if counted != Some(round) {
+                counted = Some(round);
                 peers.metrics.lease("followed");
-                let candidates: Vec<String> = std::iter::once(holder).chain(sources).take(MAX_CANDIDATES).collect();
-                self.follow(peers, run, &candidates).await?;
-                Ok(None)
             }
+            let candidates: Vec<String> = std::iter::once(holder).chain(sources).take(MAX_CANDIDATES).collect();
+            let failed = match self.follow(peers, run, &candidates).await? {
+                Followed::Done | Followed::Alone => return Ok(None),
+                Followed::Busy if busy < BUSY_RETRIES => {
+                    busy += 1;
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(BUSY_MAX_DELAY);
+                    claim = peers.leases.claim(&digest, &origin).await;
+                    continue;
+                }
+                Followed::Busy => {
+                    tracing::info!(%digest, "every peer stayed busy; downloading from upstream");
+                    return Ok(None);
+                }
+                Followed::Lost(url) => url,
+            };
+            if round == MAX_ROUNDS {
+                break;
+            }
+            round += 1;
+            claim = peers.leases.take_over(&digest, &origin, &failed).await;
         }
+        tracing::info!(%digest, offset = run.spool.accepted(), "peers kept failing; downloading from upstream");
+        Ok(None)
     }
 
-    /// Streams from the first candidate that answers; returns when it delivered everything or
-    /// cannot go on (the origin takes over at the offset reached).
-    async fn follow(&self, peers: &Peers, run: &mut Run<'_>, candidates: &[String]) -> Result<()> {
+    /// Streams from the first candidate that answers, as far as it delivers.
+    async fn follow(&self, peers: &Peers, run: &mut Run<'_>, candidates: &[String]) -> Result<Followed> {
         let (digest, origin, size) = (run.fill.digest.clone(), run.fill.origin.key(), run.fill.size);
-        for url in candidates {
+        let mut all_busy = true;
+        for (i, url) in candidates.iter().enumerate() {
             let offset = run.spool.accepted();
             let body = match peers.open(url, &digest, &origin, size, offset).await {
                 Ok(body) => body,
                 Err(outcome) => {
                     peers.metrics.fetch(outcome);
+                    all_busy &= outcome == PeerOutcome::Busy;
+                    // A holder that cannot serve (gone, restarted, its fill failed) is
+                    // replaced; a source that cannot is skipped, the holder may still serve.
+                    if i == 0 && outcome != PeerOutcome::Busy {
+                        return Ok(Followed::Lost(url.clone()));
+                    }
                     continue;
                 }
             };
             run.answered();
             let outcome = self.copy_peer(peers, run, body).await?;
             peers.metrics.fetch(outcome);
-            if outcome != PeerOutcome::Ok {
-                tracing::info!(
-                    %digest, peer = %url, offset = run.spool.accepted(), outcome = outcome.label(),
-                    "peer could not deliver the blob; going on from upstream at this offset"
-                );
-            }
-            return Ok(());
+            let followed = match outcome {
+                PeerOutcome::Ok => return Ok(Followed::Done),
+                PeerOutcome::Failed | PeerOutcome::Stalled | PeerOutcome::Refused => Followed::Lost(url.clone()),
+                PeerOutcome::Slow | PeerOutcome::Busy => Followed::Alone,
+            };
+            let next = match followed {
+                Followed::Lost(_) => "claiming its lease",
+                _ => "going on from upstream at this offset",
+            };
+            tracing::info!(
+                %digest, peer = %url, offset = run.spool.accepted(), outcome = outcome.label(),
+                "peer could not deliver the blob; {next}"
+            );
+            return Ok(followed);
+        }
+        if all_busy {
+            tracing::debug!(%digest, "every peer is busy; asking again for sources");
+            return Ok(Followed::Busy);
         }
         tracing::info!(%digest, "no peer could serve the blob; downloading from upstream");
-        Ok(())
+        Ok(Followed::Alone)
     }
 
     /// Copies a peer's body into the spool, registering this node as a source once it has a

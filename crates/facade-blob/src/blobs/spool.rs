@@ -120,13 +120,42 @@ impl Spool {
         Ok(self.written)
     }
 
-    /// Whether a write is under way or bytes wait for one.
-    pub fn is_dirty(&self) -> bool {
-        self.writing.is_some() || !self.pending.is_empty()
+    /// Whether a write is under way.
+    pub fn is_writing(&self) -> bool {
+        self.writing.is_some()
+    }
+
+    /// Starts writing what is pending, if nothing is being written: the network went quiet for
+    /// a moment, and readers of a trickle must see every byte that arrived without the fill
+    /// waiting for the disk (it reads on while the write runs, see [`Spool::write_done`]).
+    pub fn kick(&mut self) -> Result<()> {
+        self.check_broken()?;
+        if self.writing.is_none() && !self.pending.is_empty() {
+            self.spawn_write()?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the write under way (none: at once), then starts the next one if bytes wait,
+    /// and answers the bytes on disk. Cancel-safe: dropped before the write ends, the write
+    /// stays under way, so it can race the next network read in a `select!`.
+    pub async fn write_done(&mut self) -> Result<u64> {
+        if let Some(task) = self.writing.as_mut() {
+            let joined = task.await;
+            self.writing = None;
+            self.finish_write(joined)?;
+        }
+        self.kick()?;
+        Ok(self.written)
     }
 
     async fn start_write(&mut self) -> Result<()> {
         self.wait().await?;
+        self.spawn_write()
+    }
+
+    /// Hands the pending batch to the blocking pool; nothing may be under way.
+    fn spawn_write(&mut self) -> Result<()> {
         let Some(mut temp) = self.temp.take() else {
             return Err(Error::Spool { reason: "spool has no file".into() });
         };
@@ -141,7 +170,16 @@ impl Spool {
 
     async fn wait(&mut self) -> Result<()> {
         let Some(task) = self.writing.take() else { return Ok(()) };
-        match task.await {
+        let joined = task.await;
+        self.finish_write(joined)
+    }
+
+    /// Takes the file back from a finished write task and records how it went.
+    fn finish_write(
+        &mut self,
+        joined: std::result::Result<(TempBlob, Result<()>), tokio::task::JoinError>,
+    ) -> Result<()> {
+        match joined {
             Ok((temp, result)) => {
                 self.written = temp.written();
                 self.temp = Some(temp);

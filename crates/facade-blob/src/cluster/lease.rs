@@ -20,25 +20,30 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use facade_oci::Digest;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo};
 use tokio_util::task::AbortOnDropHandle;
 
 use super::breaker::{Breaker, BreakerConfig};
-use super::metrics::ClusterMetrics;
-use super::redis::RedisConfig;
+use super::metrics::{ClusterMetrics, DependencyMetrics};
+use super::redis::{RedisConfig, RedisKv};
 use crate::error::{Error, Result};
 
 /// Sources returned with a held lease: enough to find one with capacity, few enough for one
 /// small answer.
 const MAX_SOURCES: isize = 16;
 
-/// Takes the lease if nobody holds it; otherwise answers the holder and the registered sources.
+/// Takes the lease if nobody holds it, or if it still names `ARGV[4]`, a peer the caller saw
+/// fail (its process died, its body broke, it stalled): the first follower to ask takes over,
+/// the others find it as the new holder. The failed peer also leaves the sources. Otherwise
+/// answers the holder and the registered sources.
 const CLAIM: &str = r"
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return {1}
+if ARGV[4] ~= '' then
+  redis.call('ZREM', KEYS[2], ARGV[4])
 end
 local holder = redis.call('GET', KEYS[1])
+if (not holder) or (ARGV[4] ~= '' and holder == ARGV[4]) then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return {1}
+end
 local sources = redis.call('ZRANGE', KEYS[2], 0, tonumber(ARGV[3]))
 return {0, holder, sources}
 ";
@@ -62,7 +67,7 @@ return 0
 /// Knobs of the leases.
 #[derive(Clone, Debug)]
 pub struct LeaseConfig {
-    /// Where Redis is (the cluster cache's Redis).
+    /// Where Redis is (the cluster cache's Redis: same topology, TLS, credentials, namespace).
     pub redis: RedisConfig,
     /// How long a lease lives without renewal: a holder that died stops being followed by new
     /// nodes this long after its last renewal at most.
@@ -93,9 +98,13 @@ pub enum Claim {
 
 /// The leases of one node.
 pub struct Leases {
-    conn: ConnectionManager,
-    namespace: String,
+    kv: RedisKv,
+    /// The leases' own breaker: a lease call must not wait for the cache's trial call, and a
+    /// lease failure must not make the cache skip Redis (each is tried on its own schedule).
     breaker: Breaker,
+    /// Where the failures are counted: `registry_facade_cluster_dependency_failures_total`
+    /// of `redis`, beside the cache's (the `up` gauge stays the cache breaker's).
+    failures: DependencyMetrics,
     /// Deadline of one call, a reconnect included.
     timeout: Duration,
     ttl: Duration,
@@ -112,54 +121,23 @@ fn err(context: impl Into<String>, reason: impl std::fmt::Display) -> Error {
     Error::Cluster { dependency: "redis", context: context.into(), reason: reason.to_string() }
 }
 
-/// A client of Redis as `config` says, connecting lazily.
-fn connect(config: &RedisConfig) -> Result<ConnectionManager> {
-    let (host, port) = config
-        .addr
-        .rsplit_once(':')
-        .and_then(|(h, p)| {
-            let h = h.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(h);
-            Some((h.to_string(), p.parse::<u16>().ok()?)).filter(|(h, _)| !h.is_empty())
-        })
-        .ok_or_else(|| err("configuring", format!("{:?} is not host:port", config.addr)))?;
-    let addr = if config.tls {
-        ConnectionAddr::TcpTls { host, port, insecure: config.insecure_skip_verify, tls_params: None }
-    } else {
-        ConnectionAddr::Tcp(host, port)
-    };
-    let mut settings = RedisConnectionInfo::default();
-    if let Some(user) = config.username.as_deref().filter(|u| !u.is_empty()) {
-        settings = settings.set_username(user);
-    }
-    if let Some(password) = config.password.as_deref().filter(|p| !p.is_empty()) {
-        settings = settings.set_password(password);
-    }
-    let info = addr.into_connection_info().map_err(|e| err("configuring", e))?.set_redis_settings(settings);
-    let client = redis::Client::open(info).map_err(|e| err("configuring", e))?;
-    // As the cluster cache's client: no retries inside, the breaker decides.
-    let manager = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(config.timeout))
-        .set_response_timeout(Some(config.timeout))
-        .set_number_of_retries(0);
-    ConnectionManager::new_lazy_with_config(client, manager).map_err(|e| err("connecting", e))
+fn now_millis() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
-fn now_millis() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
-fn millis(d: Duration) -> u64 {
-    d.as_millis().clamp(1, u64::MAX as u128) as u64
+fn millis(d: Duration) -> String {
+    d.as_millis().clamp(1, u64::MAX as u128).to_string()
 }
 
 impl Leases {
-    /// Leases in the Redis of `config`, counting Redis failures into `metrics`. Connects lazily
-    /// (needs a tokio runtime, not a running Redis).
+    /// Leases in the Redis of `config` (single, Cluster or Sentinel, as the cluster cache),
+    /// counting Redis failures into `metrics`. Connects lazily (needs a tokio runtime, not a
+    /// running Redis).
     pub fn new(config: LeaseConfig, metrics: &ClusterMetrics) -> Result<Arc<Self>> {
         Ok(Arc::new(Leases {
-            conn: connect(&config.redis)?,
-            namespace: config.redis.namespace.clone(),
-            breaker: Breaker::new("redis", config.breaker, metrics.dependency("redis")),
+            kv: RedisKv::connect(&config.redis)?,
+            breaker: Breaker::new("redis", config.breaker, DependencyMetrics::unregistered("redis")),
+            failures: metrics.dependency("redis"),
             timeout: config.redis.timeout * 2,
             ttl: config.ttl,
             me: config.me,
@@ -171,32 +149,49 @@ impl Leases {
         &self.me
     }
 
+    /// Runs `call` through the breaker with the leases' deadline, counting a failure or a
+    /// timeout. `None`: no answer.
+    async fn call<T>(&self, what: &str, call: impl Future<Output = Result<T>>) -> Option<T> {
+        let counted = async {
+            let result = match tokio::time::timeout(self.timeout, call).await {
+                Ok(r) => r,
+                Err(_) => Err(err(what, format_args!("no answer within {:?}", self.timeout))),
+            };
+            if result.is_err() {
+                self.failures.failed();
+            }
+            result
+        };
+        // The deadline that counts is inside; the breaker's is only a backstop.
+        self.breaker.call(self.timeout * 2, counted).await
+    }
+
     /// The lease key and the sources key of (`digest`, `origin`).
     fn keys(&self, digest: &Digest, origin: &str) -> (String, String) {
-        let ns = &self.namespace;
         // One hash tag for both: the claim script touches the two keys, which Redis Cluster
         // allows only within one slot.
-        (format!("{ns}:lease:{{{digest}:{origin}}}"), format!("{ns}:lease-sources:{{{digest}:{origin}}}"))
+        let tag = format!("{{{digest}:{origin}}}");
+        (self.kv.key(&["lease", &tag]), self.kv.key(&["lease-sources", &tag]))
     }
 
     /// Takes the lease of `digest` from `origin`, or finds who holds it.
     pub async fn claim(self: &Arc<Self>, digest: &Digest, origin: &str) -> Claim {
+        self.claim_replacing(digest, origin, "").await
+    }
+
+    /// Claims again after the peer at `failed` (the holder, or a source) could not deliver:
+    /// takes the lease over if it still names `failed` (or lapsed), and drops `failed` from
+    /// the sources. Of the followers of a dead holder exactly one gets [`Claim::Acquired`].
+    pub async fn take_over(self: &Arc<Self>, digest: &Digest, origin: &str, failed: &str) -> Claim {
+        self.claim_replacing(digest, origin, failed).await
+    }
+
+    async fn claim_replacing(self: &Arc<Self>, digest: &Digest, origin: &str, failed: &str) -> Claim {
         let (key, sources_key) = self.keys(digest, origin);
-        let mut conn = self.conn.clone();
-        let call = async {
-            redis::cmd("EVAL")
-                .arg(CLAIM)
-                .arg(2)
-                .arg(&key)
-                .arg(&sources_key)
-                .arg(&self.me)
-                .arg(millis(self.ttl))
-                .arg(MAX_SOURCES - 1)
-                .query_async::<redis::Value>(&mut conn)
-                .await
-                .map_err(|e| err("EVAL claim", e))
-        };
-        let Some(answer) = self.breaker.call(self.timeout, call).await else { return Claim::Unavailable };
+        let (ttl, max) = (millis(self.ttl), (MAX_SOURCES - 1).to_string());
+        let (keys, args) = ([key.as_str(), &sources_key], [self.me.as_str(), &ttl, &max, failed]);
+        let call = self.kv.eval::<redis::Value>(CLAIM, &keys, &args);
+        let Some(answer) = self.call("EVAL claim", call).await else { return Claim::Unavailable };
         match parse_claim(answer) {
             Some(None) => Claim::Acquired(self.lease(key)),
             Some(Some((holder, _))) if holder == self.me => Claim::Unavailable,
@@ -233,75 +228,30 @@ impl Leases {
     /// Extends `key`'s life if this node still holds it. False when it does not (or Redis did
     /// not answer: the next tick tries again only if the lease was still ours).
     async fn renew(&self, key: &str) -> bool {
-        let mut conn = self.conn.clone();
-        let call = async {
-            redis::cmd("EVAL")
-                .arg(RENEW)
-                .arg(1)
-                .arg(key)
-                .arg(&self.me)
-                .arg(millis(self.ttl))
-                .query_async::<i64>(&mut conn)
-                .await
-                .map_err(|e| err("EVAL renew", e))
-        };
+        let ttl = millis(self.ttl);
+        let (keys, args) = ([key], [self.me.as_str(), &ttl]);
         // No answer is not a loss: Redis may be back before the lease lapses.
-        self.breaker.call(self.timeout, call).await.is_none_or(|n| n == 1)
+        self.call("EVAL renew", self.kv.eval::<i64>(RENEW, &keys, &args)).await.is_none_or(|n| n == 1)
     }
 
     /// Deletes `key` if this node still holds it.
     async fn release(&self, key: &str) -> bool {
-        let mut conn = self.conn.clone();
-        let call = async {
-            redis::cmd("EVAL")
-                .arg(RELEASE)
-                .arg(1)
-                .arg(key)
-                .arg(&self.me)
-                .query_async::<i64>(&mut conn)
-                .await
-                .map_err(|e| err("EVAL release", e))
-        };
-        self.breaker.call(self.timeout, call).await == Some(1)
+        let (keys, args) = ([key], [self.me.as_str()]);
+        self.call("EVAL release", self.kv.eval::<i64>(RELEASE, &keys, &args)).await == Some(1)
     }
 
     /// Registers this node as a source of (`digest`, `origin`): it follows a fill and has a
     /// prefix others can read. The set lives a few lease lives after its last registration.
     pub async fn register_source(&self, digest: &Digest, origin: &str) {
         let (_, sources_key) = self.keys(digest, origin);
-        let mut conn = self.conn.clone();
-        let call = async {
-            redis::pipe()
-                .atomic()
-                .cmd("ZADD")
-                .arg(&sources_key)
-                .arg(now_millis())
-                .arg(&self.me)
-                .ignore()
-                .cmd("PEXPIRE")
-                .arg(&sources_key)
-                .arg(millis(self.ttl * 4))
-                .ignore()
-                .query_async::<()>(&mut conn)
-                .await
-                .map_err(|e| err("ZADD", e))
-        };
-        let _ = self.breaker.call(self.timeout, call).await;
+        let call = self.kv.zadd(&sources_key, None, now_millis(), &self.me, self.ttl * 4);
+        let _ = self.call("ZADD", call).await;
     }
 
     /// Takes this node out of the sources of (`digest`, `origin`) (it could not serve them).
     pub async fn unregister_source(&self, digest: &Digest, origin: &str) {
         let (_, sources_key) = self.keys(digest, origin);
-        let mut conn = self.conn.clone();
-        let call = async {
-            redis::cmd("ZREM")
-                .arg(&sources_key)
-                .arg(&self.me)
-                .query_async::<()>(&mut conn)
-                .await
-                .map_err(|e| err("ZREM", e))
-        };
-        let _ = self.breaker.call(self.timeout, call).await;
+        let _ = self.call("ZREM", self.kv.zrem(&sources_key, &self.me)).await;
     }
 }
 
@@ -466,15 +416,139 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn redis_down_means_no_lease_quickly() {
+    async fn redis_down_means_no_lease_quickly_and_is_counted() {
         let mut redis = Redis::start().unwrap();
-        let a = leases(&redis, "http://a:1", Duration::from_secs(15));
+        let metrics = ClusterMetrics::unregistered();
+        let config = LeaseConfig {
+            redis: RedisConfig::new(redis.host()),
+            ttl: Duration::from_secs(15),
+            me: "http://a:1".into(),
+            breaker: BreakerConfig::default(),
+        };
+        let a = Leases::new(config, &metrics).unwrap();
+        let redis_metrics = metrics.dependency("redis");
+        // The `up` gauge is the cluster cache breaker's: the leases leave it alone.
+        assert_eq!(redis_metrics.up_value(), 0);
         redis.kill();
         let started = std::time::Instant::now();
         assert!(matches!(a.claim(&digest(), "reg.example/team/app").await, Claim::Unavailable));
         // The breaker is open now: the next claim does not even wait for a timeout.
         assert!(matches!(a.claim(&digest(), "reg.example/team/app").await, Claim::Unavailable));
         assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+        // One call went out and failed; the skipped one is no failure.
+        assert_eq!(redis_metrics.failures_value(), 1);
+    }
+
+    #[tokio::test]
+    async fn one_follower_of_a_failed_holder_takes_over_the_others_follow_it() {
+        let redis = Redis::start().unwrap();
+        let ttl = Duration::from_secs(15);
+        let [a, b, c, d] = ["http://a:1", "http://b:1", "http://c:1", "http://d:1"].map(|me| leases(&redis, me, ttl));
+        let origin = "reg.example/team/app";
+        let Claim::Acquired(a_lease) = a.claim(&digest(), origin).await else { panic!("a did not acquire") };
+        for f in [&b, &c, &d] {
+            assert!(matches!(f.claim(&digest(), origin).await, Claim::Held { .. }));
+            f.register_source(&digest(), origin).await;
+        }
+        // a's body broke at every follower: the first to ask takes over while a's lease still
+        // has most of its life; the next ones find b.
+        let Claim::Acquired(b_lease) = b.take_over(&digest(), origin, "http://a:1").await else {
+            panic!("b did not take over")
+        };
+        assert_eq!(reply(&redis, &["GET", &lease_key()]), "http://b:1");
+        let pttl: i64 = reply(&redis, &["PTTL", &lease_key()]).parse().unwrap();
+        assert!(pttl > 14_000, "the new lease has a full life: {pttl}");
+        match c.take_over(&digest(), origin, "http://a:1").await {
+            Claim::Held { holder, sources } => {
+                assert_eq!(holder, "http://b:1");
+                assert_eq!(sources, vec!["http://d:1".to_string()]);
+            }
+            other => panic!("c: {other:?}"),
+        }
+        // A failed source leaves the sources, and the holder stays.
+        match c.take_over(&digest(), origin, "http://d:1").await {
+            Claim::Held { holder, sources } => assert_eq!((holder.as_str(), sources.len()), ("http://b:1", 0)),
+            other => panic!("c again: {other:?}"),
+        }
+        assert_eq!(reply(&redis, &["GET", &lease_key()]), "http://b:1");
+        // The old holder's late release and renewal leave the new holder's lease alone.
+        assert!(!a.renew(&lease_key()).await);
+        assert!(!a_lease.release().await);
+        assert_eq!(reply(&redis, &["GET", &lease_key()]), "http://b:1");
+        // The new holder renews and releases like any holder.
+        assert!(b.renew(&lease_key()).await);
+        assert!(b_lease.release().await);
+        assert_eq!(reply(&redis, &["EXISTS", &lease_key()]), "0");
+        // A claim naming a failed peer that holds nothing is an ordinary claim.
+        assert!(matches!(d.take_over(&digest(), origin, "http://zz:1").await, Claim::Acquired(_)));
+    }
+
+    /// Two nodes' claims in the Redis `config` points at: one acquires, the other follows it;
+    /// when the holder fails, the follower takes over. What the keys look like is `keys`'s.
+    async fn claims_over(config: RedisConfig) {
+        let make = |me: &str| {
+            let config = LeaseConfig {
+                redis: config.clone(),
+                ttl: Duration::from_secs(15),
+                me: me.into(),
+                breaker: BreakerConfig::default(),
+            };
+            Leases::new(config, &ClusterMetrics::unregistered()).unwrap()
+        };
+        let (a, b) = (make("http://a:1"), make("http://b:1"));
+        let origin = "reg.example/team/app";
+        // The first call may wait for the slot map or the sentinels; a breaker opened by a
+        // node that was not ready yet closes again after its first backoff.
+        let mut first = None;
+        for _ in 0..20 {
+            match a.claim(&digest(), origin).await {
+                Claim::Unavailable => tokio::time::sleep(Duration::from_millis(500)).await,
+                claim => {
+                    first = Some(claim);
+                    break;
+                }
+            }
+        }
+        let Some(Claim::Acquired(a_lease)) = first else { panic!("a did not acquire: {first:?}") };
+        b.register_source(&digest(), origin).await;
+        match b.claim(&digest(), origin).await {
+            Claim::Held { holder, sources } => assert_eq!((holder.as_str(), sources.len()), ("http://a:1", 0)),
+            other => panic!("b: {other:?}"),
+        }
+        let Claim::Acquired(b_lease) = b.take_over(&digest(), origin, "http://a:1").await else {
+            panic!("b did not take over")
+        };
+        assert!(!a_lease.release().await, "a deleted b's lease");
+        match a.claim(&digest(), origin).await {
+            Claim::Held { holder, .. } => assert_eq!(holder, "http://b:1"),
+            other => panic!("a again: {other:?}"),
+        }
+        assert!(b_lease.release().await);
+        assert!(matches!(a.claim(&digest(), origin).await, Claim::Acquired(_)));
+    }
+
+    #[tokio::test]
+    async fn leases_work_on_a_redis_cluster() {
+        let cluster = test_support::redis_ha::RedisCluster::start(3).unwrap();
+        claims_over(RedisConfig::cluster(cluster.seeds())).await;
+        // The lease and its sources share a slot (one hash tag), on one of the masters.
+        let keys = cluster.keys("registry-facade:lease*").unwrap();
+        assert_eq!(keys.len(), 2, "{keys:?}");
+        assert_eq!(cluster.nodes_holding("registry-facade:lease*"), 1);
+        assert_eq!(bulk(&cluster.command(&["GET", &lease_key()]).unwrap()), "http://a:1");
+    }
+
+    #[tokio::test]
+    async fn leases_work_through_sentinel() {
+        let sentinel = test_support::redis_ha::RedisSentinel::start(3).unwrap();
+        let config = RedisConfig::sentinel(test_support::redis_ha::MASTER_NAME, sentinel.sentinel_addrs());
+        claims_over(config).await;
+        assert_eq!(bulk(&sentinel.command(&["GET", &lease_key()]).unwrap()), "http://a:1");
+    }
+
+    /// The value of a raw bulk-string reply.
+    fn bulk(raw: &str) -> String {
+        test_support::redis_ha::bulk_strings(raw).into_iter().next().unwrap_or_default()
     }
 
     #[tokio::test]

@@ -10,9 +10,10 @@
 //!   (after a failover that is the promoted replica; a demoted master answers `READONLY` to
 //!   writes, which is a failure too).
 //!
-//! Every command used here touches one key, or is `MGET` (split by slot in a cluster), so all
-//! three topologies serve the same calls. Timeouts and fall-back policy live in the caller
-//! ([`super::ClusterCache`]), which wraps every call in the Redis breaker.
+//! Every command used here touches one key, is `MGET` (split by slot in a cluster) or a script
+//! whose keys share one hash tag, so all three topologies serve the same calls. Timeouts and
+//! fall-back policy live in the callers ([`super::ClusterCache`], `lease.rs`), which wrap every
+//! call in a Redis breaker.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -353,6 +354,15 @@ impl RedisKv {
              return 0";
         let n: i64 = self.query(redis::cmd("EVAL").arg(SCRIPT).arg(1).arg(key).arg(needle), "EVAL").await?;
         Ok(n > 0)
+    }
+
+    /// `EVAL script` over `keys` with `args`. In a cluster the call goes to the slot of the
+    /// first key, so every key must share its hash tag (Redis refuses a script whose keys span
+    /// slots).
+    pub async fn eval<T: FromRedisValue + Send>(&self, script: &str, keys: &[&str], args: &[&str]) -> Result<T> {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(script).arg(keys.len()).arg(keys).arg(args);
+        self.query(&cmd, "EVAL").await
     }
 
     /// `ZADD key [XX|NX] score member` then `EXPIRE key ttl`, in one pipeline (one key, so one

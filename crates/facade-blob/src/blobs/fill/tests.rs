@@ -445,6 +445,23 @@ async fn a_broken_ipfs_stream_hands_over_to_the_origin_at_its_offset() {
     assert!(!cluster.forgotten.load(Ordering::SeqCst));
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_fill_tells_whether_its_bytes_came_from_the_cluster() {
+    // All of it from IPFS: the cluster's; IPFS broke at 400 000 bytes: the origin's.
+    for (serve, cluster_only) in [(1 << 20, true), (400_000, false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let blob = data(1 << 20);
+        let digest = Digest::sha256_of(&blob);
+        let origin = Scripted::new(blob.clone(), vec![Step::Serve { chunk: 8192, cut: None }]);
+        let (_cluster, f) = with_flaky_cluster(dir.path(), &blob, serve, origin);
+        let (fill, _) = f.join(&digest, blob.len() as u64, "x", &from()).unwrap();
+        let mut progress = fill.progress();
+        let end = progress.wait_for(|p| !matches!(p, Progress::Running { .. })).await.unwrap().clone();
+        assert_eq!(end, Progress::Verified);
+        assert_eq!(fill.came_from_cluster(), cluster_only, "IPFS served {serve} bytes");
+    }
+}
+
 /// Two registries behind one client: each workspace's image names one of them.
 struct TwoRegistries {
     honest: Arc<Scripted>,
