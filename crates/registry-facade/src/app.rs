@@ -56,7 +56,7 @@ impl App {
         // Process-wide, like the memory and the blocking pool they divide (facade-blob).
         facade_blob::ResponseBuffers::configure(config.memory.max_buffered_response_bytes);
         let lanes = facade_blob::blocking::BlockingMetrics::register(&metrics).context("metrics")?;
-        facade_blob::blocking::configure(facade_blob::blocking::LaneSizes::default(), Some(lanes));
+        facade_blob::blocking::configure(config.lanes, Some(lanes));
         let upstream = upstream_client(&config, &metrics)?;
         let store = open_store(&config, &metrics)?;
         let static_layers = prepare_static_layers(&config, store.clone()).await?;

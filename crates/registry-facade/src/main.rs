@@ -152,7 +152,7 @@ fn run(path: PathBuf) -> ExitCode {
     // lanes divide it (reads, spool writes, commits, housekeeping); the pool covers them all,
     // plus bcrypt's own threads and a few for the work without a lane (file polls, static
     // layer hashing), so a lane's permit always finds a thread.
-    let threads = facade_blob::blocking::LaneSizes::default().threads() + cfg.limits.auth_check_threads + 4;
+    let threads = cfg.lanes.threads() + cfg.limits.auth_check_threads + 4;
     let rt = match tokio::runtime::Builder::new_multi_thread().max_blocking_threads(threads).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -127,6 +127,7 @@ impl Reloader {
             ("facade.maxRequest*/maxURLBytes/responseIdleTimeout", differs(&new.limits, &old.limits)),
             ("facade.legacyMetrics", new.legacy_metrics != old.legacy_metrics),
             ("facade.prefetch*", differs(&new.prefetch, &old.prefetch)),
+            ("facade.blocking*Threads", new.lanes != old.lanes),
         ] {
             if changed {
                 restart_needed.push(key);

@@ -343,6 +343,18 @@ pub struct FacadeSection {
     /// Blocking threads bcrypt may take at once.
     #[serde(rename = "authCheckThreads", default)]
     pub auth_check_threads: Option<u64>,
+    /// Blocking threads blob file reads may take at once.
+    #[serde(rename = "blockingReadThreads", default)]
+    pub blocking_read_threads: Option<u64>,
+    /// Blocking threads spool writes (and their hashing) may take at once.
+    #[serde(rename = "blockingSpoolWriteThreads", default)]
+    pub blocking_spool_write_threads: Option<u64>,
+    /// Blocking threads store commits (fsync, rename) may take at once.
+    #[serde(rename = "blockingCommitThreads", default)]
+    pub blocking_commit_threads: Option<u64>,
+    /// Blocking threads store housekeeping (eviction) may take at once.
+    #[serde(rename = "blockingHousekeepingThreads", default)]
+    pub blocking_housekeeping_threads: Option<u64>,
     /// Bytes of blob responses held in memory at once, read but not yet written to clients
     /// (a size); beyond it streams go on in small chunks.
     #[serde(rename = "maxBufferedResponseBytes", default)]

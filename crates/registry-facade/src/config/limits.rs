@@ -1,10 +1,12 @@
 //! The registry listener's request and connection limits (`facade.max*`,
 //! `facade.responseIdleTimeout`, `facade.requestHeadTimeout`, `facade.idleConnectionTimeout`,
-//! `facade.authFailuresPerSecond`, `facade.authCheckThreads`). The defaults are
-//! facade-server's own `ServerConfig::default()`.
+//! `facade.authFailuresPerSecond`, `facade.authCheckThreads`), and the lanes of the blocking
+//! pool (`facade.blocking*Threads`). The defaults are facade-server's own
+//! `ServerConfig::default()` and facade-blob's `LaneSizes::default()`.
 
 use std::time::Duration;
 
+use facade_blob::blocking::LaneSizes;
 use facade_server::ServerConfig;
 
 use super::file::FacadeSection;
@@ -19,6 +21,10 @@ const MIN_URL_BYTES: u64 = 1 << 10;
 /// Most blocking threads bcrypt may take: the binary's blocking pool has 16, and blob file I/O
 /// needs most of them.
 const MAX_AUTH_CHECK_THREADS: u64 = 8;
+
+/// Most blocking threads one lane may take: the runtime's blocking pool is sized to the sum of
+/// the lanes, and every thread is a stack of its own.
+const MAX_LANE_THREADS: u64 = 256;
 
 /// The validated request limits of the registry listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,4 +181,24 @@ fn connection_limits(f: &FacadeSection, l: &mut RequestLimits, c: &mut Checker<'
         ),
         None => {}
     }
+}
+
+/// `facade.blocking*Threads`: how many blocking threads each class of blob I/O may take at
+/// once (issue of resource ceilings: no class can starve another). Read at startup only: the
+/// runtime's blocking pool is sized from them.
+pub(super) fn blocking_lanes(f: &FacadeSection, c: &mut Checker<'_>) -> LaneSizes {
+    let mut lanes = LaneSizes::default();
+    for (key, value, slot) in [
+        ("facade.blockingReadThreads", f.blocking_read_threads, &mut lanes.reads),
+        ("facade.blockingSpoolWriteThreads", f.blocking_spool_write_threads, &mut lanes.spool_writes),
+        ("facade.blockingCommitThreads", f.blocking_commit_threads, &mut lanes.commits),
+        ("facade.blockingHousekeepingThreads", f.blocking_housekeeping_threads, &mut lanes.housekeeping),
+    ] {
+        match value {
+            Some(n) if (1..=MAX_LANE_THREADS).contains(&n) => *slot = n as usize,
+            Some(n) => c.problem(key, format_args!("{n} is outside 1..{MAX_LANE_THREADS}")),
+            None => {}
+        }
+    }
+    lanes
 }

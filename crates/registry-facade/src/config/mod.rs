@@ -100,6 +100,8 @@ pub struct Config {
     pub prefetch: PrefetchConfig,
     /// Process-wide memory ceilings (`facade.maxBufferedResponseBytes`).
     pub memory: MemoryLimits,
+    /// Lanes of the blocking pool (`facade.blocking*Threads`); read at startup only.
+    pub lanes: facade_blob::blocking::LaneSizes,
 }
 
 impl Config {
@@ -206,6 +208,7 @@ pub fn parse(text: &str, base_dir: &std::path::Path, env: &dyn Env) -> Result<Co
         cluster,
         limits,
         memory: memory::memory_limits(f, c),
+        lanes: limits::blocking_lanes(f, c),
     };
     memory::cache_bytes(f, c, &mut config.fetch, &mut config.images, &mut config.spec.cache);
     let problems = checker.into_problems();

@@ -552,7 +552,7 @@ fn the_readme_shows_the_defaults_an_empty_facade_section_gets() {
     .unwrap();
     let (redis, ipfs) = (c.cluster.redis.as_ref().unwrap(), c.cluster.ipfs.as_ref().unwrap());
     let rows = readme_facade_defaults();
-    assert_eq!(rows.len(), 47, "the README's facade table, one row per key: {rows:?}");
+    assert_eq!(rows.len(), 51, "the README's facade table, one row per key: {rows:?}");
     for (key, doc) in &rows {
         let dur = || humantime::parse_duration(doc).unwrap_or_else(|e| panic!("{key}: {doc:?}: {e}"));
         let size = || usize::try_from(parse_size(doc).unwrap()).unwrap();
@@ -608,6 +608,10 @@ fn the_readme_shows_the_defaults_an_empty_facade_section_gets() {
             "specCacheBytes" => assert_eq!(c.spec.cache.max_bytes, parse_size(doc).unwrap()),
             "legacyMetrics" => assert_eq!(c.legacy_metrics.to_string(), *doc),
             "prefetchParallelism" => assert_eq!(c.prefetch.parallelism.to_string(), *doc),
+            "blockingReadThreads" => assert_eq!(c.lanes.reads.to_string(), *doc),
+            "blockingSpoolWriteThreads" => assert_eq!(c.lanes.spool_writes.to_string(), *doc),
+            "blockingCommitThreads" => assert_eq!(c.lanes.commits.to_string(), *doc),
+            "blockingHousekeepingThreads" => assert_eq!(c.lanes.housekeeping.to_string(), *doc),
             "prefetchIdleTimeout" => assert_eq!(c.prefetch.idle_timeout, dur()),
             "peerAddr" | "peerSecretFile" => assert!(doc == "—" && c.peer.is_none()),
             "peerAdvertiseAddr" => assert_eq!(doc, "peerAddr"),
@@ -635,6 +639,23 @@ fn upstream_deny_networks_parse_and_name_bad_entries() {
         err.contains("facade.upstreamDenyNetworks") && err.contains("10.0.0.0/33") && err.contains("nope"),
         "{err}"
     );
+}
+
+#[test]
+fn blocking_lane_keys_parse_and_bad_values_are_named() {
+    let c = parse_str(
+        r#"{"registry": {"fixedSpecFN": "specs.json"}, "facade": {"blockingReadThreads": 32, "blockingCommitThreads": 1}}"#,
+    )
+    .unwrap();
+    assert_eq!((c.lanes.reads, c.lanes.spool_writes, c.lanes.commits, c.lanes.housekeeping), (32, 8, 1, 2));
+    assert_eq!(c.lanes.threads(), 43);
+    let err = parse_str(
+        r#"{"registry": {"fixedSpecFN": "specs.json"}, "facade": {"blockingSpoolWriteThreads": 0, "blockingHousekeepingThreads": 257}}"#,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("facade.blockingSpoolWriteThreads: 0 is outside 1..256"), "{err}");
+    assert!(err.contains("facade.blockingHousekeepingThreads: 257 is outside 1..256"), "{err}");
 }
 
 #[test]
