@@ -732,7 +732,10 @@ fn pull_together(addr: SocketAddr, path: &str, n: usize) -> anyhow::Result<Toget
 
 fn command_line() -> String {
     let args: Vec<String> = std::env::args().collect();
-    let argv = format!("`{}`", args.join(" "));
+    let mut argv = format!("`{}`", args.join(" "));
+    if let Ok(extra) = std::env::var(systems::FACADE_CONFIG_ENV) {
+        argv = format!("`{}='{extra}'` {argv}", systems::FACADE_CONFIG_ENV);
+    }
     // make exports MAKELEVEL to the commands it runs.
     if std::env::var_os("MAKELEVEL").is_some() { format!("`make bench` (ran {argv})") } else { argv }
 }

@@ -28,6 +28,19 @@ pub struct FacadeProc {
     dir: tempfile::TempDir,
 }
 
+/// An environment variable with a JSON object of `facade.*` keys every facade the bench starts
+/// gets, for trying a setting (`BENCH_FACADE_CONFIG='{"prefetchParallelism": 8}'`); the results
+/// name it in their command line.
+pub const FACADE_CONFIG_ENV: &str = "BENCH_FACADE_CONFIG";
+
+fn facade_config_override() -> anyhow::Result<Option<serde_json::Map<String, serde_json::Value>>> {
+    let Ok(text) = std::env::var(FACADE_CONFIG_ENV) else { return Ok(None) };
+    match serde_json::from_str(&text) {
+        Ok(serde_json::Value::Object(m)) => Ok(Some(m)),
+        _ => anyhow::bail!("{FACADE_CONFIG_ENV} must be a JSON object of facade.* keys, not {text:?}"),
+    }
+}
+
 impl FacadeProc {
     /// Starts `bin` serving workspace [`WORKSPACE`] = `base_ref`, with a fresh store.
     pub fn start(bin: &Path, base_ref: &str) -> anyhow::Result<FacadeProc> {
@@ -65,6 +78,9 @@ impl FacadeProc {
                 r.extend(registry_extra.clone());
             }
             let mut cfg = json!({"registry": registry, "facade": {"listenHost": "127.0.0.1"}});
+            if let (Some(extra), Some(facade)) = (facade_config_override()?, cfg["facade"].as_object_mut()) {
+                facade.extend(extra);
+            }
             if let Some(a) = admin_addr {
                 cfg["prometheusAddr"] = json!(a.to_string());
             }

@@ -141,29 +141,12 @@ fn four_nodes_asking_at_once_make_one_upstream_download() {
     for n in &nodes {
         compose(&n.host());
     }
-    let barrier = Arc::new(Barrier::new(NODES));
-    let (path, digest, size) = (blob_path(&w), w.layer.digest.clone(), w.layer.size);
+    let (digest, size) = (w.layer.digest.clone(), w.layer.size);
     let started = std::time::Instant::now();
-    let pulls: Vec<_> = nodes
-        .iter()
-        .map(|n| {
-            let (host, barrier, path, digest) = (n.host(), barrier.clone(), path.clone(), digest.clone());
-            std::thread::spawn(move || {
-                barrier.wait();
-                pull_layer(&host, &path, &digest, size);
-            })
-        })
-        .collect();
-    for p in pulls {
-        p.join().expect("a node's pull failed");
-    }
+    pull_at_once(&w, &nodes);
     let took = started.elapsed();
-    assert_eq!(layer_gets(&w), 1, "upstream GETs of the layer: {:?}", w.upstream.requests());
-    let sum = |series: &str| nodes.iter().map(|n| metric(n, series)).sum::<f64>();
-    assert_eq!(sum(r#"registry_facade_cluster_leases_total{outcome="acquired"}"#), 1.0);
-    assert_eq!(sum(r#"registry_facade_cluster_leases_total{outcome="followed"}"#), (NODES - 1) as f64);
-    assert_eq!(sum(r#"registry_facade_peer_fetches_total{outcome="ok"}"#), (NODES - 1) as f64);
-    assert!(sum("registry_facade_peer_served_bytes_total") >= ((NODES - 1) as u64 * size) as f64);
+    assert_one_download(&w, &nodes);
+    assert!(summed(&nodes, "registry_facade_peer_served_bytes_total") >= ((NODES - 1) as u64 * size) as f64);
     // Every node keeps its own verified copy: the next pull is local.
     let hex = digest.trim_start_matches("sha256:").to_string();
     wait::until("every node to store the layer", Duration::from_secs(30), || {
@@ -188,8 +171,15 @@ fn a_herd_wider_than_the_fan_out_still_makes_one_upstream_download() {
     for n in &nodes {
         compose(&n.host());
     }
-    let barrier = Arc::new(Barrier::new(NODES));
-    let (path, digest, size) = (blob_path(&w), w.layer.digest.clone(), w.layer.size);
+    pull_at_once(&w, &nodes);
+    assert_one_download(&w, &nodes);
+}
+
+/// Every node's client asks for the layer at the same moment (a barrier); every node's bytes
+/// are checked.
+fn pull_at_once(w: &World, nodes: &[Facade]) {
+    let barrier = Arc::new(Barrier::new(nodes.len()));
+    let (path, digest, size) = (blob_path(w), w.layer.digest.clone(), w.layer.size);
     let pulls: Vec<_> = nodes
         .iter()
         .map(|n| {
@@ -203,11 +193,21 @@ fn a_herd_wider_than_the_fan_out_still_makes_one_upstream_download() {
     for p in pulls {
         p.join().expect("a node's pull failed");
     }
-    assert_eq!(layer_gets(&w), 1, "upstream GETs of the layer: {:?}", w.upstream.requests());
-    let sum = |series: &str| nodes.iter().map(|n| metric(n, series)).sum::<f64>();
-    assert_eq!(sum(r#"registry_facade_cluster_leases_total{outcome="acquired"}"#), 1.0);
-    assert_eq!(sum(r#"registry_facade_cluster_leases_total{outcome="followed"}"#), (NODES - 1) as f64);
-    assert_eq!(sum(r#"registry_facade_peer_fetches_total{outcome="ok"}"#), (NODES - 1) as f64);
+}
+
+/// One upstream GET of the layer: one node held the lease, every other one followed and
+/// streamed the layer from a peer.
+fn assert_one_download(w: &World, nodes: &[Facade]) {
+    assert_eq!(layer_gets(w), 1, "upstream GETs of the layer: {:?}", w.upstream.requests());
+    let followers = (nodes.len() - 1) as f64;
+    assert_eq!(summed(nodes, r#"registry_facade_cluster_leases_total{outcome="acquired"}"#), 1.0);
+    assert_eq!(summed(nodes, r#"registry_facade_cluster_leases_total{outcome="followed"}"#), followers);
+    assert_eq!(summed(nodes, r#"registry_facade_peer_fetches_total{outcome="ok"}"#), followers);
+}
+
+/// A series summed over the nodes.
+fn summed(nodes: &[Facade], series: &str) -> f64 {
+    nodes.iter().map(|n| metric(n, series)).sum()
 }
 
 #[test]
@@ -377,27 +377,9 @@ fn one_download_over(w: &World, redis: &Value) {
     for n in &nodes {
         compose(&n.host());
     }
-    let barrier = Arc::new(Barrier::new(NODES));
-    let (path, digest, size) = (blob_path(w), w.layer.digest.clone(), w.layer.size);
-    let pulls: Vec<_> = nodes
-        .iter()
-        .map(|n| {
-            let (host, barrier, path, digest) = (n.host(), barrier.clone(), path.clone(), digest.clone());
-            std::thread::spawn(move || {
-                barrier.wait();
-                pull_layer(&host, &path, &digest, size);
-            })
-        })
-        .collect();
-    for p in pulls {
-        p.join().expect("a node's pull failed");
-    }
-    assert_eq!(layer_gets(w), 1, "upstream GETs of the layer: {:?}", w.upstream.requests());
-    let sum = |series: &str| nodes.iter().map(|n| metric(n, series)).sum::<f64>();
-    assert_eq!(sum(r#"registry_facade_cluster_leases_total{outcome="acquired"}"#), 1.0);
-    assert_eq!(sum(r#"registry_facade_cluster_leases_total{outcome="followed"}"#), (NODES - 1) as f64);
-    assert_eq!(sum(r#"registry_facade_cluster_leases_total{outcome="unavailable"}"#), 0.0);
-    assert_eq!(sum(r#"registry_facade_peer_fetches_total{outcome="ok"}"#), (NODES - 1) as f64);
+    pull_at_once(w, &nodes);
+    assert_one_download(w, &nodes);
+    assert_eq!(summed(&nodes, r#"registry_facade_cluster_leases_total{outcome="unavailable"}"#), 0.0);
 }
 
 #[test]
