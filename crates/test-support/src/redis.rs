@@ -3,6 +3,10 @@
 //! `--port 0` means "no TCP" to Redis, so the port is picked before the server starts (and a
 //! few ports are tried in case another process wins the race). `kill` and `restart` keep the
 //! port, so clients configured with the address see an outage and a recovery.
+//!
+//! [`Redis::start_tls`] serves TLS only (`--port 0 --tls-port P`), for clients that must
+//! trust a private CA or skip verification (the cluster cache's `redis.caFile`,
+//! `insecureSkipVerify`).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -20,7 +24,17 @@ pub struct Redis {
     /// Work dir (log).
     pub dir: tempfile::TempDir,
     password: Option<String>,
+    tls: Option<TlsPems>,
     proc: Option<KillOnDrop>,
+}
+
+/// What a TLS Redis serves with; written into the work dir at every launch, since a failed
+/// launch hands the next attempt a fresh dir.
+#[derive(Clone)]
+struct TlsPems {
+    cert: String,
+    key: String,
+    ca: String,
 }
 
 impl Redis {
@@ -36,11 +50,24 @@ impl Redis {
 
     /// Starts Redis that requires `password` (for the default user) when given.
     pub fn start_with(password: Option<&str>) -> anyhow::Result<Redis> {
+        Self::start_inner(password, None)
+    }
+
+    /// Starts Redis that speaks TLS only, with this server certificate and key (PEM). `ca_pem`
+    /// is its `tls-ca-cert-file`; clients are not asked for certificates
+    /// (`tls-auth-clients no`). [`Redis::command`] and [`Redis::keys`] speak plain RESP and
+    /// refuse to run against it.
+    pub fn start_tls(cert_pem: &str, key_pem: &str, ca_pem: &str) -> anyhow::Result<Redis> {
+        let pems = TlsPems { cert: cert_pem.to_string(), key: key_pem.to_string(), ca: ca_pem.to_string() };
+        Self::start_inner(None, Some(pems))
+    }
+
+    fn start_inner(password: Option<&str>, tls: Option<TlsPems>) -> anyhow::Result<Redis> {
         let mut dir = tempfile::Builder::new().prefix("redis-").tempdir()?;
         let mut last_err = None;
         for _ in 0..5 {
             let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-            let mut r = Redis { addr, dir, password: password.map(str::to_string), proc: None };
+            let mut r = Redis { addr, dir, password: password.map(str::to_string), tls: tls.clone(), proc: None };
             match r.launch() {
                 Ok(()) => return Ok(r),
                 Err(e) => {
@@ -59,9 +86,32 @@ impl Redis {
 
     fn launch(&mut self) -> anyhow::Result<()> {
         let mut cmd = Command::new(REDIS_BIN);
-        cmd.arg("--port")
-            .arg(self.addr.port().to_string())
-            .arg("--bind")
+        match &self.tls {
+            // `--port 0` turns plain TCP off, so the only listener is the TLS one.
+            Some(pems) => {
+                let dir = self.dir.path();
+                let (cert, key, ca) = (dir.join("server.crt"), dir.join("server.key"), dir.join("ca.crt"));
+                std::fs::write(&cert, &pems.cert)?;
+                std::fs::write(&key, &pems.key)?;
+                std::fs::write(&ca, &pems.ca)?;
+                cmd.arg("--port")
+                    .arg("0")
+                    .arg("--tls-port")
+                    .arg(self.addr.port().to_string())
+                    .arg("--tls-cert-file")
+                    .arg(cert)
+                    .arg("--tls-key-file")
+                    .arg(key)
+                    .arg("--tls-ca-cert-file")
+                    .arg(ca)
+                    .arg("--tls-auth-clients")
+                    .arg("no");
+            }
+            None => {
+                cmd.arg("--port").arg(self.addr.port().to_string());
+            }
+        }
+        cmd.arg("--bind")
             .arg("127.0.0.1")
             .arg("--save")
             .arg("")
@@ -113,6 +163,9 @@ impl Redis {
     /// (for assertions such as counting keys).
     pub fn command(&self, args: &[&str]) -> anyhow::Result<String> {
         use std::io::{Read, Write};
+        if self.tls.is_some() {
+            anyhow::bail!("Redis at {} speaks TLS only; command() speaks plain RESP", self.addr);
+        }
         let mut s = std::net::TcpStream::connect_timeout(&self.addr, Duration::from_secs(2))?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
         let mut req = Vec::new();

@@ -166,6 +166,9 @@ impl RedisConfig {
     }
 }
 
+/// How a PEM certificate starts.
+const PEM_CERT: &[u8] = b"-----BEGIN CERTIFICATE-----";
+
 fn err(context: impl Into<String>, reason: impl std::fmt::Display) -> Error {
     Error::Cluster { dependency: "redis", context: context.into(), reason: reason.to_string() }
 }
@@ -232,6 +235,13 @@ impl RedisKv {
     /// A client of the configured Redis. Connects lazily (a Redis that is down at start-up must
     /// not stop the facade), so this needs a tokio runtime but no Redis.
     pub fn connect(config: &RedisConfig) -> Result<Self> {
+        // The redis crate takes text without a certificate as an empty trust store: every call
+        // would then fail as if Redis were down. A setup error is said now, once.
+        if let Some(TlsCertificates { root_cert: Some(pem), .. }) = config.certificates()
+            && !pem.windows(PEM_CERT.len()).any(|w| w == PEM_CERT)
+        {
+            return Err(err("configuring", "the Redis CA (caFile) holds no PEM certificate"));
+        }
         let backend = match &config.topology {
             RedisTopology::Single => Backend::Single(single(config)?),
             RedisTopology::Cluster { seeds } => Backend::Cluster(cluster(config, seeds)?),
@@ -543,12 +553,13 @@ mod tests {
         let mut sentinel = RedisConfig::sentinel("mymaster", vec!["127.0.0.1:1".into()]);
         sentinel.tls = true;
         sentinel.ca_pem = Some(b"not a certificate".to_vec());
-        // A CA that does not parse is refused when the client is built, not on the first call.
+        // A CA without a certificate is refused when the client is built, not on every call.
+        let refused = RedisKv::connect(&sentinel).map(|_| ()).unwrap_err().to_string();
+        assert!(refused.contains("holds no PEM certificate"), "{refused}");
         let sentinel_plain = RedisConfig::sentinel("mymaster", vec!["127.0.0.1:1".into()]);
         let kv = RedisKv::connect(&sentinel_plain).unwrap();
         assert!(tokio::time::timeout(Duration::from_secs(10), kv.get("x")).await.unwrap().is_err());
         assert!(RedisKv::connect(&RedisConfig::cluster(vec![])).is_err());
         assert!(RedisKv::connect(&RedisConfig::sentinel("m", vec!["nope".into()])).is_err());
-        let _ = RedisKv::connect(&sentinel);
     }
 }
