@@ -621,7 +621,7 @@ impl Prefetcher {
         loop {
             let now = progress.borrow_and_update().clone();
             match now {
-                Progress::Running { written } => job.update(i, |l| {
+                Progress::Running { written, .. } => job.update(i, |l| {
                     l.bytes_done = written;
                     l.source = source(&fill);
                 }),

@@ -188,7 +188,7 @@ enum Opened {
 fn follow_fill(fills: Arc<Fills>, store: Option<LocalStore>, fill: Arc<Fill>, (start, end): (u64, u64)) -> BlobStream {
     let size = fill.size;
     let guard: Box<dyn Send + Sync> = Box::new(fill.clone());
-    let file = file_range_stream(fill.file(), start, end, size, Some(fill.progress()), Some(guard));
+    let file = file_range_stream(fill.file(), start, end, size, Some(fill.following()), Some(guard));
     let state = Follow { fills, store, fill, pos: start, end, inner: file, switched: false };
     Box::pin(futures::stream::try_unfold(state, |mut st| async move {
         loop {

@@ -37,8 +37,9 @@ use tokio::sync::watch;
 
 use crate::blobs::passthrough::{HashedPrefix, PassConfig, PassThrough};
 use crate::blobs::possession::Vouched;
-use crate::blobs::read::Progress;
+use crate::blobs::read::{Following, Progress};
 use crate::blobs::spool::Spool;
+use crate::blobs::tail::{TAIL_BYTES, Tail};
 use crate::cluster::{BackfillOutcome, BackfillStore, ClusterCache, ClusterMetrics, IndexEntry};
 use crate::error::{Error, Result};
 use crate::metrics::{ChainMetrics, RetryReason};
@@ -205,6 +206,8 @@ pub struct Fill {
     origin: UpstreamBlob,
     file: Arc<std::fs::File>,
     progress: watch::Receiver<Progress>,
+    /// The newest bytes, for readers that keep pace (`tail.rs`).
+    tail: Arc<Tail>,
     head: watch::Receiver<Head>,
     /// Keeps the committed blob from eviction while readers (who hold the fill) read it.
     _in_use: Option<InUse>,
@@ -255,6 +258,11 @@ impl Fill {
         self.progress.clone()
     }
 
+    /// What a new reader follows: the progress and the in-memory tail.
+    pub fn following(&self) -> Following {
+        Following { progress: self.progress.clone(), tail: Some(self.tail.clone()) }
+    }
+
     /// Waits until a source answered (so the response status can follow the origin's), or
     /// returns the failure that ended the fill before any source did: a 404, 401, 403 or 429
     /// of the origin reaches the client as that error, not as a 200 that is cut.
@@ -297,11 +305,13 @@ pub struct Fills {
 }
 
 /// Batches progress notifications: every send wakes every reader, and per-chunk wake-ups of
-/// many readers cost more than the copying. Readers are told after each 256 KiB, after 20 ms
-/// (so a slow trickle still flows to clients), and of the first bytes at once.
+/// many readers cost more than the copying. Readers are told after each 256 KiB that arrived
+/// (they may take it from the tail) or was written, after 20 ms (so a slow trickle still flows
+/// to clients), and of the first bytes at once.
 #[derive(Default)]
 struct Notifier {
-    sent: u64,
+    /// `(written, accepted)` last sent.
+    sent: (u64, u64),
     at: Option<Instant>,
 }
 
@@ -309,19 +319,22 @@ impl Notifier {
     const BYTES: u64 = 256 * 1024;
     const EVERY: Duration = Duration::from_millis(20);
 
-    fn progress(&mut self, tx: &watch::Sender<Progress>, written: u64) {
-        let due =
-            self.sent == 0 || written - self.sent >= Self::BYTES || self.at.is_none_or(|t| t.elapsed() >= Self::EVERY);
+    fn progress(&mut self, tx: &watch::Sender<Progress>, written: u64, accepted: u64) {
+        let (w, a) = self.sent;
+        let due = a == 0
+            || accepted - a >= Self::BYTES
+            || written.saturating_sub(w) >= Self::BYTES
+            || self.at.is_none_or(|t| t.elapsed() >= Self::EVERY);
         if due {
-            self.flush(tx, written);
+            self.flush(tx, written, accepted);
         }
     }
 
-    fn flush(&mut self, tx: &watch::Sender<Progress>, written: u64) {
-        if written > self.sent {
-            self.sent = written;
+    fn flush(&mut self, tx: &watch::Sender<Progress>, written: u64, accepted: u64) {
+        if (written, accepted) != self.sent {
+            self.sent = (written, accepted);
             self.at = Some(Instant::now());
-            let _ = tx.send(Progress::Running { written });
+            let _ = tx.send(Progress::Running { written, accepted });
         }
     }
 }
@@ -383,8 +396,9 @@ impl Run<'_> {
                 actual: total,
             });
         }
+        self.fill.tail.push(self.spool.accepted(), bytes.clone());
         self.spool.append(bytes).await?;
-        self.notify.progress(self.tx, self.spool.written());
+        self.notify.progress(self.tx, self.spool.written(), self.spool.accepted());
         if fills.abandoned(self.fill, &mut self.unread, self.spool.accepted()) {
             return Err(Error::Cancelled { digest: self.fill.digest.clone() });
         }
@@ -455,7 +469,7 @@ impl Run<'_> {
             match step {
                 Waited::Item(item) => return Ok(item),
                 Waited::Written(written) => {
-                    self.notify.flush(self.tx, written);
+                    self.notify.flush(self.tx, written, self.spool.accepted());
                     continue;
                 }
                 Waited::Wake => {
@@ -597,7 +611,7 @@ impl Fills {
         };
         let path = spool.path().ok_or_else(|| Error::Spool { reason: "new spool has no file".into() })?;
         let file = std::fs::File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-        let (tx, rx) = watch::channel(Progress::Running { written: 0 });
+        let (tx, rx) = watch::channel(Progress::Running { written: 0, accepted: 0 });
         let (head_tx, head) = watch::channel(Head::Waiting);
         let in_use = self.store.as_ref().map(|s| s.in_use(digest));
         let fill = Arc::new(Fill {
@@ -606,6 +620,7 @@ impl Fills {
             origin: from.clone(),
             file: Arc::new(file),
             progress: rx,
+            tail: Arc::new(Tail::new(TAIL_BYTES)),
             head,
             _in_use: in_use,
             fallback: std::sync::OnceLock::new(),
@@ -669,6 +684,8 @@ impl Fills {
         if let Some(m) = self.chain_metrics() {
             m.fill_ended();
         }
+        // Readers take the rest from the file now (verified) or stop (failed).
+        fill.tail.close();
         self.report(&fill, &from, started, &result);
         match result {
             Ok(came) => {
@@ -979,7 +996,7 @@ impl Fills {
             self.count_retry(RetryReason::Body);
             // Readers get what arrived before the break while we resume.
             let written = run.spool.flush().await?;
-            run.notify.flush(run.tx, written);
+            run.notify.flush(run.tx, written, run.spool.accepted());
             return Ok(Some(err));
         }
     }

@@ -550,8 +550,8 @@ impl Fills {
             if fill.answered().await.is_err() {
                 return PeerServe::NotFound;
             }
-            let (file, progress) = (fill.file(), fill.progress());
-            file_range_stream(file, offset, size, size, Some(progress), Some(Box::new((fill, slot))))
+            let (file, following) = (fill.file(), fill.following());
+            file_range_stream(file, offset, size, size, Some(following), Some(Box::new((fill, slot))))
         } else {
             let Some(from) = parse_origin(origin) else { return PeerServe::NotFound };
             let Some(store) = &self.store else { return PeerServe::NotFound };

@@ -22,15 +22,19 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
+use crate::blobs::tail::Tail;
 use crate::blocking::{self, Lane};
 
 /// How far a fill has come.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Progress {
-    /// `written` bytes are on disk; more may follow.
+    /// `written` bytes are on disk, `accepted` have arrived (the newest of them are in the
+    /// fill's [`Tail`]); more may follow.
     Running {
         /// Bytes written so far.
         written: u64,
+        /// Bytes arrived so far (at least `written`).
+        accepted: u64,
     },
     /// All bytes are on disk and matched the digest.
     Verified,
@@ -119,38 +123,79 @@ impl Drop for Chunk {
     }
 }
 
+/// A slice of a fill's [`Tail`] on its way to a client: it pays for itself out of the same
+/// budget as a [`Chunk`] (it pins the fill's receive buffer until the server wrote it).
+struct TailChunk {
+    bytes: Bytes,
+    _permit: OwnedSemaphorePermit,
+    consumed: Arc<AtomicU64>,
+}
+
+impl AsRef<[u8]> for TailChunk {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl Drop for TailChunk {
+    fn drop(&mut self) {
+        self.consumed.fetch_add(self.bytes.len() as u64, Ordering::Relaxed);
+    }
+}
+
+/// What a reader of an in-flight fill follows: how far the fill has come, and the fill's
+/// newest bytes in memory (`tail.rs`).
+pub struct Following {
+    /// The fill's progress.
+    pub progress: watch::Receiver<Progress>,
+    /// The fill's tail, if it keeps one.
+    pub tail: Option<Arc<Tail>>,
+}
+
+impl From<watch::Receiver<Progress>> for Following {
+    fn from(progress: watch::Receiver<Progress>) -> Following {
+        Following { progress, tail: None }
+    }
+}
+
 /// A stream of the bytes `[start, end_exclusive)` of `file`, whose full size is `size`.
-/// With `progress`, it follows a fill: it never sends the blob's last byte before the fill is
-/// verified, so a client never completes a download of wrong content, and it ends with an error
-/// (an aborted response) if the fill fails.
+/// Following a fill, it never sends the blob's last byte before the fill is verified, so a
+/// client never completes a download of wrong content, and it ends with an error (an aborted
+/// response) if the fill fails; bytes the fill's tail holds come from memory.
 pub fn file_range_stream(
     file: Arc<std::fs::File>,
     start: u64,
     end_exclusive: u64,
     size: u64,
-    progress: Option<watch::Receiver<Progress>>,
+    following: Option<Following>,
     guard: Option<Box<dyn Send + Sync>>,
 ) -> BoxStream<'static, std::io::Result<Bytes>> {
-    range_stream_in(ResponseBuffers::current(), file, (start, end_exclusive, size), progress, guard)
+    range_stream_in(ResponseBuffers::current(), file, (start, end_exclusive, size), following, guard)
 }
 
 fn range_stream_in(
     buffers: Arc<ResponseBuffers>,
     file: Arc<std::fs::File>,
     (start, end_exclusive, size): (u64, u64, u64),
-    progress: Option<watch::Receiver<Progress>>,
+    following: Option<Following>,
     guard: Option<Box<dyn Send + Sync>>,
 ) -> BoxStream<'static, std::io::Result<Bytes>> {
+    let (progress, tail) = match following {
+        Some(f) => (Some(f.progress), f.tail),
+        None => (None, None),
+    };
     let state = Reader {
         file,
         pos: start,
         end: end_exclusive,
         size,
         progress,
+        tail,
         ahead: None,
         buffers,
         own: Arc::new(Semaphore::new(SMALL)),
         consumed: Arc::new(AtomicU64::new(0)),
+        from_memory: 0,
         _guard: guard,
     };
     Box::pin(futures::stream::try_unfold(state, |mut st| async move {
@@ -170,6 +215,8 @@ struct Reader {
     /// `None` once the content is known complete and verified (a stored file, or a fill
     /// that reported `Verified`: that is final, whatever the fill does afterwards).
     progress: Option<watch::Receiver<Progress>>,
+    /// The fill's newest bytes, while it runs.
+    tail: Option<Arc<Tail>>,
     /// The next chunk, read ahead while the previous one is being sent, so disk reads and
     /// socket writes overlap.
     ahead: Option<(u64, tokio::task::JoinHandle<std::io::Result<Bytes>>)>,
@@ -177,7 +224,22 @@ struct Reader {
     /// The stream's own [`SMALL`] chunk, for when the budget has nothing to spare.
     own: Arc<Semaphore>,
     consumed: Arc<AtomicU64>,
+    /// Bytes this stream took from the fill's tail (for its closing debug line).
+    from_memory: u64,
     _guard: Option<Box<dyn Send + Sync>>,
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        if self.from_memory > 0 {
+            tracing::debug!(
+                from_memory = self.from_memory,
+                at = self.pos,
+                end = self.end,
+                "a reader of a fill ended; bytes it took from the fill's memory tail"
+            );
+        }
+    }
 }
 
 impl Reader {
@@ -188,7 +250,14 @@ impl Reader {
         let task = match self.ahead.take() {
             Some((at, task)) if at == self.pos => task,
             _ => {
-                let readable = self.readable().await?;
+                let readable = match self.readable().await? {
+                    Next::Memory(bytes) => {
+                        self.pos += bytes.len() as u64;
+                        self.from_memory += bytes.len() as u64;
+                        return Ok(Some(bytes));
+                    }
+                    Next::File(readable) => readable,
+                };
                 let (want, permit) = self.buffer_for(readable - self.pos).await?;
                 self.spawn_read(self.pos, want, permit)
             }
@@ -245,31 +314,59 @@ impl Reader {
         Ok((want, permit.map_err(|_| std::io::Error::other("response buffer closed"))?))
     }
 
-    /// How far may be read without waiting.
+    /// How far may be read from the file without waiting.
     fn readable_now(&mut self) -> std::io::Result<Option<u64>> {
-        let Some(rx) = self.progress.as_mut() else { return Ok(Some(self.end)) };
+        Ok(match self.next_now(false)? {
+            Some(Next::File(readable)) => Some(readable),
+            _ => None,
+        })
+    }
+
+    /// Where the next bytes come from without waiting: the fill's tail (if `use_tail`, for a
+    /// client that takes full chunks, with budget to spare), else the file as far as it is
+    /// written.
+    fn next_now(&mut self, use_tail: bool) -> std::io::Result<Option<Next>> {
+        let Some(rx) = self.progress.as_mut() else { return Ok(Some(Next::File(self.end))) };
         let p = rx.borrow_and_update().clone();
         match p {
             Progress::Verified => {
                 self.progress = None;
-                Ok(Some(self.end))
+                self.tail = None;
+                Ok(Some(Next::File(self.end)))
             }
             Progress::Failed(reason) => Err(std::io::Error::other(format!("blob fill failed: {reason}"))),
-            Progress::Running { written } => {
+            Progress::Running { written, .. } => {
                 // Hold back the final byte until the digest is verified.
-                let allowed = written.min(self.size.saturating_sub(1)).min(self.end);
-                Ok((allowed > self.pos).then_some(allowed))
+                let allowed = self.size.saturating_sub(1).min(self.end);
+                if use_tail && let Some(bytes) = self.take_from_tail(allowed) {
+                    return Ok(Some(Next::Memory(bytes)));
+                }
+                let on_disk = written.min(allowed);
+                Ok((on_disk > self.pos).then_some(Next::File(on_disk)))
             }
         }
     }
 
-    /// How far may be read, waiting for the fill if needed.
-    async fn readable(&mut self) -> std::io::Result<u64> {
+    /// The tail's bytes at the reader's position, below `limit`. Only for a client that has
+    /// shown it reads (its grant is a full chunk): a slice pins the fill's receive buffer, which
+    /// a client that reads nothing must not do (the memory ceiling, README).
+    fn take_from_tail(&self, limit: u64) -> Option<Bytes> {
+        let tail = self.tail.as_ref()?;
+        if self.grant() < CHUNK {
+            return None;
+        }
+        let bytes = tail.get(self.pos, limit, CHUNK)?;
+        let permit = self.buffers.try_take(bytes.len())?;
+        Some(Bytes::from_owner(TailChunk { bytes, _permit: permit, consumed: self.consumed.clone() }))
+    }
+
+    /// Where the next bytes come from, waiting for the fill if needed.
+    async fn readable(&mut self) -> std::io::Result<Next> {
         loop {
-            if let Some(r) = self.readable_now()? {
-                return Ok(r);
+            if let Some(next) = self.next_now(true)? {
+                return Ok(next);
             }
-            let Some(rx) = self.progress.as_mut() else { return Ok(self.end) };
+            let Some(rx) = self.progress.as_mut() else { return Ok(Next::File(self.end)) };
             if rx.changed().await.is_err() {
                 // The fill task ended without a final state: treat as failure.
                 return Err(std::io::Error::other("blob fill ended unexpectedly"));
@@ -290,6 +387,14 @@ impl Reader {
             Ok(Bytes::from_owner(Chunk { buf, _permit: permit, consumed }))
         })
     }
+}
+
+/// Where a reader's next bytes come from.
+enum Next {
+    /// These bytes, from the fill's tail.
+    Memory(Bytes),
+    /// The file, up to this offset.
+    File(u64),
 }
 
 fn read_exact_at(file: &std::fs::File, pos: u64, want: usize) -> std::io::Result<Vec<u8>> {
@@ -333,12 +438,12 @@ mod tests {
         let path = dir.path().join("f");
         let mut w = std::fs::File::create(&path).unwrap();
         let file = Arc::new(std::fs::File::open(&path).unwrap());
-        let (tx, rx) = watch::channel(Progress::Running { written: 0 });
-        let reader = tokio::spawn(collect(file_range_stream(file, 0, 6, 6, Some(rx), None)));
+        let (tx, rx) = watch::channel(Progress::Running { written: 0, accepted: 0 });
+        let reader = tokio::spawn(collect(file_range_stream(file, 0, 6, 6, Some(rx.into()), None)));
         w.write_all(b"abc").unwrap();
-        tx.send(Progress::Running { written: 3 }).unwrap();
+        tx.send(Progress::Running { written: 3, accepted: 3 }).unwrap();
         w.write_all(b"def").unwrap();
-        tx.send(Progress::Running { written: 6 }).unwrap();
+        tx.send(Progress::Running { written: 6, accepted: 6 }).unwrap();
         tokio::task::yield_now().await;
         assert!(!reader.is_finished(), "completed before verification");
         tx.send(Progress::Verified).unwrap();
@@ -353,7 +458,7 @@ mod tests {
         std::fs::write(&path, &data).unwrap();
         let file = Arc::new(std::fs::File::open(&path).unwrap());
         let (tx, rx) = watch::channel(Progress::Verified);
-        let mut s = file_range_stream(file, 0, data.len() as u64, data.len() as u64, Some(rx), None);
+        let mut s = file_range_stream(file, 0, data.len() as u64, data.len() as u64, Some(rx.into()), None);
         let first = s.next().await.unwrap().unwrap();
         // A later failure (say, the store commit) must not break a read of verified content.
         // (The reader may already have dropped its receiver: verification is final.)
@@ -371,8 +476,8 @@ mod tests {
         let path = dir.path().join("f");
         std::fs::write(&path, b"abcdef").unwrap();
         let file = Arc::new(std::fs::File::open(&path).unwrap());
-        let (tx, rx) = watch::channel(Progress::Running { written: 6 });
-        let reader = tokio::spawn(collect(file_range_stream(file, 2, 6, 6, Some(rx), None)));
+        let (tx, rx) = watch::channel(Progress::Running { written: 6, accepted: 6 });
+        let reader = tokio::spawn(collect(file_range_stream(file, 2, 6, 6, Some(rx.into()), None)));
         tx.send(Progress::Failed("digest mismatch".into())).unwrap();
         assert!(reader.await.unwrap().is_err());
     }
@@ -433,6 +538,80 @@ mod tests {
         assert!(got.iter().all(|n| *n <= SMALL));
         drop(hog);
         assert_eq!(buffers.held(), 0);
+    }
+
+    /// A fill whose first `on_disk` bytes are written and whose tail holds all of `data`.
+    fn fill_ahead_of_its_disk(
+        data: &[u8],
+        on_disk: usize,
+    ) -> (tempfile::TempDir, std::fs::File, Arc<std::fs::File>, Arc<Tail>, watch::Sender<Progress>, Following) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let mut w = std::fs::File::create(&path).unwrap();
+        w.write_all(&data[..on_disk]).unwrap();
+        let file = Arc::new(std::fs::File::open(&path).unwrap());
+        let tail = Arc::new(Tail::new(data.len() as u64));
+        for (i, c) in data.chunks(100_000).enumerate() {
+            tail.push(i as u64 * 100_000, Bytes::copy_from_slice(c));
+        }
+        let len = data.len() as u64;
+        let (tx, rx) = watch::channel(Progress::Running { written: on_disk as u64, accepted: len });
+        (dir, w, file, tail.clone(), tx, Following { progress: rx, tail: Some(tail) })
+    }
+
+    #[tokio::test]
+    async fn a_reader_that_keeps_pace_gets_bytes_before_the_disk_has_them() {
+        let data: Vec<u8> = (0..(4usize << 20)).map(|i| (i * 13 + i / 999) as u8).collect();
+        let len = data.len() as u64;
+        let (_d, mut w, file, _tail, tx, following) = fill_ahead_of_its_disk(&data, 1 << 20);
+        let buffers = ResponseBuffers::new(8 << 20);
+        let mut s = range_stream_in(buffers.clone(), file, (0, len, len), Some(following), None);
+        let mut got = Vec::new();
+        // Everything but the last byte arrives although only 1 MiB is on disk.
+        while got.len() < data.len() - 1 {
+            let chunk = tokio::time::timeout(Duration::from_secs(10), s.next()).await;
+            got.extend_from_slice(&chunk.expect("stalled while the tail had the bytes").unwrap().unwrap());
+        }
+        assert_eq!(got.len(), data.len() - 1, "the last byte went out before verification");
+        assert!(tokio::time::timeout(Duration::from_millis(100), s.next()).await.is_err());
+        w.write_all(&data[1 << 20..]).unwrap();
+        tx.send(Progress::Verified).unwrap();
+        while let Some(chunk) = tokio::time::timeout(Duration::from_secs(10), s.next()).await.unwrap() {
+            got.extend_from_slice(&chunk.unwrap());
+        }
+        assert!(got == data, "wrong bytes");
+        assert_eq!(buffers.held(), 0, "budget not given back");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_has_not_read_gets_nothing_from_the_tail() {
+        let data = vec![5u8; 2 << 20];
+        let len = data.len() as u64;
+        let (_d, _w, file, _tail, _tx, following) = fill_ahead_of_its_disk(&data, 0);
+        let mut s = range_stream_in(ResponseBuffers::new(8 << 20), file, (0, len, len), Some(following), None);
+        // It waits for the disk: a slice of the tail would pin the fill's receive buffer.
+        assert!(tokio::time::timeout(Duration::from_millis(200), s.next()).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_failed_fill_ends_a_tail_reader_with_an_error() {
+        let data = vec![9u8; 3 << 20];
+        let len = data.len() as u64;
+        let (_d, _w, file, _tail, tx, following) = fill_ahead_of_its_disk(&data, 1 << 20);
+        let mut s = range_stream_in(ResponseBuffers::new(8 << 20), file, (0, len, len), Some(following), None);
+        let mut got = 0;
+        while got < (2 << 20) {
+            got += s.next().await.unwrap().unwrap().len();
+        }
+        tx.send(Progress::Failed("digest mismatch".into())).unwrap();
+        let mut ended_with_error = false;
+        while let Some(chunk) = tokio::time::timeout(Duration::from_secs(10), s.next()).await.unwrap() {
+            if chunk.is_err() {
+                ended_with_error = true;
+                break;
+            }
+        }
+        assert!(ended_with_error, "a failed fill's reader ended as if complete");
     }
 
     #[tokio::test]

@@ -154,7 +154,7 @@ fn fills(dir: &std::path::Path, store: Option<LocalStore>, origin: Arc<dyn Origi
 /// Reads the whole blob through a fill as a client would.
 async fn read_all(fills: &Arc<Fills>, digest: &Digest, size: u64) -> std::io::Result<Vec<u8>> {
     let (fill, _) = fills.join(digest, size, "application/octet-stream", &from()).map_err(std::io::Error::other)?;
-    let stream = file_range_stream(fill.file(), 0, size, size, Some(fill.progress()), Some(Box::new(fill)));
+    let stream = file_range_stream(fill.file(), 0, size, size, Some(fill.following()), Some(Box::new(fill)));
     stream
         .try_fold(Vec::new(), |mut acc, b| async move {
             acc.extend_from_slice(&b);
@@ -315,7 +315,7 @@ async fn without_a_store_a_fill_nobody_reads_stops_and_a_later_request_starts_af
     let (fill, started) = f.join(&digest, size, "x", &from()).unwrap();
     assert!(started);
     let mut progress = fill.progress();
-    progress.wait_for(|p| matches!(p, Progress::Running { written } if *written > 0)).await.unwrap();
+    progress.wait_for(|p| matches!(p, Progress::Running { written, .. } if *written > 0)).await.unwrap();
     drop((progress, fill));
     wait_for_empty_table(&f).await;
     for _ in 0..200 {
@@ -567,7 +567,7 @@ async fn a_cluster_entry_of_another_origin_is_not_used() {
         0,
         blob.len() as u64,
         blob.len() as u64,
-        Some(fill.progress()),
+        Some(fill.following()),
         Some(Box::new(fill)),
     );
     let got: Vec<u8> = stream
@@ -713,7 +713,7 @@ async fn a_join_within_the_grace_gets_the_same_fill() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (again, started) = f.join(&digest, size, "x", &from()).unwrap();
     assert!(!started, "a fill within its grace was not joined");
-    let stream = file_range_stream(again.file(), 0, size, size, Some(again.progress()), Some(Box::new(again)));
+    let stream = file_range_stream(again.file(), 0, size, size, Some(again.following()), Some(Box::new(again)));
     assert_eq!(collect(stream).await.unwrap(), blob);
     assert_eq!(origin.opens(), vec![0]);
 }
