@@ -535,9 +535,12 @@ fn manifest_rps(
 fn concurrent(world: &World, p: &Params, kind: Kind<'_>, verified: &mut Vec<String>) -> anyhow::Result<Concurrent> {
     let name = kind.name();
     tracing::info!("{name}: {} concurrent cold pulls", p.concurrency);
-    let inst = kind.start_primed(world)?;
+    // Counted from before the manifest GET: the facade's prefetch starts the layer's download
+    // on that GET, and its blob GET belongs to this pull (the manifest and config add a few KiB).
+    let started = kind.start(world)?;
     let proxy = kind.proxy(world);
     proxy.reset_counters();
+    let inst = kind.prime(world, started)?;
     let blob = kind.blob_path(&world.layer);
     let sampler = RssSampler::start(inst.pid());
     let cold = pull_together(inst.addr(), &blob, p.concurrency)?;

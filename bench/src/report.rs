@@ -1114,9 +1114,10 @@ each system's data path even on a shared machine.
 - Interleaving: cold pulls alternate between the facade and the distribution proxy, and warm \
 pulls go round-robin over all five (copy server, direct upstream, upstream via a counting proxy, \
 facade, distribution proxy), so load from anything else on the machine weighs on every column alike.
-- Concurrent: a fresh instance, the manifest fetched, the counting proxy reset, then N clients \
-released together on one blob; wall time runs until the last finishes. Upstream bytes and blob \
-GETs are what that system's counting proxy saw meanwhile. Peak RSS is `VmHWM` from \
+- Concurrent: a fresh instance, the counting proxy reset, the manifest fetched (the facade's \
+prefetch starts the layer's download on it), then N clients released together on one blob; \
+wall time runs until the last finishes. Upstream bytes and blob GETs are what that system's \
+counting proxy saw from the reset on (manifest and config included). Peak RSS is `VmHWM` from \
 `/proc/<pid>/status` read right after (the high-water mark cannot be reset, hence the fresh \
 process), with `VmRSS` sampled every 5 ms for comparison; then the N pulls run again warm.
 - Manifest requests per second: `HEAD` with the OCI + Docker manifest `Accept` header on \

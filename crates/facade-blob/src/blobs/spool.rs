@@ -248,6 +248,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_hashed_prefix_names_bytes_on_disk_and_their_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..(2 * BATCH + 777)).map(|i| (i % 253) as u8).collect();
+        let digest = Digest::sha256_of(&data);
+        let mut spool = Spool::reserve(None, dir.path(), &digest, None).unwrap();
+        let path = spool.path().unwrap().to_path_buf();
+        for chunk in data.chunks(100_003) {
+            spool.append(Bytes::copy_from_slice(chunk)).await.unwrap();
+            spool.flush().await.unwrap();
+            let (len, hasher) = spool.hashed_prefix().unwrap();
+            assert_eq!(len, spool.written());
+            let on_disk = std::fs::read(&path).unwrap();
+            assert_eq!(hasher.finish(), Digest::sha256_of(&on_disk[..len as usize]));
+        }
+        spool.flush().await.unwrap();
+        spool.verify(&digest, data.len() as u64).await.unwrap();
+        // A second verification (the commit's) answers the same.
+        spool.verify(&digest, data.len() as u64).await.unwrap();
+    }
+
+    #[tokio::test]
     async fn a_wrong_size_is_a_size_mismatch_and_wrong_bytes_a_digest_mismatch() {
         let dir = tempfile::tempdir().unwrap();
         let digest = Digest::sha256_of(b"hello");
