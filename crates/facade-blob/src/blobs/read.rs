@@ -102,44 +102,25 @@ impl ResponseBuffers {
     }
 }
 
-/// A read buffer and the permit that pays for it; the permit goes back when the last `Bytes`
-/// pointing into the buffer is dropped, after the server wrote it.
-struct Chunk {
-    buf: Vec<u8>,
+/// Bytes on their way to a client and the permit that pays for them: a buffer read from a
+/// file, or a slice of a fill's [`Tail`] (which pins the fill's receive buffer). The permit goes
+/// back when the last `Bytes` pointing into it is dropped, after the server wrote it.
+struct Chunk<B: AsRef<[u8]>> {
+    buf: B,
     _permit: OwnedSemaphorePermit,
     /// The stream's count of bytes its client has taken.
     consumed: Arc<AtomicU64>,
 }
 
-impl AsRef<[u8]> for Chunk {
+impl<B: AsRef<[u8]>> AsRef<[u8]> for Chunk<B> {
     fn as_ref(&self) -> &[u8] {
-        &self.buf
+        self.buf.as_ref()
     }
 }
 
-impl Drop for Chunk {
+impl<B: AsRef<[u8]>> Drop for Chunk<B> {
     fn drop(&mut self) {
-        self.consumed.fetch_add(self.buf.len() as u64, Ordering::Relaxed);
-    }
-}
-
-/// A slice of a fill's [`Tail`] on its way to a client: it pays for itself out of the same
-/// budget as a [`Chunk`] (it pins the fill's receive buffer until the server wrote it).
-struct TailChunk {
-    bytes: Bytes,
-    _permit: OwnedSemaphorePermit,
-    consumed: Arc<AtomicU64>,
-}
-
-impl AsRef<[u8]> for TailChunk {
-    fn as_ref(&self) -> &[u8] {
-        &self.bytes
-    }
-}
-
-impl Drop for TailChunk {
-    fn drop(&mut self) {
-        self.consumed.fetch_add(self.bytes.len() as u64, Ordering::Relaxed);
+        self.consumed.fetch_add(self.buf.as_ref().len() as u64, Ordering::Relaxed);
     }
 }
 
@@ -357,7 +338,7 @@ impl Reader {
         }
         let bytes = tail.get(self.pos, limit, CHUNK)?;
         let permit = self.buffers.try_take(bytes.len())?;
-        Some(Bytes::from_owner(TailChunk { bytes, _permit: permit, consumed: self.consumed.clone() }))
+        Some(Bytes::from_owner(Chunk { buf: bytes, _permit: permit, consumed: self.consumed.clone() }))
     }
 
     /// Where the next bytes come from, waiting for the fill if needed.
